@@ -1,0 +1,339 @@
+"""The `faxgw` command: the only place where errors become messages and exit codes.
+
+Every command takes the config from `--config PATH` or FAXGW_CONFIG; with
+neither, the sandbox set-up applies (store under ./var/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import sys
+from datetime import datetime, timedelta
+from typing import Any
+
+import click
+
+from gateway import config as config_module
+from gateway import logs, store
+from gateway.config import Settings
+from gateway.errors import GatewayError
+from gateway.models import JobState, Refusal
+
+STATES = [state.value for state in JobState]
+
+
+class Context:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = config_module.load(self.config_path)
+        return self._settings
+
+    def read_store(self) -> sqlite3.Connection:
+        return store.connect(self.settings.store.path, readonly=True)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--config", "config_path", envvar="FAXGW_CONFIG", metavar="PATH",
+              type=click.Path(dir_okay=False), help="Config file (default: $FAXGW_CONFIG; none = sandbox).")
+@click.version_option(package_name="greenfax-gateway")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """greenfax-gateway: a local SMTP smarthost that forwards fax emails to GreenFax.
+
+    \b
+    Examples:
+      faxgw serve                      # the sandbox: try it without an account
+      faxgw --config /etc/faxgw/faxgw.toml serve
+      faxgw status --state deferred
+    """
+    ctx.obj = Context(config_path)
+
+
+# --- running -------------------------------------------------------------------------
+
+
+@cli.command()
+@pass_context
+def serve(obj: Context) -> None:
+    """Run the gateway: intake, store and forwarder (and the sandbox when enabled).
+
+    With no config this is the sandbox: the gateway listens on 127.0.0.1:2525
+    and forwards to the built-in GreenFax stand-in; nothing is faxed.
+    """
+    from gateway.service import Service
+
+    settings = obj.settings
+    logs.setup(settings.log.level)
+    if settings.sandbox_mode:
+        click.echo("faxgw: SANDBOX mode: faxes go to the built-in GreenFax stand-in; nothing is faxed", err=True)
+    asyncio.run(Service(settings).run_until_signalled())
+
+
+@cli.command()
+@click.option("--listen", metavar="HOST:PORT", help="Address to listen on (default: [sandbox] listen).")
+@click.option("--fail-auth", metavar="REPLY", help="Answer every AUTH with this reply, e.g. \"535 5.7.8 No\".")
+@click.option("--fail-rcpt", metavar="REPLY", help="Answer every RCPT with this reply.")
+@click.option("--fail-data", metavar="REPLY", help="Answer every message with this reply.")
+@click.option("--drop-after-data", is_flag=True, help="Close the connection after the data, before replying.")
+@pass_context
+def sandbox(obj: Context, listen: str | None, fail_auth: str | None, fail_rcpt: str | None,
+            fail_data: str | None, drop_after_data: bool) -> None:
+    """Run only the GreenFax stand-in (SMTP), for tests and trials.
+
+    It accepts <number>@greenfax.com from the account sender only. Outcome by
+    the number's last four digits: 0000 busy, 0001 no answer, 0002 invalid
+    number, 0003 refused by the service, anything else delivered. Faults:
+    0450/0550 refuse RCPT (4xx/5xx), 0451/0554 refuse the data, 0999 drops the
+    connection after the data.
+
+    \b
+    Example:
+      faxgw sandbox --listen 127.0.0.1:2526 --fail-data "451 4.3.0 Try later"
+    """
+    from gateway.rules import load_addressing
+    from gateway.sandbox import SandboxHandler, start_sandbox
+
+    settings = obj.settings if obj.config_path else config_module.sandbox_settings()
+    logs.setup(settings.log.level)
+    host, port = config_module.parse_host_port(listen) if listen else settings.sandbox.listen[0]
+    rules = load_addressing(settings.addressing)
+    sb = settings.sandbox
+    handler = SandboxHandler(
+        domain=settings.upstream.domain,
+        account_sender=settings.upstream.account_sender or config_module.DEFAULT_SANDBOX_SENDER,
+        code_pattern=rules.tag_pattern(),
+        code_header=rules.jobcode.header if rules.jobcode.placement == "header" else None,
+        credentials=(sb.username, sb.password.get_secret_value()) if sb.username and sb.password else None,
+    )
+    handler.faults.auth, handler.faults.rcpt, handler.faults.data = fail_auth, fail_rcpt, fail_data
+    handler.faults.drop_after_data = drop_after_data
+
+    async def run() -> None:
+        server = await start_sandbox(handler, host, port)
+        address = server.sockets[0].getsockname()
+        click.echo(f"faxgw sandbox: GreenFax stand-in on {address[0]}:{address[1]}, "
+                   f"accepting mail from <{handler.account_sender}>; nothing is faxed", err=True)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command("check-config")
+@pass_context
+def check_config(obj: Context) -> None:
+    """Validate the config (and rules) and print the effective settings, secrets masked.
+
+    \b
+    Example:
+      faxgw --config /etc/faxgw/faxgw.toml check-config
+    """
+    from gateway.rules import load_addressing
+
+    settings = obj.settings
+    rules = load_addressing(settings.addressing)
+    data = config_module.effective(settings)
+    data["addressing"] = rules.model_dump(mode="json")
+    click.echo(f"# {settings.source}: OK" + (" (SANDBOX)" if settings.sandbox_mode else ""))
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@cli.command()
+@click.argument("user")
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the password from standard input.")
+def passwd(user: str, from_stdin: bool) -> None:
+    """Print a password hash for USER to paste into [smtp.users].
+
+    \b
+    Example:
+      faxgw passwd scanner
+    """
+    from gateway.passwords import hash_password
+
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt(f"Password for {user}", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        raise click.UsageError("the password must have at least 8 characters")
+    click.echo(f"[smtp.users]\n{json.dumps(user)} = {json.dumps(hash_password(password))}")
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _since(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return store.iso(store.utcnow() - timedelta(seconds=config_module.parse_duration(value)))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a duration (\"2h\", \"3d\") or a date (\"2026-11-20\")") from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return store.iso(moment)
+
+
+def _number(obj: Context, value: str | None) -> str | None:
+    if value is None:
+        return None
+    from gateway.policy import Policy
+    from gateway.rules import load_addressing
+
+    policy = Policy(obj.settings, load_addressing(obj.settings.addressing))
+    result = policy.parse_number(value, international=False, address=value)
+    if isinstance(result, Refusal):
+        raise click.BadParameter(f"{value!r}: {result.reply.text.split(': ', 1)[-1]}")
+    return result.e164
+
+
+def _age(created_at: str) -> str:
+    seconds = (store.utcnow() - store.parse_iso(created_at)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(max(seconds, 0))}s"
+
+
+def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
+    cells = [[title for _key, title in columns]]
+    for row in rows:
+        cells.append([str(row.get(key) if row.get(key) is not None else "-") for key, _title in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+                     for line in cells)
+
+
+def _banner(conn: sqlite3.Connection) -> str | None:
+    try:
+        mode = store.get_meta(conn, "mode")
+    except sqlite3.Error:
+        return None
+    return "SANDBOX: these jobs went to the built-in stand-in; nothing was faxed" if mode == "sandbox" else None
+
+
+@cli.command()
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES), help="Only jobs in this state (repeatable).")
+@click.option("--number", help="Only jobs to this fax number (any common notation).")
+@click.option("--sender", help="Only jobs whose sender contains this text.")
+@click.option("--since", help="Only jobs created since: a duration (\"2h\", \"3d\") or a date (\"2026-11-20\").")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000), help="At most this many jobs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
+@pass_context
+def status(obj: Context, states: tuple[str, ...], number: str | None, sender: str | None,
+           since: str | None, limit: int, as_json: bool) -> None:
+    """Recent jobs, newest first.
+
+    \b
+    Examples:
+      faxgw status
+      faxgw status --state deferred --state unknown
+      faxgw status --number "+1 212 555 0123" --since 2d --json
+    """
+    since_iso, number_e164 = _since(since), _number(obj, number)
+    conn = obj.read_store()
+    jobs = store.list_jobs(conn, states=states, number=number_e164, sender=sender, since=since_iso, limit=limit)
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2))
+        return
+    banner = _banner(conn)
+    if banner:
+        click.echo(banner)
+    for job in jobs:
+        job["age"] = _age(job["created_at"])
+    click.echo(_table(jobs, [("code", "CODE"), ("number", "NUMBER"), ("sender", "SENDER"), ("state", "STATE"),
+                             ("age", "AGE"), ("last_result", "LAST RESULT")]))
+
+
+@cli.command()
+@click.argument("code")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_context
+def show(obj: Context, code: str, as_json: bool) -> None:
+    """A job and its full history.
+
+    \b
+    Example:
+      faxgw show FX7K3M9Q
+    """
+    job = store.get_job(obj.read_store(), code)
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+        return
+    for key in ("code", "number", "recipient", "sender", "state", "reason", "attempts", "created_at",
+                "updated_at", "next_attempt_at", "last_result", "upstream_reply", "reference_id"):
+        if job.get(key) not in (None, ""):
+            click.echo(f"{key + ':':16} {job[key]}")
+    click.echo("")
+    click.echo(_table(job["events"], [("at", "TIME"), ("source", "SOURCE"), ("state", "STATE"), ("detail", "DETAIL")]))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_context
+def queue(obj: Context, as_json: bool) -> None:
+    """Jobs waiting (queued, deferred, sending, held, unknown), with their next attempt.
+
+    \b
+    Example:
+      faxgw queue
+    """
+    jobs = store.waiting_jobs(obj.read_store())
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2))
+        return
+    for job in jobs:
+        job["age"] = _age(job["created_at"])
+    click.echo(_table(jobs, [("code", "CODE"), ("number", "NUMBER"), ("state", "STATE"), ("attempts", "TRIES"),
+                             ("next_attempt_at", "NEXT ATTEMPT"), ("age", "AGE"), ("last_result", "LAST RESULT")]))
+
+
+def _operator_command(action: str, summary: str, example: str) -> None:
+    @cli.command(action, help=f"{summary}\n\n\b\nExample:\n  faxgw {action} {example}")
+    @click.argument("code")
+    @pass_context
+    def command(obj: Context, code: str) -> None:
+        conn = store.connect(obj.settings.store.path) if obj.settings.store.path.exists() else obj.read_store()
+        state = store.operator_action(conn, code, action, store.iso(store.utcnow()))
+        click.echo(f"{code.upper()}: {state.value}")
+
+
+_operator_command("retry", "Send a deferred, unknown, expired or rejected job again, now.", "FX7K3M9Q")
+_operator_command("cancel", "Cancel a job that has not been sent (queued, deferred, held or unknown).", "FX7K3M9Q")
+_operator_command("release", "Release a held job so it is sent.", "FX7K3M9Q")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False, prog_name="faxgw")
+    except click.exceptions.Abort:
+        click.echo("faxgw: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except GatewayError as exc:
+        click.echo(f"faxgw: error: {exc}", err=True)
+        sys.exit(1)
+    except sqlite3.Error as exc:
+        click.echo(f"faxgw: error: the store cannot be read: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

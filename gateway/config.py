@@ -1,0 +1,340 @@
+"""Settings: one TOML file, read once, validated, passed explicitly.
+
+Every key with its default is declared below (like Postfix's smtpd.c header).
+An error names the key, the bad value (never for secrets) and what is
+expected. Secrets may be given inline, as `{ env = "NAME" }` or as
+`{ file = "/path" }`; they are held as `SecretStr` and print masked.
+
+With no config file at all, `sandbox_settings()` gives the sandbox set-up:
+the gateway forwards to the built-in GreenFax stand-in and its store lives
+under ./var/.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+
+SECRET_KEYS = ("password", "token", "secret")
+DEFAULT_SANDBOX_SENDER = "faxgw@sandbox.localhost"
+DEFAULT_SANDBOX_RETURN_PATH = "fax-bounce@sandbox.localhost"
+
+# --- value types -----------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30}
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30, \"30s\", \"5m\", \"2h\" or \"2d\"")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError("expected a duration such as 30, \"30s\", \"5m\", \"2h\" or \"2d\"")
+        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
+    if seconds < 0:
+        raise ValueError("expected a duration of zero or more")
+    return seconds
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("expected a size above zero")
+        return value
+    match = _SIZE.match(str(value))
+    if not match or isinstance(value, bool):
+        raise ValueError("expected a size in bytes such as 20971520 or \"20MiB\"")
+    return int(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()]
+
+
+def parse_host_port(value: Any) -> tuple[str, int]:
+    if isinstance(value, tuple):
+        return value
+    text = str(value)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
+    if not match:
+        raise ValueError("expected \"HOST:PORT\", e.g. \"127.0.0.1:2525\" or \"[::1]:2525\"")
+    host = match[1] or match[3]
+    port = int(match[2] or match[4])
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a port from 0 to 65535")
+    return host, port
+
+
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    try:
+        return ipaddress.ip_network(str(value), strict=False)
+    except ValueError:
+        raise ValueError("expected a network in CIDR form, e.g. \"192.168.1.0/24\"") from None
+
+
+def _secret(value: Any) -> SecretStr | None:
+    """Resolve `"inline"`, `{ env = "NAME" }` or `{ file = "PATH" }` to a SecretStr."""
+    if value is None or isinstance(value, SecretStr):
+        return value
+    if isinstance(value, str):
+        return SecretStr(value)
+    if isinstance(value, dict) and set(value) == {"env"}:
+        name = str(value["env"])
+        if name not in os.environ:
+            raise ValueError(f"environment variable {name} is not set")
+        return SecretStr(os.environ[name])
+    if isinstance(value, dict) and set(value) == {"file"}:
+        path = Path(str(value["file"]))
+        try:
+            return SecretStr(path.read_text(encoding="utf-8").rstrip("\r\n"))
+        except OSError as exc:
+            raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    raise ValueError("expected a string, { env = \"NAME\" } or { file = \"/path\" }")
+
+
+def _address(value: str) -> str:
+    if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.?[^@\s<>]*", value):
+        raise ValueError("expected an email address such as fax@example.org")
+    return value
+
+
+def _argon2_hash(value: str) -> str:
+    if not value.startswith("$argon2"):
+        raise ValueError(
+            "expected a password hash made by `faxgw passwd USER`; plaintext passwords are refused"
+        )
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(_size)]
+HostPort = Annotated[tuple[str, int], BeforeValidator(parse_host_port)]
+Network = Annotated[Any, BeforeValidator(_network)]
+Secret = Annotated[SecretStr | None, BeforeValidator(_secret)]
+Address = Annotated[str, AfterValidator(_address)]
+PasswordHash = Annotated[str, AfterValidator(_argon2_hash)]
+
+
+def _is_private(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return ip.is_loopback or ip.is_private
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --- sections --------------------------------------------------------------
+
+
+class SmtpSettings(Section):
+    """The intake listeners and who may send faxes through them."""
+
+    listen: list[HostPort] = ["127.0.0.1:2525"]
+    listen_tls: list[HostPort] = []  # implicit TLS (SMTPS) listeners
+    plaintext_auth: list[HostPort] = []  # listeners of `listen` that allow AUTH without TLS
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    hostname: str = Field(default_factory=socket.getfqdn)
+    max_message_size: Size = 20 * 2**20
+    max_recipients: int = Field(default=50, ge=1)
+    line_length_limit: Size = 65536  # longer lines are refused; see README "Long lines"
+    bare_lf: Literal["refuse", "normalize"] = "refuse"
+    allowed_networks: list[Network] = ["127.0.0.0/8", "::1/128"]
+    allowed_senders: list[str] = []  # "user@example.org" or "@example.org"; empty = anyone allowed
+    users: dict[str, PasswordHash] = {}
+    timeout: Duration = 300
+
+    @model_validator(mode="after")
+    def _check(self) -> SmtpSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("smtp.tls_cert and smtp.tls_key must be given together")
+        if self.listen_tls and not self.tls_cert:
+            raise ValueError("smtp.listen_tls needs smtp.tls_cert and smtp.tls_key")
+        for host, port in self.plaintext_auth:
+            if (host, port) not in self.listen:
+                raise ValueError(f"smtp.plaintext_auth: {host}:{port} is not one of smtp.listen")
+            if not _is_private(host):
+                raise ValueError(
+                    f"smtp.plaintext_auth: {host}:{port} is not a loopback or private address;"
+                    " AUTH without TLS is allowed only there"
+                )
+        return self
+
+
+class StoreSettings(Section):
+    path: Path = Path("var/faxgw.sqlite3")
+
+
+class UpstreamSettings(Section):
+    """Where faxes are forwarded, and as whom (DESIGN.md, "Sender identity")."""
+
+    host: str | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: Literal["none", "starttls", "implicit"] = "starttls"
+    ca_file: Path | None = None  # extra CA to trust (a private upstream)
+    username: str | None = None
+    password: Secret = None
+    domain: str = "greenfax.com"
+    account_sender: Address | None = None
+    return_path: Address | None = None
+    helo_name: str | None = None
+    connect_timeout: Duration = 30
+    timeout: Duration = 120
+    concurrency: int = Field(default=4, ge=1, le=64)
+    retry_initial: Duration = 60
+    retry_max: Duration = 1800
+    max_queue_lifetime: Duration = 2 * 86400
+    idle_close: Duration = 30
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or {"none": 25, "starttls": 587, "implicit": 465}[self.tls]
+
+    def return_path_for(self, code: str) -> str:
+        """The envelope sender of one job: the job code as a subaddress of return_path."""
+        assert self.return_path
+        local, _, domain = self.return_path.rpartition("@")
+        return f"{local}+{code}@{domain}"
+
+
+class SandboxSettings(Section):
+    enabled: bool = False
+    listen: list[HostPort] = ["127.0.0.1:2526"]
+    username: str | None = None
+    password: Secret = None
+
+
+class LogSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(Section):
+    """The whole configuration."""
+
+    smtp: SmtpSettings = Field(default_factory=SmtpSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    addressing: dict[str, Any] = {}  # overrides of rules/addressing.toml, key by key
+    source: str = "(built-in sandbox defaults)"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.sandbox.enabled:
+            if self.upstream.host:
+                raise ValueError(
+                    "sandbox.enabled = true and upstream.host cannot be used together:"
+                    " the sandbox is the upstream; remove one of them"
+                )
+        elif not self.upstream.host:
+            raise ValueError("upstream.host is required (or set [sandbox] enabled = true)")
+        elif not self.upstream.account_sender or not self.upstream.return_path:
+            raise ValueError("upstream.account_sender and upstream.return_path are required")
+        return self
+
+    @property
+    def sandbox_mode(self) -> bool:
+        return self.sandbox.enabled
+
+
+# --- loading ---------------------------------------------------------------
+
+
+def load(path: str | os.PathLike[str] | None) -> Settings:
+    """Read and validate the config file; None means the built-in sandbox set-up."""
+    if path is None:
+        return sandbox_settings()
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return validate(data, source=str(path), base=path.resolve().parent)
+
+
+def sandbox_settings(base: Path | None = None) -> Settings:
+    """The set-up of `faxgw serve` with no config: sandbox upstream, store in ./var/."""
+    return validate({"sandbox": {"enabled": True}}, source="(no config: sandbox)", base=base or Path.cwd())
+
+
+def validate(data: dict[str, Any], *, source: str, base: Path) -> Settings:
+    """Validate a decoded config; relative paths are taken from `base`."""
+    data = dict(data)
+    data["source"] = source
+    if data.get("sandbox", {}).get("enabled"):
+        upstream = dict(data.get("upstream", {}))
+        upstream.setdefault("account_sender", DEFAULT_SANDBOX_SENDER)
+        upstream.setdefault("return_path", DEFAULT_SANDBOX_RETURN_PATH)
+        data["upstream"] = upstream
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+    return _resolve_paths(settings, base)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def absolute(path: Path | None) -> Path | None:
+        return path if path is None or path.is_absolute() else base / path
+
+    store = settings.store.model_copy(update={"path": absolute(settings.store.path)})
+    smtp = settings.smtp.model_copy(
+        update={"tls_cert": absolute(settings.smtp.tls_cert), "tls_key": absolute(settings.smtp.tls_key)}
+    )
+    upstream = settings.upstream.model_copy(update={"ca_file": absolute(settings.upstream.ca_file)})
+    return settings.model_copy(update={"store": store, "smtp": smtp, "upstream": upstream})
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key (check its spelling and section)"
+    if not key:
+        return message
+    if any(word in key for word in SECRET_KEYS) or key.startswith("smtp.users"):
+        return f"{key}: {message}"
+    return f"{key} = {error.get('input')!r}: {message}"
+
+
+def effective(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, secrets masked, for `faxgw check-config`."""
+    data = settings.model_dump(mode="json")
+    for section in data.values():
+        if not isinstance(section, dict):
+            continue
+        for key, value in section.items():
+            if any(word in key for word in SECRET_KEYS) and value:
+                section[key] = "********"
+    data["smtp"]["users"] = {user: "(argon2 hash)" for user in data["smtp"]["users"]}
+    return data

@@ -1,0 +1,178 @@
+"""Forwarder: claims due jobs from the store, sends each upstream, records the outcome.
+
+A dispatcher claims up to as many jobs as there are idle workers (marking
+them `sending` in the store first, so a crash leaves them `unknown`, never
+resent); each worker keeps its own upstream connection open between jobs.
+One bad job never stops the runner: an unexpected error defers that job and
+is logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from functools import partial
+from collections.abc import Callable
+from datetime import datetime
+from email.utils import format_datetime
+
+from gateway import mime
+from gateway.config import UpstreamSettings
+from gateway.errors import (
+    StoreError,
+    UpstreamError,
+    UpstreamLacksExtension,
+    UpstreamRejected,
+    UpstreamSetupError,
+    UpstreamUnknown,
+)
+from gateway.logs import log_event
+from gateway.models import ClaimedJob, JobState
+from gateway.rules import JobCodeRules
+from gateway.store import Writer, backoff, claim_due, iso, parse_iso, record_outcome
+from gateway.upstream import Endpoint, UpstreamConnection
+
+log = logging.getLogger("faxgw.forward")
+POLL_INTERVAL = 1.0  # operator actions from other processes are seen within this time
+
+
+class Forwarder:
+    def __init__(self, *, settings: UpstreamSettings, endpoint: Endpoint, writer: Writer,
+                 jobcode: JobCodeRules, hostname: str, clock: Callable[[], datetime]) -> None:
+        self.settings = settings
+        self.endpoint = endpoint
+        self.writer = writer
+        self.jobcode = jobcode
+        self.hostname = hostname
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._queue: asyncio.Queue[ClaimedJob] = asyncio.Queue()
+        self._busy = 0
+        self._paused_until = 0.0  # monotonic time: set after a set-up failure
+        self.last_success: datetime | None = None
+        self.last_setup_failure: str | None = None
+
+    def wake(self) -> None:
+        """Called by intake after a commit: there is new work."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        workers = [
+            asyncio.create_task(self._worker(UpstreamConnection(self.endpoint)), name=f"forward-{n}")
+            for n in range(self.settings.concurrency)
+        ]
+        try:
+            await self._dispatch()
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _dispatch(self) -> None:
+        while True:
+            idle = self.settings.concurrency - self._busy - self._queue.qsize()
+            jobs: list[ClaimedJob] = []
+            if idle > 0 and time.monotonic() >= self._paused_until:
+                try:
+                    jobs = await self.writer.run(claim_due, iso(self.clock()), idle)
+                except StoreError as exc:
+                    log.error("cannot claim jobs: %s", exc)
+            for job in jobs:
+                self._queue.put_nowait(job)
+            if not jobs or idle <= len(jobs):
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+                except TimeoutError:
+                    pass
+
+    async def _worker(self, connection: UpstreamConnection) -> None:
+        try:
+            while True:
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), self.settings.idle_close)
+                except TimeoutError:
+                    await connection.close()  # idle: do not hold the upstream's connection slot
+                    continue
+                self._busy += 1
+                try:
+                    await self._attempt(job, connection)
+                except Exception:  # the runner goes on; the job stays `sending`, so `unknown` at restart
+                    log.exception("forwarding %s failed unexpectedly", job.code)
+                finally:
+                    self._busy -= 1
+                    self._wake.set()
+        finally:
+            connection.abort()
+
+    async def _attempt(self, job: ClaimedJob, connection: UpstreamConnection) -> None:
+        started = time.monotonic()
+        to_address = f"{job.number.lstrip('+')}@{self.settings.domain}"
+        try:
+            reply = await connection.send(
+                sender=self.settings.return_path_for(job.code), recipient=to_address,
+                message=self._prepare(job, to_address), needs_8bitmime=job.needs_8bitmime,
+                smtputf8=job.smtputf8,
+            )
+        except UpstreamError as exc:
+            state, detail, reply = self._classify(job, exc)
+        except Exception as exc:  # a bug must not stop the runner or lose the job
+            log.exception("forwarding %s failed unexpectedly", job.code)
+            connection.abort()
+            state, detail, reply = self._retry_or_expire(job), f"internal error ({type(exc).__name__})", None
+        else:
+            state, detail = JobState.SUBMITTED, "accepted by the upstream"
+            self.last_success = self.clock()
+        await self._record(job, state, detail, reply)
+        log_event(log, "forward", code=job.code, number=job.number, attempt=job.attempts,
+                  result=state.value, reply=reply or detail, ms=round((time.monotonic() - started) * 1000, 1),
+                  level=logging.WARNING if state in (JobState.UNKNOWN, JobState.REJECTED) else logging.INFO)
+
+    def _classify(self, job: ClaimedJob, exc: UpstreamError) -> tuple[JobState, str, str | None]:
+        reply = exc.reply if exc.reply != str(exc) else None
+        if isinstance(exc, UpstreamRejected):
+            return JobState.REJECTED, str(exc), reply
+        if isinstance(exc, UpstreamUnknown):
+            return JobState.UNKNOWN, str(exc), reply
+        if isinstance(exc, UpstreamLacksExtension):
+            return JobState.HELD, str(exc), reply
+        if isinstance(exc, UpstreamSetupError):
+            self.last_setup_failure = f"{exc}{': ' + reply if reply else ''}"
+            self._paused_until = time.monotonic() + self.settings.retry_initial
+            log_event(log, "upstream-setup-failure", level=logging.ERROR, upstream=self.endpoint.describe(),
+                      problem=str(exc), reply=reply,
+                      action="fix the [upstream] settings; jobs wait as deferred")
+        return self._retry_or_expire(job), str(exc), reply
+
+    def _retry_or_expire(self, job: ClaimedJob) -> JobState:
+        age = (self.clock() - parse_iso(job.created_at)).total_seconds()
+        return JobState.EXPIRED if age >= self.settings.max_queue_lifetime else JobState.DEFERRED
+
+    async def _record(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None) -> None:
+        next_at = None
+        if state is JobState.DEFERRED:
+            delay = backoff(job.attempts, self.settings.retry_initial, self.settings.retry_max)
+            next_at = iso(self.clock() + delay)
+            detail = f"{detail}; next attempt {next_at}"
+        reason = detail if state is JobState.HELD else None
+        try:
+            await self.writer.run(partial(record_outcome, detail=detail, reply=reply, next_attempt_at=next_at,
+                                          reason=reason), job.id, iso(self.clock()), state)
+        except StoreError as exc:
+            # The job stays `sending` in the store and becomes `unknown` at the
+            # next start: never sent twice without an operator.
+            log.error("cannot record the outcome of %s (%s): %s", job.code, state.value, exc)
+
+    def _prepare(self, job: ClaimedJob, to_address: str) -> bytes:
+        now = self.clock()
+        subject_tag = self.jobcode.subject_tag.format(code=job.code) if self.jobcode.placement == "subject" else None
+        code_header = self.jobcode.header if self.jobcode.placement == "header" else None
+        received = (f"by {self.hostname} (greenfax-gateway) with ESMTP id {job.code}\r\n"
+                    f"\tfor <{to_address}>; {format_datetime(now)}")
+        return mime.rewrite_headers(
+            job.raw, code=job.code, to_address=to_address, account_sender=self.settings.account_sender or "",
+            received=received, message_id=f"<{job.code}.{secrets.token_hex(6)}@{self.hostname}>",
+            subject_tag=subject_tag, code_header=code_header, date=format_datetime(now),
+        )

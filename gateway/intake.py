@@ -1,0 +1,294 @@
+"""Intake: the aiosmtpd side. Thin: asks policy, hands the message to the store, replies.
+
+`IntakeSMTP` adjusts aiosmtpd where a mail administrator would expect more:
+it advertises PIPELINING, answers an oversized SIZE with 552 5.3.4, keeps
+the raw RCPT argument (aiosmtpd cleans addresses before the handler sees
+them) and reads DATA in large blocks instead of line by line, keeping
+aiosmtpd's protections (size limit, dot-unstuffing, CRLF.CRLF as the only
+end of data) and naming bare LF/CR and over-long lines in its replies.
+
+`Intake` is the handler: one decision per SMTP command, and the 250 to DATA
+only after the store has committed the message and its jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from gateway import mime, replies
+from gateway.errors import StoreError, StoreFull
+from gateway.logs import log_event
+from gateway.models import FaxNumber, NewMessage, Recipient, Refusal, Reply
+from gateway.passwords import PasswordChecker
+from gateway.policy import SUBJECT_MAILBOX, Policy
+from gateway.store import Writer, insert_message, iso, utcnow
+
+log = logging.getLogger("faxgw.intake")
+
+END_OF_DATA = b"\r\n.\r\n"
+READ_LIMIT = 64 * 1024  # the stream reader's limit: the largest piece read at once
+
+
+class IntakeSMTP(SMTP):
+    """aiosmtpd's SMTP with the gateway's DATA reader and a few stricter replies."""
+
+    line_length_limit = READ_LIMIT  # command lines are still held to 512 octets by aiosmtpd
+
+    def __init__(self, handler: Intake, *, line_limit: int, bare_lf: str, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.data_line_limit = line_limit
+        self.bare_lf = bare_lf
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug in a hook must not show internals to the client or lose the session."""
+        log.exception("internal error in SMTP session with %s", self.session.peer if self.session else "?")
+        return str(replies.INTERNAL_ERROR)
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if arg and not await self.check_helo_needed() and not await self.check_auth_needed("MAIL"):
+            match = re.search(r"\sSIZE=(\d+)", " " + arg, re.IGNORECASE)
+            if match and self.data_size_limit and int(match[1]) > self.data_size_limit:
+                await self.push(replies.format_reply(
+                    replies.SIZE_DECLARED_TOO_BIG, size=match[1], limit=self.data_size_limit))
+                return
+            if re.match(r"(?i)FROM:\s*<>", arg.strip()):
+                await self.push(await self._call_handler_hook("MAIL", "", []))
+                return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        assert self.session is not None
+        self.session.raw_rcpt = arg or ""
+        await super().smtp_RCPT(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        content, problem = await self._read_data()
+        if problem is None:
+            content, problem = self._check_lines(content)
+        if problem is not None:
+            self._set_post_data_state()
+            await self.push(problem)
+            return
+        self.envelope.content = self.envelope.original_content = content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push(status)
+
+    async def _read_data(self) -> tuple[bytes, str | None]:
+        """Read up to CRLF.CRLF in large pieces; an oversized message is read to its end and dropped."""
+        limit = self.data_size_limit or 0
+        # The CRLF that ended the DATA command counts as the line end before
+        # the first line, so an empty message (".") is found like any other end.
+        buffer = bytearray(b"\r\n")
+        scan_from = 0
+        dropped = 0
+        while (end := buffer.find(END_OF_DATA, scan_from)) < 0:
+            if limit and len(buffer) + dropped > limit + 2:
+                keep = buffer[-4:]
+                dropped += len(buffer) - len(keep)
+                buffer = bytearray(keep)
+            scan_from = max(0, len(buffer) - 4)
+            chunk = await self._reader.read(READ_LIMIT)
+            if not chunk:
+                raise ConnectionResetError("connection closed during DATA")
+            buffer += chunk
+        self._unread(bytes(buffer[end + len(END_OF_DATA):]))
+        if dropped or (limit and end - 2 > limit):
+            return b"", replies.format_reply(replies.DATA_TOO_BIG, limit=limit)
+        data = bytes(buffer[2 : end + 2])  # keep the CRLF that ends the last line
+        # Dot-unstuffing (RFC 5321 4.5.2): a leading dot on any line is removed.
+        if data.startswith(b"."):
+            data = data[1:]
+        return data.replace(b"\r\n.", b"\r\n"), None
+
+    def _unread(self, pipelined: bytes) -> None:
+        """Give back commands a client pipelined after the end of data.
+
+        asyncio's StreamReader has no unread(); its buffer is a bytearray read
+        from the front, so the bytes go back there (tested in test_intake).
+        """
+        if pipelined:
+            self._reader._buffer[0:0] = pipelined  # type: ignore[attr-defined]
+
+    def _check_lines(self, data: bytes) -> tuple[bytes, str | None]:
+        """Bare LF, bare CR and over-long lines get a reply naming the real problem."""
+        crlf = data.count(b"\r\n")
+        if data.count(b"\n") != crlf:
+            if self.bare_lf != "normalize":
+                return data, replies.format_reply(replies.BARE_LF)
+            data = re.sub(rb"\r?\n", b"\r\n", data)
+            crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf:
+            return data, replies.format_reply(replies.BARE_CR)
+        if len(data) > self.data_line_limit and max(map(len, data.split(b"\r\n"))) > self.data_line_limit:
+            return data, replies.format_reply(replies.LINE_TOO_LONG, limit=self.data_line_limit)
+        return data, None
+
+
+class Intake:
+    """The aiosmtpd handler: policy per command, store on DATA, one log line per transaction."""
+
+    def __init__(self, *, policy: Policy, writer: Writer, sandbox: bool,
+                 on_queued: Callable[[], None], passwords: PasswordChecker) -> None:
+        self.policy = policy
+        self.writer = writer
+        self.sandbox = sandbox
+        self.on_queued = on_queued
+        self.passwords = passwords
+        self.max_recipients = policy.settings.smtp.max_recipients
+
+    # --- hooks ------------------------------------------------------------------
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        # aiosmtpd processes pipelined commands in order but does not say so.
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        client = session.peer[0] if session.peer else "?"
+        refusal = self.policy.check_client(client, authenticated=session.authenticated)
+        if refusal is None and not address:
+            refusal = Refusal(Reply(550, "5.7.1", "The null sender <> cannot send faxes"), "sender")
+        if refusal is None:
+            refusal = self.policy.check_sender(address)
+        if refusal is not None:
+            self._log_refusal(session, refusal, sender=address)
+            return str(refusal.reply)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        envelope.fax_recipients = []
+        envelope.started = time.monotonic()
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        raw = _angle_content(getattr(session, "raw_rcpt", ""))
+        if raw is not None and raw.lower() != address.lower():
+            # aiosmtpd removed quotes, comments or a source route: refuse what was really sent.
+            refusal = Refusal(Reply(553, "5.1.3", f"<{raw}>: use a plain address such as <12125550123@"
+                                    f"{self.policy.settings.upstream.domain}> (no quotes, comments or routes)"),
+                              "address-syntax")
+        elif len(envelope.fax_recipients) >= self.max_recipients:
+            refusal = Refusal(Reply(452, "4.5.3", replies.TOO_MANY_RECIPIENTS.text.format(
+                limit=self.max_recipients)), "recipients")
+        else:
+            result = self.policy.classify_recipient(address)
+            if isinstance(result, Recipient):
+                envelope.rcpt_tos.append(address)
+                envelope.rcpt_options.extend(options)
+                envelope.fax_recipients.append(result)
+                shown = "(number from the subject)" if result.number.e164 == SUBJECT_MAILBOX else result.number.e164
+                return str(replies.recipient_ok(shown))
+            refusal = result
+        self._log_refusal(session, refusal, sender=envelope.mail_from, recipient=address)
+        return str(refusal.reply)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw: bytes = envelope.content
+        facts = mime.inspect(raw)
+        refusal = self.policy.check_content(facts)
+        recipients: list[Recipient] = []
+        for recipient in envelope.fax_recipients:
+            if refusal is not None:
+                break
+            if recipient.number.e164 == SUBJECT_MAILBOX:
+                number = self.policy.number_from_subject(facts.subject, recipient.address)
+                if isinstance(number, Refusal):
+                    refusal = number
+                    break
+                recipient = Recipient(recipient.address, FaxNumber(number.e164))
+            recipients.append(recipient)
+        if refusal is not None:
+            self._log_refusal(session, refusal, sender=envelope.mail_from)
+            return str(refusal.reply)
+        message = NewMessage(
+            raw=raw, mail_from=envelope.mail_from, client=session.peer[0], helo=session.host_name or "",
+            auth_user=_login(session), header_from=facts.header_from,
+            smtputf8=envelope.smtp_utf8 or facts.needs_smtputf8, needs_8bitmime=facts.needs_8bitmime,
+            recipients=recipients,
+        )
+        try:
+            codes = await self.writer.run(insert_message, message, iso(utcnow()))
+        except StoreFull:
+            log.error("store full: message from %s not accepted", session.peer[0])
+            return str(replies.STORE_FULL)
+        except StoreError as exc:
+            log.error("store write failed: %s", exc)
+            return str(replies.STORE_FAILED)
+        self.on_queued()
+        reply = replies.queued(codes, sandbox=self.sandbox)
+        log_event(log, "accepted", client=session.peer[0], user=message.auth_user, codes=" ".join(codes),
+                  numbers=" ".join(r.number.e164 for r in recipients), size=len(raw), reply=str(reply),
+                  ms=round((time.monotonic() - getattr(envelope, "started", time.monotonic())) * 1000, 1))
+        return str(reply)
+
+    # --- AUTH -------------------------------------------------------------------
+
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                     mechanism: str, auth_data: Any) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        user = auth_data.login.decode("utf-8", "replace")
+        ok = self.passwords.verify(user, auth_data.password)
+        log_event(log, "auth", client=session.peer[0], user=user, mechanism=mechanism,
+                  result="ok" if ok else "failed")
+        return AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+    def _log_refusal(self, session: Session, refusal: Refusal, **fields: str) -> None:
+        log_event(log, "refused", client=session.peer[0] if session.peer else "?", check=refusal.check,
+                  reply=str(refusal.reply), **fields)
+
+
+def _angle_content(raw_arg: str) -> str | None:
+    """The text between < and > of a raw `TO:<...>` argument, or None if not in that form."""
+    match = re.match(r"(?i)TO:\s*<(.*)>(?:\s.*)?$", raw_arg.strip())
+    return match[1] if match else None
+
+
+def _login(session: Session) -> str | None:
+    auth = session.auth_data
+    return auth.login.decode("utf-8", "replace") if isinstance(auth, LoginPassword) else None
+
+
+def smtp_factory(intake: Intake, *, settings_smtp: Any, tls_context: ssl.SSLContext | None,
+                 implicit_tls: bool, plaintext_auth: bool) -> Callable[[], IntakeSMTP]:
+    """A protocol factory for one listener."""
+
+    def factory() -> IntakeSMTP:
+        return IntakeSMTP(
+            intake,
+            line_limit=settings_smtp.line_length_limit,
+            bare_lf=settings_smtp.bare_lf,
+            data_size_limit=settings_smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=settings_smtp.hostname,
+            ident="greenfax-gateway",
+            tls_context=None if implicit_tls else tls_context,
+            timeout=settings_smtp.timeout,
+            # On an implicit-TLS listener the whole session is encrypted, so
+            # AUTH needs no STARTTLS first (aiosmtpd would refuse it otherwise).
+            auth_require_tls=not (implicit_tls or plaintext_auth),
+            authenticator=intake.authenticate,
+        )
+
+    return factory

@@ -1,0 +1,55 @@
+"""SMTP AUTH users: argon2 hashes only, checked without blocking the server for long.
+
+A verified (user, password) pair is remembered by its keyed digest, so an
+old scanner that logs in for every page does not pay argon2's cost each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+_HASHER = PasswordHasher()
+
+
+def hash_password(password: str) -> str:
+    """The hash `faxgw passwd` prints for the config's [smtp.users] table."""
+    return _HASHER.hash(password)
+
+
+class PasswordChecker:
+    def __init__(self, users: dict[str, str]) -> None:
+        self._users = dict(users)
+        self._key = secrets.token_bytes(32)
+        self._verified: set[bytes] = set()
+        self._dummy: str | None = None
+
+    def verify(self, user: str, password: bytes) -> bool:
+        stored = self._users.get(user)
+        if stored is None:
+            self._spend_time(password)
+            return False
+        digest = hmac.new(self._key, user.encode() + b"\0" + password, hashlib.sha256).digest()
+        if digest in self._verified:
+            return True
+        try:
+            _HASHER.verify(stored, password)
+        except (VerificationError, InvalidHashError):
+            return False
+        if len(self._verified) > 1024:
+            self._verified.clear()
+        self._verified.add(digest)
+        return True
+
+    def _spend_time(self, password: bytes) -> None:
+        """Cost an unknown user as much as a known one, so user names cannot be probed."""
+        if self._dummy is None:
+            self._dummy = _HASHER.hash(secrets.token_hex(16))
+        try:
+            _HASHER.verify(self._dummy, password)
+        except VerificationError:
+            pass

@@ -1,0 +1,143 @@
+"""Policy: pure decisions on who may send, which recipients are faxes, what may be faxed.
+
+Each check is small and named; a refusal carries its exact SMTP reply.
+No I/O here: intake.py asks, this module answers from the settings and the
+addressing rules.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import NumberParseException, PhoneNumberType
+
+from gateway import replies
+from gateway.config import Settings
+from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal, Reply
+from gateway.rules import AddressingRules
+
+_NUMBER_CHARS = re.compile(r"^\+?[0-9().\-]+$")
+SUBJECT_MAILBOX = "subject-mailbox"  # marker: the number comes from the subject at DATA time
+
+
+def refuse(reply: Reply, check: str, **values: object) -> Refusal:
+    return Refusal(Reply(reply.code, reply.enhanced, reply.text.format(**values)), check)
+
+
+@dataclass(frozen=True)
+class Policy:
+    settings: Settings
+    rules: AddressingRules
+
+    # --- who may send ---------------------------------------------------------
+
+    def check_client(self, client_ip: str, *, authenticated: bool) -> Refusal | None:
+        """Clients from the allowed networks, or authenticated users, may send faxes."""
+        if authenticated:
+            return None
+        try:
+            ip = ipaddress.ip_address(client_ip.split("%")[0])
+        except ValueError:
+            return refuse(replies.CLIENT_NOT_ALLOWED, "client", client=client_ip)
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self.settings.smtp.allowed_networks if net.version == ip.version):
+            return None
+        return refuse(replies.CLIENT_NOT_ALLOWED, "client", client=client_ip)
+
+    def check_sender(self, sender: str) -> Refusal | None:
+        """The optional sender allowlist: exact addresses or "@domain" entries."""
+        allowed = self.settings.smtp.allowed_senders
+        if not allowed:
+            return None
+        lowered = sender.lower()
+        domain = "@" + lowered.rpartition("@")[2]
+        if any(entry.lower() in (lowered, domain) for entry in allowed):
+            return None
+        return refuse(replies.SENDER_NOT_ALLOWED, "sender", sender=sender)
+
+    # --- recipients -------------------------------------------------------------
+
+    def classify_recipient(self, address: str) -> Recipient | Refusal:
+        """A fax recipient with its number, or the refusal that says why not."""
+        local, at, domain = address.rpartition("@")
+        domain = domain.lower().rstrip(".")
+        mailbox = self.rules.recipients.subject_mailbox
+        if mailbox and address.lower() == mailbox.lower():
+            return Recipient(address, FaxNumber(SUBJECT_MAILBOX))
+        upstream_domain = self.settings.upstream.domain.lower()
+        if not at or domain not in (upstream_domain, *self.rules.recipients.local_fax_domains):
+            return refuse(replies.NOT_A_FAX_RECIPIENT, "relay", address=address, domain=upstream_domain)
+        # GreenFax reads its own addresses as country code + number; our local
+        # fax domains take numbers as people write them, in the default region.
+        international = domain == upstream_domain
+        number = self.parse_number(local, international=international, address=address)
+        if isinstance(number, Refusal):
+            return number
+        return Recipient(address, number)
+
+    def parse_number(self, text: str, *, international: bool, address: str) -> FaxNumber | Refusal:
+        """Validate and normalise one fax number to E.164 with phonenumbers."""
+        rules = self.rules.numbers
+        compact = text.replace(" ", "")
+        if not compact or not _NUMBER_CHARS.match(compact) or not compact.isascii():
+            problem = "the local part must be a fax number (digits, optionally + - . ( ))"
+            return refuse(replies.BAD_NUMBER, "number-syntax", address=address, problem=problem)
+        digits = re.sub(r"[().\-]", "", compact)
+        if international and not digits.startswith("+"):
+            digits = "+" + digits
+        try:
+            parsed = phonenumbers.parse(digits, rules.default_region)
+        except NumberParseException as exc:
+            return refuse(replies.BAD_NUMBER, "number-invalid", address=address,
+                          problem=f"not a fax number ({exc.args[0] if exc.args else exc})")
+        if not phonenumbers.is_valid_number(parsed):
+            hint = " (write the country code first, e.g. 12125550123)" if international else ""
+            return refuse(replies.BAD_NUMBER, "number-invalid", address=address,
+                          problem=f"{digits} is not a valid phone number{hint}")
+        e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+        if parsed.country_code in rules.refused_country_codes:
+            return refuse(replies.NUMBER_REFUSED, "number-satellite", address=address,
+                          problem=f"{e164} is a satellite or non-geographic number; faxes to it are refused")
+        kind = phonenumbers.number_type(parsed)
+        refused_types = {getattr(PhoneNumberType, name): name for name in rules.refused_types}
+        if kind in refused_types:
+            label = refused_types[kind].lower().replace("_", "-")
+            return refuse(replies.NUMBER_REFUSED, "number-type", address=address,
+                          problem=f"{e164} is a {label} number; faxes to it are refused")
+        region = phonenumbers.region_code_for_number(parsed)
+        if region != rules.default_region and not rules.allow_international:
+            return refuse(replies.NUMBER_REFUSED, "number-international", address=address,
+                          problem=f"{e164} is international ({region}); international faxes are not allowed here")
+        return FaxNumber(e164)
+
+    def number_from_subject(self, subject: str, address: str) -> FaxNumber | Refusal:
+        match = re.search(self.rules.recipients.subject_number_pattern, subject)
+        if not match:
+            return refuse(replies.NO_NUMBER_IN_SUBJECT, "subject-number", address=address)
+        return self.parse_number(match[1], international=False, address=address)
+
+    # --- content ------------------------------------------------------------------
+
+    def check_content(self, facts: MessageFacts) -> Refusal | None:
+        """Every attachment must be faxable, and there must be something to fax."""
+        for attachment in facts.attachments:
+            if not self._faxable(attachment):
+                name = attachment.filename or "(unnamed)"
+                return refuse(replies.TYPE_NOT_FAXABLE, "content-type",
+                              name=name, content_type=attachment.content_type)
+        if not facts.attachments and not self.rules.content.allow_body_only:
+            return refuse(replies.NOTHING_TO_FAX, "content-empty")
+        return None
+
+    def _faxable(self, attachment: Attachment) -> bool:
+        content = self.rules.content
+        if attachment.content_type in content.allowed_types:
+            return True
+        if attachment.content_type in ("application/octet-stream", "application/x-octet-stream"):
+            extension = attachment.filename.rpartition(".")[2].lower()
+            return "." in attachment.filename and extension in content.allowed_extensions
+        return False

@@ -1,0 +1,78 @@
+"""Every SMTP reply the intake gives, by name, shared by code and tests.
+
+Each refusal names the problem and the recipient or attachment concerned,
+and says what the sender can do about it.
+"""
+
+from __future__ import annotations
+
+from gateway.models import Reply
+
+SANDBOX_NOTE = "SANDBOX: nothing is faxed"
+
+
+def queued(codes: list[str], *, sandbox: bool) -> Reply:
+    text = "queued as " + " ".join(codes)
+    return Reply(250, "2.0.0", f"{text} ({SANDBOX_NOTE})" if sandbox else text)
+
+
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+
+
+def recipient_ok(number: str) -> Reply:
+    return Reply(250, "2.1.5", f"Fax recipient OK: {number}")
+
+
+# --- who may send ---
+
+CLIENT_NOT_ALLOWED = Reply(
+    550, "5.7.1", "Client host {client} may not send faxes here; authenticate or ask the administrator to allow its network"
+)
+SENDER_NOT_ALLOWED = Reply(550, "5.7.1", "Sender <{sender}> is not allowed to send faxes")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required: use STARTTLS before AUTH")
+
+# --- recipients ---
+
+NOT_A_FAX_RECIPIENT = Reply(
+    550, "5.7.1", "Relay denied: <{address}> is not a fax address (use <number>@{domain}); this gateway only sends faxes"
+)
+BAD_NUMBER = Reply(553, "5.1.3", "<{address}>: {problem}")
+NUMBER_REFUSED = Reply(550, "5.7.1", "<{address}>: {problem}")
+NO_NUMBER_IN_SUBJECT = Reply(
+    550, "5.1.3", "No fax number found in the subject for <{address}>; write e.g. \"Fax: +1 212 555 0123\""
+)
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients in one message (limit {limit}); send the rest in another message")
+NEED_SMTPUTF8_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address <{address}> needs the SMTPUTF8 parameter")
+
+# --- size and data ---
+
+SIZE_DECLARED_TOO_BIG = Reply(552, "5.3.4", "Message size {size} exceeds the limit of {limit} bytes")
+DATA_TOO_BIG = Reply(552, "5.3.4", "Message exceeds the limit of {limit} bytes")
+LINE_TOO_LONG = Reply(
+    552, "5.6.0", "Message has a line longer than {limit} octets; send documents as attachments (base64)"
+)
+BARE_LF = Reply(
+    550, "5.6.0", "Message has bare LF line endings; SMTP requires CRLF (configure the program to use CRLF, or ask the administrator to set smtp.bare_lf = \"normalize\")"
+)
+BARE_CR = Reply(550, "5.6.0", "Message has a bare CR (carriage return without line feed); SMTP requires CRLF line endings")
+NO_HEADERS = Reply(550, "5.6.0", "Message has no header section; send a complete RFC 5322 message")
+
+# --- content ---
+
+NOTHING_TO_FAX = Reply(
+    550, "5.7.0", "Nothing to fax: attach the document (PDF, TIFF or an office file) to the email"
+)
+TYPE_NOT_FAXABLE = Reply(
+    554, "5.6.3", "Attachment {name} is of type {content_type}, which cannot be faxed; allowed are PDF, TIFF, images and office documents"
+)
+
+# --- the gateway's own trouble ---
+
+STORE_FULL = Reply(452, "4.3.1", "Insufficient system storage; the message was not accepted, try again later")
+STORE_FAILED = Reply(451, "4.3.0", "Local error while storing the message; it was not accepted, try again later")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
+
+
+def format_reply(reply: Reply, **values: object) -> str:
+    """The reply as one SMTP line, its placeholders filled in."""
+    return f"{reply.code} {reply.enhanced} {reply.text.format(**values)}"

@@ -51,12 +51,28 @@ class Forwarder:
         self._queue: asyncio.Queue[ClaimedJob] = asyncio.Queue()
         self._busy = 0
         self._paused_until = 0.0  # monotonic time: set after a set-up failure
+        self._stopping = False
         self.last_success: datetime | None = None
         self.last_setup_failure: str | None = None
 
     def wake(self) -> None:
         """Called by intake after a commit: there is new work."""
         self._wake.set()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop claiming, give back claimed jobs not yet started, let sends in flight finish.
+
+        A job cut off mid-send would become `unknown` at the next start; a
+        normal stop or restart must not do that to anyone's fax.
+        """
+        self._stopping = True
+        self._wake.set()
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            await self._record(job, JobState.QUEUED, "returned to the queue at shutdown, not sent", None)
+        deadline = time.monotonic() + grace
+        while self._busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def run(self) -> None:
         workers = [
@@ -65,16 +81,18 @@ class Forwarder:
         ]
         try:
             await self._dispatch()
+            while self._busy:  # shutdown(): sends in flight finish (the caller bounds the wait)
+                await asyncio.sleep(0.05)
         finally:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
     async def _dispatch(self) -> None:
-        while True:
+        while not self._stopping:
             idle = self.settings.concurrency - self._busy - self._queue.qsize()
             jobs: list[ClaimedJob] = []
-            if idle > 0 and time.monotonic() >= self._paused_until:
+            if idle > 0 and time.monotonic() >= self._paused_until and not self._stopping:
                 try:
                     jobs = await self.writer.run(claim_due, iso(self.clock()), idle)
                 except StoreError as exc:
@@ -151,7 +169,7 @@ class Forwarder:
         return JobState.EXPIRED if age >= self.settings.max_queue_lifetime else JobState.DEFERRED
 
     async def _record(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None) -> None:
-        next_at = None
+        next_at = iso(self.clock()) if state is JobState.QUEUED else None
         if state is JobState.DEFERRED:
             delay = backoff(job.attempts, self.settings.retry_initial, self.settings.retry_max)
             next_at = iso(self.clock() + delay)

@@ -73,6 +73,8 @@ class Service:
             await server.wait_closed()
         self.servers.clear()
         if self._forward_task is not None:
+            if self.forwarder is not None:
+                await self.forwarder.shutdown(SHUTDOWN_GRACE)
             self._forward_task.cancel()
             await asyncio.gather(self._forward_task, return_exceptions=True)
             self._forward_task = None

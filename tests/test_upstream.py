@@ -177,3 +177,13 @@ async def test_unregistered_account_sender_is_rejected_by_the_service(gateway, s
     (code,) = codes_in((await gw.send()).message)
     job = await gw.wait_state(code, "rejected")
     assert f"<{ACCOUNT_SENDER}> is not registered" in job["upstream_reply"]
+
+
+async def test_stop_lets_a_send_in_flight_finish(gateway, sandbox):
+    sandbox.handler.faults.delay = 1.0
+    gw = await gateway()
+    (code,) = codes_in((await gw.send()).message)
+    await gw.wait_state(code, "sending")
+    await gw.service.stop()  # a normal stop or restart must not leave the fax `unknown`
+    assert gw.job(code)["state"] == "submitted"
+    assert len(sandbox.faxes) == 1

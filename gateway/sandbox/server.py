@@ -56,6 +56,7 @@ class Faults:
     rcpt: str | None = None
     data: str | None = None
     drop_after_data: bool = False
+    delay: float = 0.0  # seconds before answering the data: a slow upstream
 
 
 @dataclass
@@ -112,6 +113,8 @@ class SandboxHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw: bytes = envelope.original_content or b""
+        if self.faults.delay:
+            await asyncio.sleep(self.faults.delay)
         message = email.message_from_bytes(raw, policy=email.policy.compat32)
         sender = email.utils.parseaddr(str(message.get("From", "")))[1].lower()
         numbers = [address.rpartition("@")[0] for address in envelope.rcpt_tos]

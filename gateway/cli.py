@@ -69,13 +69,16 @@ def serve(obj: Context) -> None:
 
     With no config this is the sandbox: the gateway listens on 127.0.0.1:2525
     and forwards to the built-in GreenFax stand-in; nothing is faxed.
+
+    \b
+    Examples:
+      faxgw serve
+      faxgw --config /etc/faxgw/faxgw.toml serve
     """
     from gateway.service import Service
 
     settings = obj.settings
     logs.setup(settings.log.level)
-    if settings.sandbox_mode:
-        click.echo("faxgw: SANDBOX mode: faxes go to the built-in GreenFax stand-in; nothing is faxed", err=True)
     asyncio.run(Service(settings).run_until_signalled())
 
 
@@ -185,7 +188,8 @@ def _since(value: str | None) -> str | None:
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a duration (\"2h\", \"3d\") or a date (\"2026-11-20\")") from None
+        raise click.BadParameter(f"{value!r}: expected a duration (\"2h\", \"3d\") or a date (\"2026-11-20\")",
+                                 param_hint="'--since'") from None
     if moment.tzinfo is None:
         moment = moment.astimezone()
     return store.iso(moment)
@@ -197,10 +201,18 @@ def _number(obj: Context, value: str | None) -> str | None:
     from gateway.policy import Policy
     from gateway.rules import load_addressing
 
-    policy = Policy(obj.settings, load_addressing(obj.settings.addressing))
+    # Normalise as intake does, but without the policy's refusals: a filter
+    # must find past jobs to numbers the current rules would no longer accept.
+    rules = load_addressing(obj.settings.addressing)
+    numbers = rules.numbers.model_copy(update={"allow_international": True, "refused_types": [],
+                                               "refused_country_codes": []})
+    policy = Policy(obj.settings, rules.model_copy(update={"numbers": numbers}))
     result = policy.parse_number(value, international=False, address=value)
     if isinstance(result, Refusal):
-        raise click.BadParameter(f"{value!r}: {result.reply.text.split(': ', 1)[-1]}")
+        problem = result.reply.text.removeprefix(f"<{value}>: ")
+        if result.check == "number-syntax":
+            problem = "expected a fax number such as \"+1 212 555 0123\" or 12125550123"
+        raise click.BadParameter(f"{value!r}: {problem}", param_hint="'--number'")
     return result.e164
 
 
@@ -326,6 +338,14 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("faxgw: aborted", err=True)
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        # One line, like every other error, with where to find the usage.
+        command = exc.ctx.command_path if exc.ctx else "faxgw"
+        click.echo(f"{command}: error: {exc.format_message()} (see `{command} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

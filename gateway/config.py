@@ -28,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -92,8 +93,12 @@ def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError("expected a network in CIDR form, e.g. \"192.168.1.0/24\"") from None
 
 
-def _secret(value: Any) -> SecretStr | None:
-    """Resolve `"inline"`, `{ env = "NAME" }` or `{ file = "PATH" }` to a SecretStr."""
+def _secret(value: Any, info: ValidationInfo) -> SecretStr | None:
+    """Resolve `"inline"`, `{ env = "NAME" }` or `{ file = "PATH" }` to a SecretStr.
+
+    A relative file is taken from the config file's directory, like every
+    other path in the config (`validate()` passes it as context "base").
+    """
     if value is None or isinstance(value, SecretStr):
         return value
     if isinstance(value, str):
@@ -105,10 +110,15 @@ def _secret(value: Any) -> SecretStr | None:
         return SecretStr(os.environ[name])
     if isinstance(value, dict) and set(value) == {"file"}:
         path = Path(str(value["file"]))
+        if not path.is_absolute() and info.context and "base" in info.context:
+            path = info.context["base"] / path
         try:
             return SecretStr(path.read_text(encoding="utf-8").rstrip("\r\n"))
         except OSError as exc:
             raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            # The decoder's message quotes a byte of the secret: never show it.
+            raise ValueError(f"secret file {path} is not UTF-8 text") from None
     raise ValueError("expected a string, { env = \"NAME\" } or { file = \"/path\" }")
 
 
@@ -297,7 +307,7 @@ def validate(data: dict[str, Any], *, source: str, base: Path) -> Settings:
         upstream.setdefault("return_path", DEFAULT_SANDBOX_RETURN_PATH)
         data["upstream"] = upstream
     try:
-        settings = Settings.model_validate(data)
+        settings = Settings.model_validate(data, context={"base": base})
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
     return _resolve_paths(settings, base)
@@ -319,12 +329,28 @@ def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key (check its spelling and section)"
+        known = _known_keys(error["loc"][:-1])
+        expected = f"; expected one of: {', '.join(known)}" if known else ""
+        return f"{key}: unknown key (check its spelling and section{expected})"
     if not key:
         return message
-    if any(word in key for word in SECRET_KEYS) or key.startswith("smtp.users"):
+    # A whole section (a check across its keys) is not echoed: it may hold
+    # secrets or password hashes, and the message names the keys concerned.
+    secret = any(word in key for word in SECRET_KEYS) or key.startswith("smtp.users")
+    if secret or isinstance(error.get("input"), dict):
         return f"{key}: {message}"
     return f"{key} = {error.get('input')!r}: {message}"
+
+
+def _known_keys(section: tuple[Any, ...]) -> list[str]:
+    """The keys the config allows in a section (given as its location, () for the top level)."""
+    model: type[BaseModel] = Settings
+    for part in section:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return [name for name in model.model_fields if name != "source"]
 
 
 def effective(settings: Settings) -> dict[str, Any]:

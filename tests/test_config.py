@@ -1,0 +1,224 @@
+"""Configuration as `faxgw` reads it: one TOML file, validated at start, secrets never shown.
+
+Every test runs the real command in a subprocess (see `test_cli.faxgw`); the
+config file comes from `--config` or FAXGW_CONFIG, and only with neither does
+the sandbox set-up apply.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from argon2 import PasswordHasher
+from conftest import free_port
+from test_cli import faxgw, one_line_error, port_open, write_config
+
+from gateway import config
+from gateway.passwords import PasswordChecker
+
+SANDBOX = "[sandbox]\nenabled = true\n"
+# Ends inside [upstream], so a test may append keys of that section.
+PRODUCTION = """\
+[upstream]
+host = "smtp.example.org"
+account_sender = "faxes@office.example"
+return_path = "fax-bounce@gw.office.example"
+"""
+SECRET = "Tr0ub4dor-and-3-secret"
+HASH = PasswordHasher().hash("c0pier-Passw0rd")
+
+
+def effective(result) -> dict[str, Any]:
+    """The settings `faxgw check-config` printed (after its one-line verdict)."""
+    assert result.returncode == 0, result.stderr
+    verdict, settings = result.stdout.split("\n", 1)
+    assert verdict.endswith("OK") or verdict.endswith("OK (SANDBOX)"), verdict
+    return json.loads(settings)
+
+
+def shown(result) -> str:
+    return result.stdout + result.stderr
+
+
+# --- which config ------------------------------------------------------------------------
+
+
+def _by_option(path: Path) -> dict[str, Any]:
+    return {"config": path}
+
+
+def _by_environment(path: Path) -> dict[str, Any]:
+    return {"env": {"FAXGW_CONFIG": str(path)}}
+
+
+@pytest.mark.parametrize("how", [_by_option, _by_environment], ids=["--config", "FAXGW_CONFIG"])
+@pytest.mark.parametrize("command", ["check-config", "serve", "status"])
+def test_a_missing_named_config_is_fatal_never_the_sandbox(tmp_path, how, command):
+    missing = tmp_path / "etc" / "faxgw.toml"
+    result = faxgw(command, cwd=tmp_path, timeout=30, **how(missing))
+    assert str(missing) in one_line_error(result)
+    assert "sandbox" not in shown(result).lower()
+    assert not (tmp_path / "var").exists()
+
+
+def test_config_from_option_or_environment(tmp_path):
+    path = write_config(tmp_path / "faxgw.toml", PRODUCTION + 'helo_name = "gw.from-file.test"\n')
+    for how in (_by_option, _by_environment):
+        settings = effective(faxgw("check-config", cwd=tmp_path, **how(path)))
+        assert settings["upstream"]["helo_name"] == "gw.from-file.test"
+        assert settings["sandbox"]["enabled"] is False
+    # --config wins over the environment.
+    result = faxgw("check-config", cwd=tmp_path, config=path, env={"FAXGW_CONFIG": str(tmp_path / "nope.toml")})
+    assert effective(result)["upstream"]["helo_name"] == "gw.from-file.test"
+
+
+def test_relative_paths_are_taken_from_the_config_files_directory(tmp_path):
+    etc = tmp_path / "etc"
+    path = write_config(etc / "faxgw.toml", SANDBOX + '[store]\npath = "data/fax.sqlite3"\n')
+    settings = effective(faxgw("check-config", cwd=tmp_path, config=path))
+    assert settings["store"]["path"] == str(etc.resolve() / "data" / "fax.sqlite3")
+
+
+def test_no_config_at_all_is_the_sandbox(tmp_path):
+    result = faxgw("check-config", cwd=tmp_path)
+    assert "SANDBOX" in result.stdout.splitlines()[0]
+    assert effective(result)["store"]["path"] == str(tmp_path / "var" / "faxgw.sqlite3")
+
+
+def test_a_bare_sandbox_config_passes_and_says_sandbox(tmp_path):
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", SANDBOX))
+    assert "SANDBOX" in result.stdout.splitlines()[0]
+    settings = effective(result)
+    assert settings["sandbox"]["enabled"] is True
+    assert settings["upstream"]["account_sender"]  # a working default in sandbox mode
+
+
+# --- bad values ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, key, value, expected", [
+    ('[upstream]\nport = "abc"\n', "upstream.port", "'abc'", "integer"),
+    ('[smtp]\nlisten = ["nonsense"]\n', "smtp.listen", "'nonsense'", "HOST:PORT"),
+    ('[upstream]\ntls = "ssl"\n', "upstream.tls", "'ssl'", "'starttls'"),
+    ('[smtp]\nmax_message_size = "lots"\n', "smtp.max_message_size", "'lots'", "size"),
+    ('[log]\nlevel = "loud"\n', "log.level", "'loud'", "'debug'"),
+    # An unknown key's value is not echoed: it may be a misspelt secret.
+    ('[upstream]\nhots = "smtp.example.org"\n', "upstream.hots", "unknown key", "host"),
+    ('[smpt]\nlisten = []\n', "smpt", "unknown key", "smtp"),
+])
+def test_a_bad_value_names_the_key_the_value_and_what_is_expected(tmp_path, text, key, value, expected):
+    path = write_config(tmp_path / "faxgw.toml", SANDBOX + text)
+    line = one_line_error(faxgw("check-config", cwd=tmp_path, config=path))
+    assert str(path) in line
+    assert key in line and value in line and expected in line
+
+
+def test_serve_with_a_bad_value_exits_before_listening(tmp_path):
+    port = free_port()
+    path = write_config(tmp_path / "faxgw.toml", SANDBOX + f"""\
+listen = ["127.0.0.1:{free_port()}"]
+[smtp]
+listen = ["127.0.0.1:{port}"]
+[upstream]
+port = "abc"
+""")
+    result = faxgw("serve", cwd=tmp_path, config=path, timeout=30)
+    assert "upstream.port = 'abc'" in one_line_error(result)
+    assert not port_open(port)
+    assert not (tmp_path / "var").exists()  # nothing was started, not even the store
+
+
+@pytest.mark.parametrize("text, keys", [
+    (SANDBOX + '[upstream]\nhost = "smtp.example.org"\n', ["sandbox.enabled", "upstream.host"]),
+    (PRODUCTION.replace('host = "smtp.example.org"\n', ""), ["upstream.host"]),
+    (PRODUCTION.replace('account_sender = "faxes@office.example"\n', ""), ["upstream.account_sender"]),
+    (PRODUCTION.replace('return_path = "fax-bounce@gw.office.example"\n', ""), ["upstream.return_path"]),
+], ids=["sandbox-and-upstream-host", "no-upstream-host", "no-account-sender", "no-return-path"])
+def test_contradictory_or_incomplete_setups_are_refused(tmp_path, text, keys):
+    path = write_config(tmp_path / "faxgw.toml", text)
+    for command in ("check-config", "serve"):
+        line = one_line_error(faxgw(command, cwd=tmp_path, config=path, timeout=30))
+        assert all(key in line for key in keys), line
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+SECRET_FORMS = {
+    "inline": f'"{SECRET}"',
+    "env": '{ env = "FAXGW_TEST_SECRET" }',
+    "file": '{ file = "upstream.secret" }',  # relative to the config file's directory
+}
+
+
+@pytest.mark.parametrize("form", SECRET_FORMS)
+def test_secrets_resolve_and_are_masked(tmp_path, monkeypatch, form):
+    etc = tmp_path / "etc"
+    path = write_config(etc / "faxgw.toml", PRODUCTION + f'username = "fax"\npassword = {SECRET_FORMS[form]}\n')
+    (etc / "upstream.secret").write_text(SECRET + "\n")
+
+    result = faxgw("check-config", cwd=tmp_path, config=path, env={"FAXGW_TEST_SECRET": SECRET})
+    assert effective(result)["upstream"]["password"] == "********"
+    assert SECRET not in shown(result)
+    monkeypatch.setenv("FAXGW_TEST_SECRET", SECRET)
+    assert config.load(path).upstream.password.get_secret_value() == SECRET
+
+
+@pytest.mark.parametrize("value, named", [
+    ('{ env = "FAXGW_UNSET_SECRET" }', ["FAXGW_UNSET_SECRET", "not set"]),
+    ('{ file = "missing.secret" }', ["missing.secret"]),
+    ('{ file = "binary.secret" }', ["binary.secret", "UTF-8"]),
+    ('{ file = "a", env = "B" }', ["env", "file"]),
+], ids=["unset-env", "missing-file", "binary-file", "both"])
+def test_a_secret_that_cannot_be_resolved_is_named_but_never_shown(tmp_path, value, named):
+    etc = tmp_path / "etc"
+    # The sandbox password holds the secret too: an error that dumped the config would show it.
+    path = write_config(etc / "faxgw.toml", PRODUCTION + f'password = {value}\n[sandbox]\npassword = "{SECRET}"\n')
+    (etc / "binary.secret").write_bytes(b"\xff" + SECRET.encode())
+    result = faxgw("check-config", cwd=tmp_path, config=path)
+    line = one_line_error(result)
+    assert "upstream.password" in line and all(word in line for word in named), line
+    assert SECRET not in shown(result) and "0xff" not in line
+
+
+@pytest.mark.parametrize("text, secret", [
+    (PRODUCTION + f'password = "{SECRET}"\nport = "abc"\n', SECRET),
+    (PRODUCTION + "password = 987654321\n", "987654321"),
+    (PRODUCTION + f'pasword = "{SECRET}"\n', SECRET),
+    (SANDBOX + f'[smtp]\ntls_cert = "cert.pem"\n[smtp.users]\nscanner = "{HASH}"\n', HASH),
+], ids=["beside-a-bad-value", "secret-of-a-wrong-type", "misspelt-secret-key", "section-check"])
+def test_errors_never_show_secrets_or_hashes(tmp_path, text, secret):
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text))
+    one_line_error(result)
+    assert secret not in shown(result)
+
+
+def test_a_plaintext_user_password_is_refused(tmp_path):
+    path = write_config(tmp_path / "faxgw.toml", SANDBOX + '[smtp.users]\nscanner = "plain-Passw0rd"\n')
+    result = faxgw("check-config", cwd=tmp_path, config=path)
+    line = one_line_error(result)
+    assert "smtp.users.scanner" in line and "faxgw passwd" in line
+    assert "plain-Passw0rd" not in shown(result)
+
+
+def test_passwd_prints_a_snippet_whose_hash_verifies_and_configures(tmp_path):
+    password = "c0pier-Passw0rd"
+    result = faxgw("passwd", "scanner", "--stdin", cwd=tmp_path, stdin=password + "\n")
+    assert result.returncode == 0, result.stderr
+    assert password not in shown(result)
+    hashed = tomllib.loads(result.stdout)["smtp"]["users"]["scanner"]
+    assert PasswordHasher().verify(hashed, password)
+    assert PasswordChecker({"scanner": hashed}).verify("scanner", password.encode())
+
+    path = write_config(tmp_path / "faxgw.toml", SANDBOX + result.stdout)
+    checked = faxgw("check-config", cwd=tmp_path, config=path)
+    assert effective(checked)["smtp"]["users"] == {"scanner": "(argon2 hash)"}
+    assert hashed not in shown(checked)
+
+
+def test_passwd_refuses_a_short_password(tmp_path):
+    line = one_line_error(faxgw("passwd", "scanner", "--stdin", cwd=tmp_path, stdin="short\n"))
+    assert "8 characters" in line

@@ -52,6 +52,8 @@ class Forwarder:
         self._busy = 0
         self._paused_until = 0.0  # monotonic time: set after a set-up failure
         self._stopping = False
+        self._dispatcher_done = asyncio.Event()
+        self._shutdown_done = asyncio.Event()
         self.last_success: datetime | None = None
         self.last_setup_failure: str | None = None
 
@@ -67,12 +69,16 @@ class Forwarder:
         """
         self._stopping = True
         self._wake.set()
+        # A claim in progress finishes first, so every job it marked `sending`
+        # is either in the local queue (given back below) or with a worker.
+        await self._dispatcher_done.wait()
         while not self._queue.empty():
             job = self._queue.get_nowait()
             await self._record(job, JobState.QUEUED, "returned to the queue at shutdown, not sent", None)
         deadline = time.monotonic() + grace
         while self._busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        self._shutdown_done.set()
 
     async def run(self) -> None:
         workers = [
@@ -80,9 +86,11 @@ class Forwarder:
             for n in range(self.settings.concurrency)
         ]
         try:
-            await self._dispatch()
-            while self._busy:  # shutdown(): sends in flight finish (the caller bounds the wait)
-                await asyncio.sleep(0.05)
+            try:
+                await self._dispatch()
+            finally:
+                self._dispatcher_done.set()
+            await self._shutdown_done.wait()  # shutdown() lets sends in flight finish
         finally:
             for task in workers:
                 task.cancel()
@@ -102,15 +110,19 @@ class Forwarder:
             if not jobs or idle <= len(jobs):
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), POLL_INTERVAL)
+                    async with asyncio.timeout(POLL_INTERVAL):
+                        await self._wake.wait()
                 except TimeoutError:
                     pass
 
     async def _worker(self, connection: UpstreamConnection) -> None:
         try:
             while True:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+                # the cancellation that stops this worker.
                 try:
-                    job = await asyncio.wait_for(self._queue.get(), self.settings.idle_close)
+                    async with asyncio.timeout(self.settings.idle_close):
+                        job = await self._queue.get()
                 except TimeoutError:
                     await connection.close()  # idle: do not hold the upstream's connection slot
                     continue

@@ -74,7 +74,11 @@ class Service:
         self.servers.clear()
         if self._forward_task is not None:
             if self.forwarder is not None:
-                await self.forwarder.shutdown(SHUTDOWN_GRACE)
+                try:
+                    async with asyncio.timeout(SHUTDOWN_GRACE + 5):
+                        await self.forwarder.shutdown(SHUTDOWN_GRACE)
+                except TimeoutError:
+                    log.error("forwarder did not stop in time; jobs it was sending become unknown at the next start")
             self._forward_task.cancel()
             await asyncio.gather(self._forward_task, return_exceptions=True)
             self._forward_task = None

@@ -1,0 +1,213 @@
+"""Jobs and their events: intake, forwarder and operator operations, and the status queries.
+
+Each operation runs inside a transaction its caller owns (the writer's batch,
+or the CLI's own short transaction for operator actions).
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
+
+from gateway.errors import InvalidTransition, UnknownJob
+from gateway.models import ClaimedJob, JobState, NewMessage
+
+CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"  # no 0/O, 1/I/L, U: read aloud safely
+
+
+def new_code() -> str:
+    return "FX" + "".join(secrets.choice(CODE_ALPHABET) for _ in range(6))
+
+
+def add_event(conn: sqlite3.Connection, job_id: int, now: str, source: str, state: str | None, detail: str) -> None:
+    conn.execute(
+        "INSERT INTO events (job_id, at, source, state, detail) VALUES (?, ?, ?, ?, ?)",
+        (job_id, now, source, state, detail),
+    )
+
+
+def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: str) -> list[str]:
+    """Store an accepted message and one queued job per recipient; return the job codes."""
+    cursor = conn.execute(
+        "INSERT INTO messages (received_at, client, helo, mail_from, auth_user, header_from,"
+        " size, smtputf8, needs_8bitmime, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (now, msg.client, msg.helo, msg.mail_from, msg.auth_user, msg.header_from,
+         len(msg.raw), int(msg.smtputf8), int(msg.needs_8bitmime), msg.raw),
+    )
+    message_id = cursor.lastrowid
+    sender = msg.header_from or msg.mail_from
+    codes = []
+    for recipient in msg.recipients:
+        while True:
+            code = new_code()
+            try:
+                job = conn.execute(
+                    "INSERT INTO jobs (code, message_id, recipient, number, sender, state,"
+                    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    (code, message_id, recipient.address, recipient.number.e164, sender, now, now, now),
+                )
+                break
+            except sqlite3.IntegrityError:
+                continue  # the code is taken: draw another
+        add_event(conn, job.lastrowid, now, "intake", "queued",
+                  f"accepted from {msg.client} for {recipient.address}")
+        codes.append(code)
+    return codes
+
+
+def claim_due(conn: sqlite3.Connection, now: str, limit: int) -> list[ClaimedJob]:
+    """Mark up to `limit` due jobs `sending` and return them with their message."""
+    rows = conn.execute(
+        "SELECT j.id, j.code, j.number, j.attempts, j.created_at, m.raw, m.mail_from,"
+        " m.header_from, m.smtputf8, m.needs_8bitmime FROM jobs j JOIN messages m ON m.id = j.message_id"
+        " WHERE j.state IN ('queued', 'deferred') AND j.next_attempt_at <= ?"
+        " ORDER BY j.next_attempt_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    claimed = []
+    for row in rows:
+        attempt = row["attempts"] + 1
+        conn.execute(
+            "UPDATE jobs SET state = 'sending', attempts = ?, updated_at = ? WHERE id = ?",
+            (attempt, now, row["id"]),
+        )
+        add_event(conn, row["id"], now, "forwarder", "sending", f"attempt {attempt}")
+        claimed.append(ClaimedJob(
+            id=row["id"], code=row["code"], number=row["number"], attempts=attempt,
+            created_at=row["created_at"], raw=row["raw"], mail_from=row["mail_from"] or "",
+            header_from=row["header_from"] or "", smtputf8=bool(row["smtputf8"]),
+            needs_8bitmime=bool(row["needs_8bitmime"]),
+        ))
+    return claimed
+
+
+def record_outcome(
+    conn: sqlite3.Connection, job_id: int, now: str, state: JobState, *, detail: str,
+    reply: str | None = None, next_attempt_at: str | None = None, reason: str | None = None,
+) -> None:
+    """Set a job's new state after a forward attempt, with its event."""
+    conn.execute(
+        "UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = ?, last_result = ?,"
+        " upstream_reply = COALESCE(?, upstream_reply), reason = ? WHERE id = ?",
+        (state.value, now, next_attempt_at, detail, reply, reason, job_id),
+    )
+    add_event(conn, job_id, now, "forwarder", state.value, detail + (f": {reply}" if reply else ""))
+
+
+def recover_sending(conn: sqlite3.Connection, now: str) -> list[str]:
+    """Jobs left in `sending` by a crash become `unknown`: the upstream may have them."""
+    rows = conn.execute("SELECT id, code FROM jobs WHERE state = 'sending'").fetchall()
+    for row in rows:
+        conn.execute(
+            "UPDATE jobs SET state = 'unknown', updated_at = ?, next_attempt_at = NULL,"
+            " last_result = 'interrupted while sending' WHERE id = ?",
+            (now, row["id"]),
+        )
+        add_event(conn, row["id"], now, "startup", "unknown",
+                  "the gateway stopped while sending this job; not resent automatically")
+    return [row["code"] for row in rows]
+
+
+def next_due(conn: sqlite3.Connection) -> str | None:
+    """When the earliest waiting job is due (None: nothing waits)."""
+    row = conn.execute(
+        "SELECT MIN(next_attempt_at) FROM jobs WHERE state IN ('queued', 'deferred')"
+    ).fetchone()
+    return row[0]
+
+
+# --- operator actions --------------------------------------------------------
+
+ACTIONS: dict[str, tuple[frozenset[JobState], JobState]] = {
+    "retry": (frozenset({JobState.DEFERRED, JobState.UNKNOWN, JobState.EXPIRED, JobState.REJECTED}), JobState.QUEUED),
+    "release": (frozenset({JobState.HELD}), JobState.QUEUED),
+    "cancel": (frozenset({JobState.QUEUED, JobState.DEFERRED, JobState.HELD, JobState.UNKNOWN}), JobState.CANCELLED),
+}
+
+
+def operator_action(conn: sqlite3.Connection, code: str, action: str, now: str) -> JobState:
+    """Apply `faxgw retry|release|cancel CODE` as one conditional update plus its event."""
+    allowed, target = ACTIONS[action]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT id, state FROM jobs WHERE code = ?", (code.upper(),)).fetchone()
+        if row is None:
+            raise UnknownJob(f"no job with code {code}")
+        state = JobState(row["state"])
+        if state not in allowed:
+            names = ", ".join(sorted(s.value for s in allowed))
+            raise InvalidTransition(f"{code} is {state.value}; {action} applies only to jobs that are {names}")
+        conn.execute(
+            "UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = ? WHERE id = ?",
+            (target.value, now, now if target is JobState.QUEUED else None, row["id"]),
+        )
+        add_event(conn, row["id"], now, "operator", target.value, f"faxgw {action} (was {state.value})")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return target
+
+
+# --- queries for the status commands -----------------------------------------
+
+JOB_COLUMNS = "code, number, sender, state, created_at, updated_at, last_result, attempts, next_attempt_at, reason"
+
+
+def list_jobs(
+    conn: sqlite3.Connection, *, states: Iterable[str] = (), number: str | None = None,
+    sender: str | None = None, since: str | None = None, limit: int = 50,
+) -> list[dict[str, Any]]:
+    clauses, params = [], []
+    states = list(states)
+    if states:
+        clauses.append(f"state IN ({', '.join('?' * len(states))})")
+        params += states
+    if number:
+        clauses.append("number = ?")
+        params.append(number)
+    if sender:
+        clauses.append("instr(lower(sender), lower(?)) > 0")
+        params.append(sender)
+    if since:
+        clauses.append("created_at >= ?")
+        params.append(since)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = conn.execute(
+        f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def get_job(conn: sqlite3.Connection, code: str) -> dict[str, Any]:
+    row = conn.execute(
+        f"SELECT id, recipient, upstream_reply, reference_id, {JOB_COLUMNS} FROM jobs WHERE code = ?",
+        (code.upper(),),
+    ).fetchone()
+    if row is None:
+        raise UnknownJob(f"no job with code {code}")
+    job = dict(row)
+    job["events"] = [
+        dict(event) for event in conn.execute(
+            "SELECT at, source, state, detail FROM events WHERE job_id = ? ORDER BY id", (job.pop("id"),)
+        )
+    ]
+    return job
+
+
+def waiting_jobs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'deferred', 'sending', 'held', 'unknown')"
+        " ORDER BY COALESCE(next_attempt_at, '9999'), created_at"
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def backoff(attempts: int, initial: float, maximum: float) -> timedelta:
+    """Exponential backoff after `attempts` tries: initial, 2x, 4x... up to maximum."""
+    return timedelta(seconds=min(maximum, initial * 2 ** max(0, attempts - 1)))
+

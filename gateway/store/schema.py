@@ -1,0 +1,73 @@
+"""The schema and its versioned migrations (PRAGMA user_version)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+import sqlite_utils
+
+from gateway.errors import StoreError
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    """Initial schema (incremental auto-vacuum is set by migrate() just before it)."""
+    db["messages"].create(
+        {
+            "id": int, "received_at": str, "client": str, "helo": str, "mail_from": str,
+            "auth_user": str, "header_from": str, "size": int, "smtputf8": int,
+            "needs_8bitmime": int, "raw": bytes,
+        },
+        pk="id", not_null={"received_at", "raw"},
+    )
+    db["jobs"].create(
+        {
+            "id": int, "code": str, "message_id": int, "recipient": str, "number": str,
+            "sender": str, "state": str, "reason": str, "attempts": int,
+            "next_attempt_at": str, "created_at": str, "updated_at": str,
+            "last_result": str, "upstream_reply": str, "reference_id": str,
+        },
+        pk="id", not_null={"code", "message_id", "number", "state", "created_at", "updated_at"},
+        foreign_keys=[("message_id", "messages", "id")], defaults={"attempts": 0},
+    )
+    db["jobs"].create_index(["code"], unique=True)
+    db["jobs"].create_index(["state", "next_attempt_at"])
+    db["jobs"].create_index(["number", "created_at"])
+    db["jobs"].create_index(["created_at"])
+    db["events"].create(
+        {"id": int, "job_id": int, "at": str, "source": str, "state": str, "detail": str},
+        pk="id", not_null={"job_id", "at", "source"}, foreign_keys=[("job_id", "jobs", "id")],
+    )
+    db["events"].create_index(["job_id", "id"])
+    db["meta"].create({"key": str, "value": str}, pk="key")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to date; refuse a store written by a newer gateway."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the store has schema version {version}, newer than this gateway knows ({SCHEMA_VERSION});"
+            " run the newer faxgw, or restore a backup made for this version"
+        )
+    if version == 0:
+        # Migration 1's first step: incremental auto-vacuum, so purged message
+        # bodies give their space back. It takes effect through VACUUM (cheap
+        # on an empty file), which cannot run inside a transaction.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        conn.execute("VACUUM")
+    db = sqlite_utils.Database(conn)
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            step(db)
+            conn.execute(f"PRAGMA user_version = {number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return SCHEMA_VERSION
+

@@ -1,0 +1,11 @@
+"""Status channels: every way GreenFax reports a fax's outcome becomes one StatusReport.
+
+report.py    the StatusReport value and its vocabulary
+mailparse.py mail-parser behind one function that never raises
+mailrules.py declarative rules (rules/status/*.toml) that turn a status email into a report
+dsn.py       bounces of forwarded faxes (RFC 3464) into reports
+correlate.py one correlation and update path for every channel (runs in the store's writer)
+inbound.py   the status side of the SMTP intake
+imap.py      the account sender's mailbox, by IMAP IDLE with a polling fallback
+notify.py    delivery status notifications to the original sender
+"""

@@ -1,0 +1,261 @@
+"""Status-mail rules: recognise a status email and extract its fields, by declarative rules.
+
+GreenFax does not document its status email, so the wording lives in
+rules/status/*.toml (and the operator's own files), not in code. A rule says
+how to recognise a status mail (sender and subject patterns) and where each
+field is (a pattern with one group, searched in the subject, the plain-text
+body and/or the HTML body turned into text), and maps result texts to
+delivered/failed and a reason. The first rule that recognises a mail wins.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ConfigError
+from gateway.status.mailparse import ParsedMail
+from gateway.status.report import REASONS, Channel, Result, StatusReport, dedup_key, parse_time
+
+Source = Literal["subject", "text", "html"]
+FIELDS = ("job_code", "fax_number", "result", "pages", "duration", "cost", "reference_id", "time")
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression {value!r}: {exc}") from None
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FieldRule(_Model):
+    pattern: str
+    sources: list[Source] = ["text", "html"]
+    formats: list[str] = []  # for `time`: strptime formats tried in order
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, value: str) -> str:
+        _regex(value)
+        if re.compile(value).groups < 1:
+            raise ValueError(f"the pattern {value!r} needs one capturing group")
+        return value
+
+
+class ResultRule(_Model):
+    match: str  # a pattern for the whole result text, case-insensitive
+    result: Result
+    reason: str | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        return _regex(value)
+
+    @field_validator("reason")
+    @classmethod
+    def _known_reason(cls, value: str | None) -> str | None:
+        if value is not None and value not in REASONS:
+            raise ValueError(f"reason {value!r} is not one of {', '.join(REASONS)}")
+        return value
+
+
+class MailRule(_Model):
+    name: str
+    description: str = ""
+    senders: list[str] = []  # patterns for the From address; empty = any sender
+    subject: str | None = None  # pattern the subject must match
+    timezone: str = "UTC"  # for times written without a zone
+    fields: dict[str, FieldRule]
+    results: list[ResultRule] = Field(min_length=1)
+
+    @field_validator("senders")
+    @classmethod
+    def _senders(cls, value: list[str]) -> list[str]:
+        return [_regex(v) for v in value]
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        return _regex(value) if value is not None else None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}") from None
+        return value
+
+    @field_validator("fields")
+    @classmethod
+    def _field_names(cls, value: dict[str, FieldRule]) -> dict[str, FieldRule]:
+        unknown = set(value) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(FIELDS)}")
+        if "result" not in value:
+            raise ValueError("a rule must extract `result`")
+        return value
+
+    def recognises(self, mail: ParsedMail) -> bool:
+        if self.senders and not any(re.search(p, mail.from_addr, re.IGNORECASE) for p in self.senders):
+            return False
+        return self.subject is None or re.search(self.subject, mail.subject, re.IGNORECASE) is not None
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """What one rule found in one mail (for reports and `faxgw rules test`)."""
+
+    rule: MailRule
+    values: dict[str, str]  # field -> the text the pattern captured
+    report: StatusReport
+
+
+class MailRules:
+    """The loaded rule set, in order."""
+
+    def __init__(self, rules: list[MailRule]) -> None:
+        self.rules = rules
+
+    def match(self, mail: ParsedMail) -> MailRule | None:
+        return next((rule for rule in self.rules if rule.recognises(mail)), None)
+
+    def extract(self, mail: ParsedMail, *, channel: Channel, trusted: bool) -> Extraction | None:
+        rule = self.match(mail)
+        if rule is None:
+            return None
+        return extract(rule, mail, channel=channel, trusted=trusted)
+
+    def explain(self, mail: ParsedMail) -> list[str]:
+        """Why no rule recognised the mail, one line per rule."""
+        lines = []
+        for rule in self.rules:
+            if rule.senders and not any(re.search(p, mail.from_addr, re.IGNORECASE) for p in rule.senders):
+                lines.append(f"{rule.name}: sender {mail.from_addr or '(none)'!r} matches none of {rule.senders}")
+            elif rule.subject is not None:
+                lines.append(f"{rule.name}: subject {mail.subject!r} does not match {rule.subject!r}")
+        return lines
+
+
+def extract(rule: MailRule, mail: ParsedMail, *, channel: Channel, trusted: bool) -> Extraction:
+    texts = {"subject": mail.subject, "text": mail.text, "html": mail.html_text}
+    values: dict[str, str] = {}
+    for name, field_rule in rule.fields.items():
+        for source in field_rule.sources:
+            found = re.search(field_rule.pattern, texts[source], re.IGNORECASE | re.MULTILINE)
+            if found and found[1] is not None:
+                values[name] = found[1].strip()
+                break
+    result, reason = _result(rule, values.get("result"))
+    reported_at = _time(values.get("time"), rule)
+    report = StatusReport(
+        channel=channel, trusted=trusted, raw=mail.raw.decode("utf-8", "replace"), result=result,
+        result_text=values.get("result"), reason=reason, fax_number=normalise_number(values.get("fax_number")),
+        pages=_int(values.get("pages")), duration=_seconds(values.get("duration")), cost=values.get("cost"),
+        reference_id=values.get("reference_id"), job_code=(values.get("job_code") or "").upper() or None,
+        reported_at=reported_at, reported_at_raw=values.get("time"),
+        dedup_key=dedup_key("mail", mail.message_id, mail.body), rule=rule.name,
+    )
+    return Extraction(rule, values, report)
+
+
+def _result(rule: MailRule, text: str | None) -> tuple[Result | None, str | None]:
+    if text is None:
+        return None, None
+    for mapping in rule.results:
+        if re.fullmatch(mapping.match, text.strip(), re.IGNORECASE):
+            return mapping.result, mapping.reason
+    return None, None
+
+
+def normalise_number(text: str | None) -> str | None:
+    """GreenFax writes numbers with their country code; store them in E.164."""
+    if not text:
+        return None
+    digits = re.sub(r"[^0-9]", "", text)
+    if not digits:
+        return None
+    try:
+        parsed = phonenumbers.parse("+" + digits.removeprefix("00"))
+    except phonenumbers.NumberParseException:
+        return "+" + digits
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _int(text: str | None) -> int | None:
+    match = re.search(r"\d+", text or "")
+    return int(match[0]) if match else None
+
+
+def _seconds(text: str | None) -> int | None:
+    if not text:
+        return None
+    clock = re.fullmatch(r"\s*(\d+):(\d{2})(?::(\d{2}))?\s*", text)
+    if clock:
+        parts = [int(p) for p in clock.groups() if p is not None]
+        return parts[0] * 60 + parts[1] if len(parts) == 2 else parts[0] * 3600 + parts[1] * 60 + parts[2]
+    return _int(text)
+
+
+def _time(text: str | None, rule: MailRule) -> datetime | None:
+    formats = rule.fields["time"].formats if "time" in rule.fields else []
+    return parse_time(text, formats, ZoneInfo(rule.timezone))
+
+
+# --- loading --------------------------------------------------------------------------
+
+
+def load_rules(extra_files: list[Path] | None = None) -> MailRules:
+    """Shipped rules/status/*.toml, then the operator's files; a rule of the same name replaces one."""
+    rules: dict[str, MailRule] = {}
+    shipped = resources.files("gateway.shipped_rules").joinpath("status")
+    sources: list[tuple[str, str]] = sorted(
+        (f"rules/status/{item.name}", item.read_text("utf-8")) for item in shipped.iterdir()
+        if item.name.endswith(".toml")
+    )
+    for path in extra_files or []:
+        try:
+            sources.append((str(path), Path(path).read_text("utf-8")))
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read status rules: {exc.strerror}") from None
+    for name, text in sources:
+        for rule in _parse_file(name, text):
+            rules.pop(rule.name, None)
+            rules[rule.name] = rule
+    return MailRules(list(rules.values()))
+
+
+def _parse_file(name: str, text: str) -> list[MailRule]:
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from None
+    parsed = []
+    for index, entry in enumerate(data.get("rule", [])):
+        label = entry.get("name", f"#{index + 1}") if isinstance(entry, dict) else f"#{index + 1}"
+        try:
+            parsed.append(MailRule.model_validate(entry))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'rule'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+            )
+            raise ConfigError(f"{name}: rule {label}: {problems}") from None
+    if set(data) - {"rule"}:
+        raise ConfigError(f"{name}: unknown top-level key(s) {sorted(set(data) - {'rule'})}; rules go in [[rule]] tables")
+    return parsed

@@ -1,0 +1,93 @@
+"""The one plain value every status channel produces."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from email.utils import parsedate_to_datetime
+
+
+class Channel(enum.StrEnum):
+    SMTP = "email-smtp"  # a status email received by the gateway's own status listener
+    IMAP = "email-imap"  # a status email read from the account sender's mailbox
+    BOUNCE = "bounce"  # a delivery status notification to the return path
+    NOTIFY = "notify"  # GreenFax's HTTP Notify call
+    FEED = "feed"  # a row of the XML data feed
+    OPERATOR = "operator"  # `faxgw match`
+
+
+class Result(enum.StrEnum):
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+# Reasons a fax failed, a bounded set (also metric labels).
+REASONS = ("busy", "no_answer", "invalid_number", "refused_by_service", "bounced", "other")
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    """What one channel knows of one fax's outcome. Unknown fields are None."""
+
+    channel: Channel
+    trusted: bool
+    raw: str  # the raw text of the report (mail source, query string, XML row)
+    result: Result | None = None  # None: the report's result text was not understood
+    result_text: str | None = None  # the result as the source wrote it
+    reason: str | None = None
+    fax_number: str | None = None  # E.164
+    pages: int | None = None
+    duration: int | None = None  # seconds
+    cost: str | None = None
+    reference_id: str | None = None  # GreenFax's job id
+    job_code: str | None = None  # ours, echoed back
+    reported_at: datetime | None = None  # UTC
+    reported_at_raw: str | None = None
+    dedup_key: str = ""  # equal for the same report received twice, by any channel (see dedup_key())
+    rule: str | None = None  # the status-mail rule that matched
+    notes: tuple[str, ...] = field(default=())
+
+
+
+def dedup_key(kind: str, source_id: str | None, content: bytes | str) -> str:
+    """A key that is equal for the same report received twice.
+
+    Mail: Message-ID plus a hash of the body, so the copy that came by SMTP
+    and the one read by IMAP (different trace headers) are the same report.
+    """
+    data = content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content
+    return f"{kind}:{source_id or '-'}:{hashlib.sha256(data).hexdigest()[:32]}"
+
+
+_GMT_OFFSET = re.compile(r"\(?\b(?:GMT|UTC)\s*([+-])\s*(\d{1,2})(?::?(\d{2}))?\)?", re.IGNORECASE)
+_ZONE_WORD = re.compile(r"\s+[A-Z]{2,5}$")
+
+
+def parse_time(text: str | None, formats: list[str], default_zone: tzinfo = UTC) -> datetime | None:
+    """A report's time in UTC, or None when it cannot be read (the raw text is kept anyway).
+
+    An explicit "GMT-5" style offset wins over a zone abbreviation ("EST"),
+    which is ambiguous; times without either are in `default_zone`.
+    """
+    if not text:
+        return None
+    zone = default_zone
+    offset = _GMT_OFFSET.search(text)
+    if offset:
+        sign = -1 if offset[1] == "-" else 1
+        zone = timezone(sign * timedelta(hours=int(offset[2]), minutes=int(offset[3] or 0)))
+        text = _ZONE_WORD.sub("", text[: offset.start()].strip())
+    for fmt in formats:
+        try:
+            moment = datetime.strptime(text.strip(), fmt)
+        except ValueError:
+            continue
+        return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
+    try:
+        moment = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)

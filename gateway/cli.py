@@ -17,6 +17,7 @@ import click
 
 from gateway import config as config_module
 from gateway import logs, store
+from gateway.store import reports as reports_db
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.models import JobState, Refusal
@@ -285,16 +286,24 @@ def show(obj: Context, code: str, as_json: bool) -> None:
     Example:
       faxgw show FX7K3M9Q
     """
-    job = store.get_job(obj.read_store(), code)
+    conn = obj.read_store()
+    job = store.get_job(conn, code)
+    job["reports"] = reports_db.reports_for_job(conn, code)
     if as_json:
         click.echo(json.dumps(job, indent=2))
         return
     for key in ("code", "number", "recipient", "sender", "state", "reason", "attempts", "created_at",
-                "updated_at", "next_attempt_at", "last_result", "upstream_reply", "reference_id"):
+                "updated_at", "next_attempt_at", "last_result", "upstream_reply", "reference_id", "pages",
+                "duration", "cost", "reported_at"):
         if job.get(key) not in (None, ""):
             click.echo(f"{key + ':':16} {job[key]}")
+    if job.get("flagged"):
+        click.echo(f"{'flagged:':16} yes: a report contradicted this job or was impossible; see the events")
     click.echo("")
     click.echo(_table(job["events"], [("at", "TIME"), ("source", "SOURCE"), ("state", "STATE"), ("detail", "DETAIL")]))
+    if job["reports"]:
+        click.echo("\nStatus reports received:")
+        click.echo(_table(job["reports"], REPORT_TABLE))
 
 
 @cli.command()
@@ -330,6 +339,88 @@ def _operator_command(action: str, summary: str, example: str) -> None:
 _operator_command("retry", "Send a deferred, unknown, expired or rejected job again, now.", "FX7K3M9Q")
 _operator_command("cancel", "Cancel a job that has not been sent (queued, deferred, held or unknown).", "FX7K3M9Q")
 _operator_command("release", "Release a held job so it is sent.", "FX7K3M9Q")
+
+
+# --- status reports ----------------------------------------------------------------------
+
+REPORT_TABLE = [("id", "ID"), ("received_at", "RECEIVED"), ("channel", "CHANNEL"), ("outcome", "OUTCOME"),
+                ("result", "RESULT"), ("reason", "REASON"), ("number", "NUMBER"), ("job_code", "CODE"),
+                ("note", "NOTE")]
+
+
+@cli.command()
+@click.option("--all", "show_all", is_flag=True, help="Also reports no rule recognised and contradicting ones.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100000), help="At most this many.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@pass_context
+def unmatched(obj: Context, show_all: bool, limit: int, as_json: bool) -> None:
+    """Status reports that matched no job, newest first (link one with `faxgw match`).
+
+    \b
+    Examples:
+      faxgw unmatched
+      faxgw unmatched --all --json
+    """
+    outcomes = ("unmatched", "unrecognised", "contradicting", "flagged") if show_all else ("unmatched",)
+    rows = reports_db.list_reports(obj.read_store(), outcomes=outcomes, limit=limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    click.echo(_table(rows, REPORT_TABLE))
+
+
+@cli.command()
+@click.argument("report_id", type=int)
+@click.argument("code")
+@pass_context
+def match(obj: Context, report_id: int, code: str) -> None:
+    """Link an unmatched status report to a job by hand, and apply it (recorded as an event).
+
+    \b
+    Example:
+      faxgw match 42 FX7K3M9Q
+    """
+    from gateway.status.correlate import CorrelationPolicy, match_by_hand
+
+    conn = store.connect(obj.settings.store.path) if obj.settings.store.path.exists() else obj.read_store()
+    outcome = match_by_hand(conn, report_id, code.upper(), store.iso(store.utcnow()),
+                            CorrelationPolicy.from_settings(obj.settings))
+    click.echo(f"report {report_id}: {outcome}")
+
+
+@cli.group()
+def rules() -> None:
+    """Status-mail rules."""
+
+
+@rules.command("test")
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@pass_context
+def rules_test(obj: Context, files: tuple[str, ...]) -> None:
+    """Show, for each mail file, which rule matched and every field it extracted, or why none did.
+
+    \b
+    Example:
+      faxgw rules test status-mail.eml
+    """
+    from gateway.rules import load_addressing
+    from gateway.status.inbound import StatusMail
+    from gateway.status.mailrules import load_rules
+    from gateway.status.report import Channel
+
+    settings = obj.settings
+    load_addressing(settings.addressing)
+    status = StatusMail(settings, load_rules(settings.status.rule_files))
+    for name in files:
+        with open(name, "rb") as fh:
+            verdict = status.understand(fh.read(), channel=Channel.IMAP)
+        report = verdict.report
+        click.echo(f"{name}: {verdict.kind}: {verdict.explanation}")
+        if verdict.kind != "unrecognised":
+            for key in ("result", "reason", "fax_number", "pages", "duration", "cost", "reference_id", "job_code",
+                        "reported_at", "reported_at_raw", "trusted"):
+                value = getattr(report, key)
+                click.echo(f"  {key + ':':16} {value if value is not None else '-'}")
 
 
 def main() -> None:

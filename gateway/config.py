@@ -236,6 +236,52 @@ class SandboxSettings(Section):
     listen: list[HostPort] = ["127.0.0.1:2526"]
     username: str | None = None
     password: Secret = None
+    # How the sandbox returns its status email: by SMTP to the gateway's status
+    # listener, appended to the [status.imap] mailbox, or not at all.
+    status_mail: Literal["smtp", "imap", "none"] = "smtp"
+    status_delay: Duration = 0.2
+
+
+class ImapSettings(Section):
+    """The account sender's mailbox, where GreenFax's status emails land."""
+
+    host: str | None = None  # None: no IMAP
+    port: int | None = Field(default=None, ge=1, le=65535)
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    ca_file: Path | None = None
+    username: str | None = None
+    password: Secret = None
+    mailbox: str = "INBOX"
+    processed_folder: str = "GreenFax-Processed"  # applied status mails move here; "" = flag them instead
+    idle_refresh: Duration = 540  # re-issue IDLE at least this often (routers drop idle connections)
+    poll_interval: Duration = 60  # fallback when the server has no IDLE
+    timeout: Duration = 30
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (993 if self.tls == "implicit" else 143)
+
+
+class StatusSettings(Section):
+    """Status emails: the inbound SMTP status listener, trust, rules, correlation."""
+
+    listen: list[HostPort] = []  # listeners that accept status mail from any client
+    addresses: list[str] = []  # more status addresses besides upstream.account_sender and return_path
+    trusted_sender_domains: list[str] = ["greenfax.com"]
+    require_dkim: bool = False  # trusted only with a valid DKIM signature of a trusted domain
+    dkim_keys: dict[str, str] = {}  # pinned "selector._domainkey.domain" -> "v=DKIM1; k=rsa; p=..."
+    rule_files: list[Path] = []  # the operator's status-mail rules, after the shipped ones
+    match_window: Duration = 3 * 86400
+    imap: ImapSettings = Field(default_factory=ImapSettings)
+
+
+class NotificationSettings(Section):
+    """Delivery status notifications to the original sender of a fax."""
+
+    enabled: bool = True
+    on: list[Literal["delivered", "failed", "rejected", "expired"]] = ["failed", "rejected", "expired"]
+    relay: HostPort | None = None  # where to send them; None = the gateway's upstream
+    from_address: str = ""  # the From of the notification; default MAILER-DAEMON@<smtp.hostname>
 
 
 class LogSettings(Section):
@@ -250,6 +296,8 @@ class Settings(Section):
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    status: StatusSettings = Field(default_factory=StatusSettings)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
     addressing: dict[str, Any] = {}  # overrides of rules/addressing.toml, key by key
     source: str = "(built-in sandbox defaults)"
 
@@ -306,6 +354,12 @@ def validate(data: dict[str, Any], *, source: str, base: Path) -> Settings:
         upstream.setdefault("account_sender", DEFAULT_SANDBOX_SENDER)
         upstream.setdefault("return_path", DEFAULT_SANDBOX_RETURN_PATH)
         data["upstream"] = upstream
+        # The sandbox returns status mail to the gateway's own listener, and
+        # trusts its own sender, so a bare sandbox takes faxes to a final state.
+        status = dict(data.get("status", {}))
+        status.setdefault("listen", list(data.get("smtp", {}).get("listen", ["127.0.0.1:2525"])))
+        status.setdefault("trusted_sender_domains", ["sandbox.greenfax.localhost"])
+        data["status"] = status
     try:
         settings = Settings.model_validate(data, context={"base": base})
     except ValidationError as exc:

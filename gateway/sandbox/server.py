@@ -19,7 +19,8 @@ import itertools
 import logging
 import re
 import ssl
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -85,6 +86,7 @@ class SandboxHandler:
         self.credentials = credentials
         self.faults = Faults()
         self.faxes: list[SandboxFax] = []
+        self.on_fax: list[Callable[[SandboxFax], None]] = []  # e.g. the status mailer
         self.arrived = asyncio.Condition()
         self._ids = itertools.count(8_591_334)
 
@@ -141,6 +143,8 @@ class SandboxHandler:
                 pages=pages if result == "delivered" else 0, received_at=datetime.now(UTC),
             )
             self.faxes.append(fax)
+            for listener in self.on_fax:
+                listener(fax)
             references.append(str(fax.reference_id))
             log_event(log, "sandbox-fax", code=code, number=number, result=result, reason=reason,
                       pages=fax.pages, reference=fax.reference_id)

@@ -88,13 +88,21 @@ def record_outcome(
     conn: sqlite3.Connection, job_id: int, now: str, state: JobState, *, detail: str,
     reply: str | None = None, next_attempt_at: str | None = None, reason: str | None = None,
 ) -> None:
-    """Set a job's new state after a forward attempt, with its event."""
-    conn.execute(
+    """Set a job's new state after a forward attempt, with its event.
+
+    Only a job still `sending` changes state: a status report may already
+    have taken it further (a fast service reports before our reply arrives),
+    and the attempt is then recorded as an event alone.
+    """
+    changed = conn.execute(
         "UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = ?, last_result = ?,"
-        " upstream_reply = COALESCE(?, upstream_reply), reason = ? WHERE id = ?",
+        " upstream_reply = COALESCE(?, upstream_reply), reason = ? WHERE id = ? AND state = 'sending'",
         (state.value, now, next_attempt_at, detail, reply, reason, job_id),
-    )
-    add_event(conn, job_id, now, "forwarder", state.value, detail + (f": {reply}" if reply else ""))
+    ).rowcount
+    if not changed:
+        conn.execute("UPDATE jobs SET upstream_reply = COALESCE(?, upstream_reply) WHERE id = ?", (reply, job_id))
+    add_event(conn, job_id, now, "forwarder", state.value if changed else None,
+              detail + (f": {reply}" if reply else ""))
 
 
 def recover_sending(conn: sqlite3.Connection, now: str) -> list[str]:
@@ -185,7 +193,8 @@ def list_jobs(
 
 def get_job(conn: sqlite3.Connection, code: str) -> dict[str, Any]:
     row = conn.execute(
-        f"SELECT id, recipient, upstream_reply, reference_id, {JOB_COLUMNS} FROM jobs WHERE code = ?",
+        f"SELECT id, recipient, upstream_reply, reference_id, pages, duration, cost, reported_at, flagged,"
+        f" {JOB_COLUMNS} FROM jobs WHERE code = ?",
         (code.upper(),),
     ).fetchone()
     if row is None:

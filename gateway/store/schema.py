@@ -42,8 +42,39 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db["meta"].create({"key": str, "value": str}, pk="key")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """Status reports from every channel, what they told about each job, and sender notifications."""
+    jobs = db["jobs"]
+    for column, kind in (("pages", int), ("duration", int), ("cost", str), ("reported_at", str), ("flagged", int)):
+        jobs.add_column(column, kind)
+    jobs.create_index(["reference_id"])
+    db["reports"].create(
+        {
+            "id": int, "received_at": str, "channel": str, "trusted": int, "outcome": str, "job_id": int,
+            "result": str, "result_text": str, "reason": str, "number": str, "pages": int, "duration": int,
+            "cost": str, "reference_id": str, "job_code": str, "reported_at": str, "reported_at_raw": str,
+            "rule": str, "note": str, "dedup_key": str, "raw": str,
+        },
+        pk="id", not_null={"received_at", "channel", "outcome", "dedup_key"},
+        foreign_keys=[("job_id", "jobs", "id")],
+    )
+    db["reports"].create_index(["dedup_key"], unique=True)
+    db["reports"].create_index(["outcome", "received_at"])
+    db["reports"].create_index(["job_id"])
+    db["notifications"].create(
+        {
+            "id": int, "job_id": int, "state": str, "attempts": int, "next_attempt_at": str,
+            "created_at": str, "updated_at": str, "last_error": str,
+        },
+        pk="id", not_null={"job_id", "state", "created_at"}, foreign_keys=[("job_id", "jobs", "id")],
+        defaults={"attempts": 0},
+    )
+    db["notifications"].create_index(["state", "next_attempt_at"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 SCHEMA_VERSION = len(MIGRATIONS)
+
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the schema up to date; refuse a store written by a newer gateway."""

@@ -1,0 +1,136 @@
+"""Status reports and what they did to jobs; the SQL behind gateway/status/correlate.py."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from gateway.errors import InvalidTransition, UnknownJob
+from gateway.status.report import Channel, Result, StatusReport
+from gateway.store.base import iso, parse_iso
+from gateway.store.jobs import add_event
+
+WAITING = ("submitted", "unknown", "sending")  # states a report may resolve
+
+
+def report_seen(conn: sqlite3.Connection, dedup_key: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT r.id, r.outcome, j.code FROM reports r LEFT JOIN jobs j ON j.id = r.job_id WHERE dedup_key = ?",
+        (dedup_key,),
+    ).fetchone()
+
+
+def job_by(conn: sqlite3.Connection, *, code: str | None = None, reference_id: str | None = None) -> sqlite3.Row | None:
+    if code:
+        return conn.execute("SELECT id, code, state, number, message_id FROM jobs WHERE code = ?", (code,)).fetchone()
+    if reference_id:
+        rows = conn.execute(
+            "SELECT id, code, state, number, message_id FROM jobs WHERE reference_id = ? LIMIT 2", (reference_id,)
+        ).fetchall()
+        return rows[0] if len(rows) == 1 else None
+    return None
+
+
+def waiting_by_number(conn: sqlite3.Connection, number: str, since: str) -> list[sqlite3.Row]:
+    """Jobs to `number` still waiting for a result, created since `since`."""
+    return conn.execute(
+        "SELECT id, code, state, number, message_id FROM jobs WHERE number = ? AND created_at >= ?"
+        " AND state IN ('submitted', 'unknown') LIMIT 3",
+        (number, since),
+    ).fetchall()
+
+
+def insert_report(conn: sqlite3.Connection, report: StatusReport, now: str, outcome: str,
+                  job_id: int | None, note: str | None) -> int:
+    return conn.execute(
+        "INSERT INTO reports (received_at, channel, trusted, outcome, job_id, result, result_text, reason,"
+        " number, pages, duration, cost, reference_id, job_code, reported_at, reported_at_raw, rule, note,"
+        " dedup_key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (now, report.channel.value, int(report.trusted), outcome, job_id,
+         report.result.value if report.result else None, report.result_text, report.reason, report.fax_number,
+         report.pages, report.duration, report.cost, report.reference_id, report.job_code,
+         iso(report.reported_at) if report.reported_at else None, report.reported_at_raw, report.rule,
+         note, report.dedup_key, report.raw),
+    ).lastrowid
+
+
+def apply_result(conn: sqlite3.Connection, job_id: int, report: StatusReport, now: str, *, summary: str,
+                 source: str, flagged: bool) -> None:
+    """Move a waiting job to the report's final state, keeping what the report told."""
+    conn.execute(
+        "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, last_result = ?, next_attempt_at = NULL,"
+        " pages = COALESCE(?, pages), duration = COALESCE(?, duration), cost = COALESCE(?, cost),"
+        " reference_id = COALESCE(reference_id, ?), reported_at = ?, flagged = MAX(COALESCE(flagged, 0), ?)"
+        " WHERE id = ?",
+        (report.result.value, report.reason, now, summary, report.pages, report.duration, report.cost,
+         report.reference_id, iso(report.reported_at) if report.reported_at else now, int(flagged), job_id),
+    )
+    add_event(conn, job_id, now, source, report.result.value, summary)
+
+
+def note_on_job(conn: sqlite3.Connection, job_id: int, now: str, source: str, detail: str, *, flag: bool) -> None:
+    """An event without a state change (a contradicting or impossible report)."""
+    if flag:
+        conn.execute("UPDATE jobs SET flagged = 1 WHERE id = ?", (job_id,))
+    add_event(conn, job_id, now, source, None, detail)
+
+
+def enqueue_notification(conn: sqlite3.Connection, job_id: int, now: str) -> None:
+    conn.execute(
+        "INSERT INTO notifications (job_id, state, next_attempt_at, created_at, updated_at)"
+        " VALUES (?, 'pending', ?, ?, ?)",
+        (job_id, now, now, now),
+    )
+
+
+# --- queries and operator actions ---------------------------------------------------
+
+REPORT_COLUMNS = ("id, received_at, channel, trusted, outcome, result, result_text, reason, number, pages,"
+                  " reference_id, job_code, reported_at, rule, note")
+
+
+def list_reports(conn: sqlite3.Connection, *, outcomes: tuple[str, ...] = ("unmatched",),
+                 limit: int = 100) -> list[dict[str, Any]]:
+    marks = ", ".join("?" * len(outcomes))
+    rows = conn.execute(
+        f"SELECT {REPORT_COLUMNS} FROM reports WHERE outcome IN ({marks}) ORDER BY id DESC LIMIT ?",
+        (*outcomes, limit),
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def reports_for_job(conn: sqlite3.Connection, job_code: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        f"SELECT {', '.join('r.' + c.strip() for c in REPORT_COLUMNS.split(','))} FROM reports r"
+        " JOIN jobs j ON j.id = r.job_id WHERE j.code = ? ORDER BY r.id",
+        (job_code.upper(),),
+    ).fetchall()
+    return [dict(row) for row in rows]
+
+
+def get_report(conn: sqlite3.Connection, report_id: int) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM reports WHERE id = ?", (report_id,)).fetchone()
+    if row is None:
+        raise UnknownJob(f"no status report with id {report_id}")
+    return row
+
+
+def mark_matched(conn: sqlite3.Connection, report_id: int, job_id: int, outcome: str) -> None:
+    changed = conn.execute(
+        "UPDATE reports SET outcome = ?, job_id = ? WHERE id = ? AND outcome = 'unmatched'",
+        (outcome, job_id, report_id),
+    ).rowcount
+    if not changed:
+        raise InvalidTransition(f"status report {report_id} is not unmatched")
+
+
+def report_from_row(row: sqlite3.Row) -> StatusReport:
+    """A stored report as a StatusReport again (for `faxgw match`)."""
+    return StatusReport(
+        channel=Channel(row["channel"]), trusted=bool(row["trusted"]), raw=row["raw"] or "",
+        result=Result(row["result"]) if row["result"] else None, result_text=row["result_text"],
+        reason=row["reason"], fax_number=row["number"], pages=row["pages"], duration=row["duration"],
+        cost=row["cost"], reference_id=row["reference_id"], job_code=row["job_code"],
+        reported_at=parse_iso(row["reported_at"]) if row["reported_at"] else None,
+        reported_at_raw=row["reported_at_raw"], dedup_key=row["dedup_key"], rule=row["rule"],
+    )

@@ -1,0 +1,164 @@
+"""Correlation of status reports with jobs, on a real store file (DESIGN.md, "Correlation and trust")."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway import store
+from gateway.models import FaxNumber, JobState, NewMessage, Recipient
+from gateway.status.correlate import CorrelationPolicy, apply_report, match_by_hand
+from gateway.status.report import Channel, Result, StatusReport, dedup_key
+from gateway.store import reports as reports_db
+
+POLICY = CorrelationPolicy()
+NOW = store.utcnow()
+
+
+@pytest.fixture
+def conn(tmp_path: Path):
+    connection = store.connect(tmp_path / "s.sqlite3")
+    store.migrate(connection)
+    yield connection
+    connection.close()
+
+
+def make_job(conn, number="+12125551234", state=JobState.SUBMITTED) -> str:
+    """A job as the intake stores it, taken to `state` the way the forwarder would."""
+    message = NewMessage(raw=b"Subject: x\r\n\r\nx\r\n", mail_from="erp@legacy.example", client="127.0.0.1",
+                         helo="h", auth_user=None, header_from="erp@legacy.example", smtputf8=False,
+                         needs_8bitmime=False, recipients=[Recipient("x@fax.localhost", FaxNumber(number))])
+    with conn:
+        (code,) = store.insert_message(conn, message, store.iso(NOW))
+    if state is not JobState.QUEUED:
+        conn.execute("UPDATE jobs SET state = ? WHERE code = ?", (state.value, code))
+    return code
+
+
+def report(n: int = 0, **fields) -> StatusReport:
+    values = dict(channel=Channel.IMAP, trusted=True, raw=f"report {n} {sorted(fields.items())}",
+                  result=Result.FAILED, reason="busy", pages=0, reported_at=NOW)
+    values.update(fields)
+    values.setdefault("dedup_key", dedup_key("mail", f"<{n}@x>", values["raw"]))
+    return StatusReport(**values)
+
+
+def apply(conn, rep: StatusReport):
+    with conn:
+        conn.execute("BEGIN")
+        return apply_report(conn, rep, store.iso(store.utcnow()), POLICY)
+
+
+def state_of(conn, code: str) -> str:
+    return store.get_job(conn, code)["state"]
+
+
+def test_match_by_job_code_applies_result_with_event(conn):
+    code = make_job(conn)
+    outcome = apply(conn, report(job_code=code, reference_id="8591334"))
+    assert (outcome.kind, outcome.job_code) == ("applied", code)
+    job = store.get_job(conn, code)
+    assert job["state"] == "failed" and job["reason"] == "busy" and job["reference_id"] == "8591334"
+    assert job["events"][-1]["source"] == "email-imap" and "busy" in job["events"][-1]["detail"]
+
+
+def test_match_by_linked_reference_id(conn):
+    code = make_job(conn)
+    conn.execute("UPDATE jobs SET reference_id = '777' WHERE code = ?", (code,))
+    outcome = apply(conn, report(reference_id="777", result=Result.DELIVERED, reason=None, pages=2))
+    assert outcome.kind == "applied" and state_of(conn, code) == "delivered"
+
+
+def test_match_by_number_and_window_only_for_trusted_sources(conn):
+    code = make_job(conn, "+13125550123")
+    untrusted = apply(conn, report(1, trusted=False, fax_number="+13125550123"))
+    assert untrusted.kind == "unmatched" and state_of(conn, code) == "submitted"
+    trusted = apply(conn, report(2, fax_number="+13125550123"))
+    assert trusted.kind == "applied" and state_of(conn, code) == "failed"
+
+
+def test_number_outside_window_or_ambiguous_stays_unmatched(conn):
+    make_job(conn, "+13125550124")
+    old = apply(conn, report(1, fax_number="+13125550124", reported_at=NOW + timedelta(days=10)))
+    assert old.kind == "unmatched" and "no job" in old.detail
+    make_job(conn, "+13125550124")
+    ambiguous = apply(conn, report(2, fax_number="+13125550124"))
+    assert ambiguous.kind == "unmatched" and "ambiguous" in ambiguous.detail
+
+
+def test_unknown_job_code_and_unknown_result_are_unmatched_with_raw_kept(conn):
+    assert apply(conn, report(1, job_code="FXZZZZ99")).kind == "unmatched"
+    code = make_job(conn)
+    weird = apply(conn, report(2, job_code=code, result=None, result_text="PARTIAL"))
+    assert weird.kind == "unmatched" and state_of(conn, code) == "submitted"
+    kept = reports_db.list_reports(conn)
+    assert len(kept) == 2 and all(row["outcome"] == "unmatched" for row in kept)
+    assert conn.execute("SELECT raw FROM reports WHERE id = ?", (kept[0]["id"],)).fetchone()[0].startswith("report")
+
+
+def test_same_report_twice_and_second_channel_change_nothing(conn):
+    code = make_job(conn)
+    first = report(1, job_code=code)
+    assert apply(conn, first).kind == "applied"
+    events = len(store.get_job(conn, code)["events"])
+    assert apply(conn, first).kind == "duplicate"
+    again = apply(conn, report(2, job_code=code, channel=Channel.NOTIFY))
+    assert again.kind == "duplicate"
+    assert len(store.get_job(conn, code)["events"]) == events
+
+
+def test_contradicting_report_is_flagged_not_applied(conn):
+    code = make_job(conn)
+    apply(conn, report(1, job_code=code))
+    outcome = apply(conn, report(2, job_code=code, result=Result.DELIVERED, reason=None, pages=1))
+    job = store.get_job(conn, code)
+    assert outcome.kind == "contradicting" and job["state"] == "failed" and job["flagged"] == 1
+    assert "contradicting report" in job["events"][-1]["detail"]
+
+
+def test_result_for_job_never_submitted_is_flagged(conn):
+    code = make_job(conn, state=JobState.QUEUED)
+    outcome = apply(conn, report(job_code=code))
+    assert outcome.kind == "flagged" and state_of(conn, code) == "queued"
+
+
+def test_unknown_job_is_resolved_by_a_report(conn):
+    code = make_job(conn, state=JobState.UNKNOWN)
+    assert apply(conn, report(job_code=code, result=Result.DELIVERED, reason=None, pages=3)).kind == "applied"
+    assert state_of(conn, code) == "delivered"
+
+
+def test_delivered_with_zero_pages_is_applied_but_flagged(conn):
+    code = make_job(conn)
+    outcome = apply(conn, report(job_code=code, result=Result.DELIVERED, reason=None, pages=0))
+    job = store.get_job(conn, code)
+    assert outcome.kind == "applied" and job["state"] == "delivered" and job["flagged"] == 1
+    assert "impossible" in outcome.detail
+
+
+def test_untrusted_report_naming_a_final_job_changes_nothing(conn):
+    code = make_job(conn, state=JobState.REJECTED)
+    outcome = apply(conn, report(trusted=False, job_code=code, result=Result.DELIVERED, reason=None, pages=1))
+    job = store.get_job(conn, code)
+    assert outcome.kind == "unmatched" and job["state"] == "rejected" and not job["flagged"]
+
+
+def test_failure_enqueues_a_sender_notification(conn):
+    code = make_job(conn)
+    apply(conn, report(job_code=code))
+    assert conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0] == 1
+    delivered = make_job(conn)
+    apply(conn, report(2, job_code=delivered, result=Result.DELIVERED, reason=None, pages=1))
+    assert conn.execute("SELECT COUNT(*) FROM notifications").fetchone()[0] == 1
+
+
+def test_operator_links_an_unmatched_report(conn):
+    code = make_job(conn, "+13125550125")
+    apply(conn, report(1, trusted=False, fax_number="+13125550125"))
+    (row,) = reports_db.list_reports(conn)
+    outcome = match_by_hand(conn, row["id"], code, store.iso(store.utcnow()), POLICY)
+    assert outcome.kind == "applied" and state_of(conn, code) == "failed"
+    assert any(e["source"] == "operator" for e in store.get_job(conn, code)["events"])
+    assert reports_db.list_reports(conn) == []

@@ -390,7 +390,12 @@ def match(obj: Context, report_id: int, code: str) -> None:
 
 @cli.group()
 def rules() -> None:
-    """Status-mail rules."""
+    """Status-mail rules (rules/status/*.toml and [status] rule_files).
+
+    \b
+    Example:
+      faxgw rules test status-mail.eml
+    """
 
 
 @rules.command("test")

@@ -13,7 +13,6 @@ only after the store has committed the message and its jobs.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import ssl
@@ -53,7 +52,11 @@ class IntakeSMTP(SMTP):
         return str(replies.INTERNAL_ERROR)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        if arg and not await self.check_helo_needed() and not await self.check_auth_needed("MAIL"):
+        # Each check pushes its own reply: a client that pipelines must get
+        # exactly one reply per command, so aiosmtpd must not check again.
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        if arg:
             match = re.search(r"\sSIZE=(\d+)", " " + arg, re.IGNORECASE)
             if match and self.data_size_limit and int(match[1]) > self.data_size_limit:
                 await self.push(replies.format_reply(
@@ -101,7 +104,10 @@ class IntakeSMTP(SMTP):
         scan_from = 0
         dropped = 0
         while (end := buffer.find(END_OF_DATA, scan_from)) < 0:
-            if limit and len(buffer) + dropped > limit + 2:
+            # Up to ".\r" of the end may be here unrecognised, so the message is
+            # certainly too big only when more than limit + 2 octets came in
+            # (the buffer also holds the 2 octets put in front).
+            if limit and len(buffer) + dropped > limit + 4:
                 keep = buffer[-4:]
                 dropped += len(buffer) - len(keep)
                 buffer = bytearray(keep)
@@ -111,7 +117,9 @@ class IntakeSMTP(SMTP):
                 raise ConnectionResetError("connection closed during DATA")
             buffer += chunk
         self._unread(bytes(buffer[end + len(END_OF_DATA):]))
-        if dropped or (limit and end - 2 > limit):
+        # The message is the `end` octets up to its last CRLF (RFC 1870 counts
+        # that CRLF, but not the "." line).
+        if dropped or (limit and end > limit):
             return b"", replies.format_reply(replies.DATA_TOO_BIG, limit=limit)
         data = bytes(buffer[2 : end + 2])  # keep the CRLF that ends the last line
         # Dot-unstuffing (RFC 5321 4.5.2): a leading dot on any line is removed.
@@ -129,17 +137,24 @@ class IntakeSMTP(SMTP):
             self._reader._buffer[0:0] = pipelined  # type: ignore[attr-defined]
 
     def _check_lines(self, data: bytes) -> tuple[bytes, str | None]:
-        """Bare LF, bare CR and over-long lines get a reply naming the real problem."""
+        """Bare LF, bare CR, over-long lines and a missing header get a reply naming the real problem."""
         crlf = data.count(b"\r\n")
         if data.count(b"\n") != crlf:
             if self.bare_lf != "normalize":
                 return data, replies.format_reply(replies.BARE_LF)
+            # A bare LF is taken as a line end, so the line after it was
+            # dot-stuffed by the client like any other (Python's smtplib does so).
+            data = re.sub(rb"(?<!\r)\n\.", b"\n", data)
             data = re.sub(rb"\r?\n", b"\r\n", data)
             crlf = data.count(b"\r\n")
         if data.count(b"\r") != crlf:
             return data, replies.format_reply(replies.BARE_CR)
         if len(data) > self.data_line_limit and max(map(len, data.split(b"\r\n"))) > self.data_line_limit:
             return data, replies.format_reply(replies.LINE_TOO_LONG, limit=self.data_line_limit)
+        if not data or data.startswith(b"\r\n"):
+            # Nothing, or a body without a header: not a message to fax, even
+            # where the rules let a body alone become a fax.
+            return data, replies.format_reply(replies.NO_HEADERS)
         return data, None
 
 
@@ -182,7 +197,7 @@ class Intake:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
-        raw = _angle_content(getattr(session, "raw_rcpt", ""))
+        raw = _address_as_written(getattr(session, "raw_rcpt", ""))
         if raw is not None and raw.lower() != address.lower():
             # aiosmtpd removed quotes, comments or a source route: refuse what was really sent.
             refusal = Refusal(Reply(553, "5.1.3", f"<{raw}>: use a plain address such as <12125550123@"
@@ -255,14 +270,24 @@ class Intake:
         return AuthResult(success=ok, handled=False, auth_data=auth_data)
 
     def _log_refusal(self, session: Session, refusal: Refusal, **fields: str) -> None:
+        reply = refusal.reply
+        # The reply to a refused attachment names its file, and logs never
+        # carry file names (DESIGN.md, "Privacy"): log its codes only.
+        shown = f"{reply.code} {reply.enhanced}" if refusal.check == "content-type" else str(reply)
         log_event(log, "refused", client=session.peer[0] if session.peer else "?", check=refusal.check,
-                  reply=str(refusal.reply), **fields)
+                  reply=shown, **fields)
 
 
-def _angle_content(raw_arg: str) -> str | None:
-    """The text between < and > of a raw `TO:<...>` argument, or None if not in that form."""
-    match = re.match(r"(?i)TO:\s*<(.*)>(?:\s.*)?$", raw_arg.strip())
-    return match[1] if match else None
+def _address_as_written(raw_arg: str) -> str | None:
+    """The address in a raw `TO:` argument as the client wrote it, or None if there is none.
+
+    That is the text between < and >, or, without both brackets (which
+    aiosmtpd accepts too), the text up to the first space.
+    """
+    match = re.match(r"(?i)TO:\s*(?:<(.*)>|(\S+))(?:\s.*)?$", raw_arg.strip())
+    if match is None:
+        return None
+    return match[1] if match[1] is not None else match[2]
 
 
 def _login(session: Session) -> str | None:

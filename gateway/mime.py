@@ -85,10 +85,14 @@ def inspect(raw: bytes, *, allowed_inline_types: frozenset[str] = frozenset()) -
 def _documents(message: Message) -> list[Attachment]:
     """The parts that are documents to fax, as opposed to the body text and inline images."""
     documents = []
-    related_depth = []
+    # Only the parts inside a multipart/related can be shown by its HTML body;
+    # a part after it (a sibling, not a child) is judged like any other.
+    in_related = {
+        id(inner) for part in message.walk() if part.get_content_type() == "multipart/related"
+        for inner in part.walk()
+    }
     for part in message.walk():
         if part.is_multipart():
-            related_depth.append(part.get_content_type() == "multipart/related")
             continue
         content_type = part.get_content_type()
         disposition = (part.get_content_disposition() or "").lower()
@@ -96,7 +100,7 @@ def _documents(message: Message) -> list[Attachment]:
         if disposition != "attachment" and not filename:
             if content_type in ("text/plain", "text/html") or part is message:
                 continue  # the body: GreenFax may make a cover page of it
-        if disposition != "attachment" and part.get("Content-ID") and any(related_depth):
+        if disposition != "attachment" and part.get("Content-ID") and id(part) in in_related:
             continue  # an image the HTML body shows, not a document
         payload = part.get_payload(decode=False)
         size = len(payload) if isinstance(payload, (str, bytes)) else 0

@@ -19,7 +19,8 @@ from gateway.config import Settings
 from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal, Reply
 from gateway.rules import AddressingRules
 
-_NUMBER_CHARS = re.compile(r"^\+?[0-9().\-]+$")
+# The separators people write in numbers; the subject pattern of the rules admits the same.
+_NUMBER_CHARS = re.compile(r"^\+?[0-9()./\-]+$")
 SUBJECT_MAILBOX = "subject-mailbox"  # marker: the number comes from the subject at DATA time
 
 
@@ -84,9 +85,9 @@ class Policy:
         rules = self.rules.numbers
         compact = text.replace(" ", "")
         if not compact or not _NUMBER_CHARS.match(compact) or not compact.isascii():
-            problem = "the local part must be a fax number (digits, optionally + - . ( ))"
+            problem = "the local part must be a fax number (digits, optionally + - . / ( ))"
             return refuse(replies.BAD_NUMBER, "number-syntax", address=address, problem=problem)
-        digits = re.sub(r"[().\-]", "", compact)
+        digits = re.sub(r"[()./\-]", "", compact)
         if international and not digits.startswith("+"):
             digits = "+" + digits
         try:

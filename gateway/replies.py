@@ -29,7 +29,6 @@ CLIENT_NOT_ALLOWED = Reply(
     550, "5.7.1", "Client host {client} may not send faxes here; authenticate or ask the administrator to allow its network"
 )
 SENDER_NOT_ALLOWED = Reply(550, "5.7.1", "Sender <{sender}> is not allowed to send faxes")
-AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required: use STARTTLS before AUTH")
 
 # --- recipients ---
 
@@ -42,7 +41,6 @@ NO_NUMBER_IN_SUBJECT = Reply(
     550, "5.1.3", "No fax number found in the subject for <{address}>; write e.g. \"Fax: +1 212 555 0123\""
 )
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients in one message (limit {limit}); send the rest in another message")
-NEED_SMTPUTF8_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address <{address}> needs the SMTPUTF8 parameter")
 
 # --- size and data ---
 

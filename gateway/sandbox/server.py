@@ -201,6 +201,10 @@ def _document_pages(content_type: str, filename: str, payload: bytes) -> int:
 
 
 class SandboxSMTP(SMTP):
+    # GreenFax's own limit is not documented; the sandbox accepts long lines
+    # as the gateway does (README, "Long lines"), so it never hides a fault.
+    line_length_limit = 64 * 1024
+
     async def handle_exception(self, error: Exception) -> str:
         log.warning("sandbox session error: %s", error)
         return "500 5.0.0 Sandbox error"

@@ -18,6 +18,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -28,6 +29,8 @@ from gateway.logs import log_event
 from gateway.models import FaxNumber, NewMessage, Recipient, Refusal, Reply
 from gateway.passwords import PasswordChecker
 from gateway.policy import SUBJECT_MAILBOX, Policy
+from gateway.status.inbound import StatusMail, receive, status_reply
+from gateway.status.report import Channel
 from gateway.store import Writer, insert_message, iso, utcnow
 
 log = logging.getLogger("faxgw.intake")
@@ -36,15 +39,24 @@ END_OF_DATA = b"\r\n.\r\n"
 READ_LIMIT = 64 * 1024  # the stream reader's limit: the largest piece read at once
 
 
+@dataclass(frozen=True)
+class Role:
+    """What a listener takes: faxes (from allowed clients or users), status mail (from anyone), or both."""
+
+    fax: bool = True
+    status: bool = False
+
+
 class IntakeSMTP(SMTP):
     """aiosmtpd's SMTP with the gateway's DATA reader and a few stricter replies."""
 
     line_length_limit = READ_LIMIT  # command lines are still held to 512 octets by aiosmtpd
 
-    def __init__(self, handler: Intake, *, line_limit: int, bare_lf: str, **kwargs: Any) -> None:
+    def __init__(self, handler: Intake, *, line_limit: int, bare_lf: str, role: Role, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.data_line_limit = line_limit
         self.bare_lf = bare_lf
+        self.role = role
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug in a hook must not show internals to the client or lose the session."""
@@ -162,8 +174,9 @@ class Intake:
     """The aiosmtpd handler: policy per command, store on DATA, one log line per transaction."""
 
     def __init__(self, *, policy: Policy, writer: Writer, sandbox: bool,
-                 on_queued: Callable[[], None], passwords: PasswordChecker) -> None:
+                 on_queued: Callable[[], None], passwords: PasswordChecker, status: StatusMail) -> None:
         self.policy = policy
+        self.status = status
         self.writer = writer
         self.sandbox = sandbox
         self.on_queued = on_queued
@@ -180,20 +193,29 @@ class Intake:
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
+        refusal = self._fax_sender_refusal(session, address)
+        envelope.fax_refusal = refusal
+        # On a listener that takes status mail, anyone may send to the status
+        # addresses (GreenFax's servers, bounces from <>), so whether this
+        # sender may fax is decided per recipient.
+        if refusal is not None and not server.role.status:
+            self._log_refusal(session, refusal, sender=address)
+            return str(refusal.reply)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        envelope.fax_recipients = []
+        envelope.status_recipients = []
+        envelope.started = time.monotonic()
+        return str(replies.SENDER_OK)
+
+    def _fax_sender_refusal(self, session: Session, address: str) -> Refusal | None:
         client = session.peer[0] if session.peer else "?"
         refusal = self.policy.check_client(client, authenticated=session.authenticated)
         if refusal is None and not address:
             refusal = Refusal(Reply(550, "5.7.1", "The null sender <> cannot send faxes"), "sender")
         if refusal is None:
             refusal = self.policy.check_sender(address)
-        if refusal is not None:
-            self._log_refusal(session, refusal, sender=address)
-            return str(refusal.reply)
-        envelope.mail_from = address
-        envelope.mail_options.extend(options)
-        envelope.fax_recipients = []
-        envelope.started = time.monotonic()
-        return str(replies.SENDER_OK)
+        return refusal
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
@@ -203,6 +225,20 @@ class Intake:
             refusal = Refusal(Reply(553, "5.1.3", f"<{raw}>: use a plain address such as <12125550123@"
                                     f"{self.policy.settings.upstream.domain}> (no quotes, comments or routes)"),
                               "address-syntax")
+        elif server.role.status and self.status.is_status_address(address):
+            if envelope.fax_recipients:
+                refusal = Refusal(replies.MIXED_KINDS, "mixed")
+            else:
+                envelope.rcpt_tos.append(address)
+                envelope.status_recipients.append(address)
+                return str(replies.STATUS_RECIPIENT_OK)
+        elif not server.role.fax:
+            refusal = Refusal(Reply(550, "5.7.1", f"<{address}> is not a status address; this listener takes"
+                                    " status mail only"), "relay")
+        elif envelope.fax_refusal is not None:
+            refusal = envelope.fax_refusal
+        elif envelope.status_recipients:
+            refusal = Refusal(replies.MIXED_KINDS, "mixed")
         elif len(envelope.fax_recipients) >= self.max_recipients:
             refusal = Refusal(Reply(452, "4.5.3", replies.TOO_MANY_RECIPIENTS.text.format(
                 limit=self.max_recipients)), "recipients")
@@ -220,6 +256,8 @@ class Intake:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw: bytes = envelope.content
+        if envelope.status_recipients:
+            return await self._status_mail(session, envelope, raw)
         facts = mime.inspect(raw)
         refusal = self.policy.check_content(facts)
         recipients: list[Recipient] = []
@@ -256,6 +294,18 @@ class Intake:
                   numbers=" ".join(r.number.e164 for r in recipients), size=len(raw), reply=str(reply),
                   ms=round((time.monotonic() - getattr(envelope, "started", time.monotonic())) * 1000, 1))
         return str(reply)
+
+    async def _status_mail(self, session: Session, envelope: Envelope, raw: bytes) -> str:
+        """Mail to a status address: parsed, correlated and stored before the 250, never faxed."""
+        try:
+            outcome, verdict = await receive(self.status, self.writer, raw, channel=Channel.SMTP,
+                                             envelope_rcpts=tuple(envelope.status_recipients), client=session.peer[0])
+        except StoreFull:
+            return str(replies.STORE_FULL)
+        except StoreError as exc:
+            log.error("store write failed: %s", exc)
+            return str(replies.STORE_FAILED)
+        return str(status_reply(outcome, verdict))
 
     # --- AUTH -------------------------------------------------------------------
 
@@ -296,7 +346,7 @@ def _login(session: Session) -> str | None:
 
 
 def smtp_factory(intake: Intake, *, settings_smtp: Any, tls_context: ssl.SSLContext | None,
-                 implicit_tls: bool, plaintext_auth: bool) -> Callable[[], IntakeSMTP]:
+                 implicit_tls: bool, plaintext_auth: bool, role: Role) -> Callable[[], IntakeSMTP]:
     """A protocol factory for one listener."""
 
     def factory() -> IntakeSMTP:
@@ -304,6 +354,7 @@ def smtp_factory(intake: Intake, *, settings_smtp: Any, tls_context: ssl.SSLCont
             intake,
             line_limit=settings_smtp.line_length_limit,
             bare_lf=settings_smtp.bare_lf,
+            role=role,
             data_size_limit=settings_smtp.max_message_size,
             enable_SMTPUTF8=True,
             hostname=settings_smtp.hostname,

@@ -42,6 +42,11 @@ NO_NUMBER_IN_SUBJECT = Reply(
 )
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients in one message (limit {limit}); send the rest in another message")
 
+STATUS_RECIPIENT_OK = Reply(250, "2.1.5", "Status address OK")
+MIXED_KINDS = Reply(
+    452, "4.5.3", "Status mail and faxes cannot share one message; send the rest in another message"
+)
+
 # --- size and data ---
 
 SIZE_DECLARED_TOO_BIG = Reply(552, "5.3.4", "Message size {size} exceeds the limit of {limit} bytes")

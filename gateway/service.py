@@ -18,7 +18,10 @@ from gateway import store
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.forward import Forwarder
-from gateway.intake import Intake, smtp_factory
+from gateway.intake import Intake, Role, smtp_factory
+from gateway.sandbox.statusmail import StatusMailer, smtp_delivery
+from gateway.status.inbound import StatusMail
+from gateway.status.mailrules import load_rules
 from gateway.logs import log_event
 from gateway.passwords import PasswordChecker
 from gateway.policy import Policy
@@ -36,6 +39,9 @@ class Service:
         self.settings = settings
         self.clock = clock
         self.rules = load_addressing(settings.addressing)
+        self.status_mail = StatusMail(settings, load_rules(settings.status.rule_files))
+        self.status_addresses: list[tuple[str, int]] = []  # listeners taking status mail, as bound
+        self._status_mailer: StatusMailer | None = None
         self.lock = store.StoreLock(settings.store.path)
         self.writer = store.Writer(settings.store.path)
         self.servers: list[asyncio.Server] = []
@@ -58,6 +64,7 @@ class Service:
             )
             self._forward_task = asyncio.create_task(self.forwarder.run(), name="forwarder")
             await self._listen()
+            self._start_sandbox_status_mail()
         except BaseException:
             await self.stop()
             raise
@@ -82,6 +89,8 @@ class Service:
             self._forward_task.cancel()
             await asyncio.gather(self._forward_task, return_exceptions=True)
             self._forward_task = None
+        if self._status_mailer is not None:
+            await self._status_mailer.close()
         if self.sandbox_server is not None:
             self.sandbox_server.close()
             self.sandbox_server = None
@@ -141,6 +150,19 @@ class Service:
         return Endpoint(host=host, port=port, tls="none", username=sb.username,
                         password=credentials[1] if credentials else None, helo_name="gateway.localhost")
 
+    def _start_sandbox_status_mail(self) -> None:
+        """The sandbox returns each fax's status email, as GreenFax does, to the gateway's status listener."""
+        sb = self.settings.sandbox
+        if self.sandbox is None or sb.status_mail != "smtp":
+            return
+        if not self.status_addresses:
+            log.warning("the sandbox cannot return status mail: no [status] listen address")
+            return
+        host, port = self.status_addresses[0]
+        self._status_mailer = StatusMailer(self.settings.upstream.account_sender or "", smtp_delivery(host, port),
+                                           delay=sb.status_delay)
+        self.sandbox.on_fax.append(self._status_mailer)
+
     async def _listen(self) -> None:
         smtp = self.settings.smtp
         tls_context = self._tls_context()
@@ -148,18 +170,24 @@ class Service:
         intake = Intake(
             policy=Policy(self.settings, self.rules), writer=self.writer, sandbox=self.settings.sandbox_mode,
             on_queued=self.forwarder.wake if self.forwarder else (lambda: None),
-            passwords=PasswordChecker(smtp.users),
+            passwords=PasswordChecker(smtp.users), status=self.status_mail,
         )
-        listeners = [(addr, False) for addr in smtp.listen] + [(addr, True) for addr in smtp.listen_tls]
-        for (host, port), implicit in listeners:
+        status_listen = self.settings.status.listen
+        listeners = [(addr, False, Role(fax=True, status=addr in status_listen)) for addr in smtp.listen]
+        listeners += [(addr, True, Role(fax=True, status=addr in status_listen)) for addr in smtp.listen_tls]
+        listeners += [(addr, False, Role(fax=False, status=True)) for addr in status_listen
+                      if addr not in smtp.listen and addr not in smtp.listen_tls]
+        for (host, port), implicit, role in listeners:
             factory = smtp_factory(intake, settings_smtp=smtp, tls_context=tls_context, implicit_tls=implicit,
-                                   plaintext_auth=(host, port) in smtp.plaintext_auth)
+                                   plaintext_auth=(host, port) in smtp.plaintext_auth, role=role)
             server = await _bind(
                 lambda: loop.create_server(factory, host=host, port=port, reuse_address=True,
                                            ssl=tls_context if implicit else None),
                 f"{host}:{port}",
             )
             self.servers.append(server)
+            if role.status:
+                self.status_addresses.append(server.sockets[0].getsockname()[:2])
 
     def _tls_context(self) -> ssl.SSLContext | None:
         smtp = self.settings.smtp

@@ -112,7 +112,7 @@ class StatusMail:
         return address.startswith(self._bounce_prefix) and address.endswith(self._bounce_domain)
 
 
-def verdict_outcome_reply(outcome: Outcome, verdict: Verdict) -> Reply:
+def status_reply(outcome: Outcome, verdict: Verdict) -> Reply:
     if verdict.kind == "unrecognised":
         return Reply(250, "2.0.0", "Kept for review: not recognised as a status mail (see faxgw unmatched)")
     return Reply(250, "2.0.0", f"Status report {outcome.kind}{' for ' + outcome.job_code if outcome.job_code else ''}")

@@ -40,8 +40,11 @@ POLL_INTERVAL = 1.0  # operator actions from other processes are seen within thi
 
 class Forwarder:
     def __init__(self, *, settings: UpstreamSettings, endpoint: Endpoint, writer: Writer,
-                 jobcode: JobCodeRules, hostname: str, clock: Callable[[], datetime]) -> None:
+                 jobcode: JobCodeRules, hostname: str, clock: Callable[[], datetime],
+                 notify_states: frozenset[str] = frozenset(), on_notice: Callable[[], None] = lambda: None) -> None:
         self.settings = settings
+        self.notify_states = notify_states
+        self.on_notice = on_notice
         self.endpoint = endpoint
         self.writer = writer
         self.jobcode = jobcode
@@ -188,8 +191,11 @@ class Forwarder:
             detail = f"{detail}; next attempt {next_at}"
         reason = detail if state is JobState.HELD else None
         try:
+            notify = state.value in self.notify_states
             await self.writer.run(partial(record_outcome, detail=detail, reply=reply, next_attempt_at=next_at,
-                                          reason=reason), job.id, iso(self.clock()), state)
+                                          reason=reason, notify=notify), job.id, iso(self.clock()), state)
+            if notify:
+                self.on_notice()
         except StoreError as exc:
             # The job stays `sending` in the store and becomes `unknown` at the
             # next start: never sent twice without an operator.

@@ -21,12 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from gateway import mime, replies
 from gateway.errors import StoreError, StoreFull
 from gateway.logs import log_event
-from gateway.models import FaxNumber, NewMessage, Recipient, Refusal, Reply
+from gateway.models import NULL_SENDER, FaxNumber, NewMessage, Recipient, Refusal, Reply
 from gateway.passwords import PasswordChecker
 from gateway.policy import SUBJECT_MAILBOX, Policy
 from gateway.status.inbound import StatusMail, receive, status_reply
@@ -47,7 +47,35 @@ class Role:
     status: bool = False
 
 
-class IntakeSMTP(SMTP):
+class NullSenderSMTP(SMTP):
+    """aiosmtpd's SMTP taking the null sender `MAIL FROM:<>`, which it refuses as a syntax error.
+
+    Bounces and notices travel with the null sender. The handler sees it as
+    "" and the envelope keeps NULL_SENDER ("<>"), because aiosmtpd takes an
+    empty mail_from to mean "no MAIL command yet".
+    """
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        match = re.match(r"(?i)FROM:\s*<>\s*(.*)$", (arg or "").strip())
+        if match is None:
+            await super().smtp_MAIL(arg)
+            return
+        if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
+            return
+        assert self.envelope is not None
+        if self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: nested MAIL command")
+            return
+        options = match[1].upper().split()
+        status = await self._call_handler_hook("MAIL", "", options)
+        if status is MISSING:
+            self.envelope.mail_from = NULL_SENDER
+            self.envelope.mail_options.extend(options)
+            status = "250 OK"
+        await self.push(status)
+
+
+class IntakeSMTP(NullSenderSMTP):
     """aiosmtpd's SMTP with the gateway's DATA reader and a few stricter replies."""
 
     line_length_limit = READ_LIMIT  # command lines are still held to 512 octets by aiosmtpd
@@ -73,9 +101,6 @@ class IntakeSMTP(SMTP):
             if match and self.data_size_limit and int(match[1]) > self.data_size_limit:
                 await self.push(replies.format_reply(
                     replies.SIZE_DECLARED_TOO_BIG, size=match[1], limit=self.data_size_limit))
-                return
-            if re.match(r"(?i)FROM:\s*<>", arg.strip()):
-                await self.push(await self._call_handler_hook("MAIL", "", []))
                 return
         await super().smtp_MAIL(arg)
 
@@ -201,7 +226,7 @@ class Intake:
         if refusal is not None and not server.role.status:
             self._log_refusal(session, refusal, sender=address)
             return str(refusal.reply)
-        envelope.mail_from = address
+        envelope.mail_from = address or NULL_SENDER
         envelope.mail_options.extend(options)
         envelope.fax_recipients = []
         envelope.status_recipients = []

@@ -26,6 +26,8 @@ class JobState(enum.StrEnum):
         return self in FINAL_STATES
 
 
+NULL_SENDER = "<>"  # the envelope's mail_from for `MAIL FROM:<>` (bounces, notices)
+
 FINAL_STATES = frozenset(
     {JobState.DELIVERED, JobState.FAILED, JobState.REJECTED, JobState.EXPIRED, JobState.CANCELLED}
 )

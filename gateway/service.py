@@ -19,13 +19,15 @@ from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.forward import Forwarder
 from gateway.intake import Intake, Role, smtp_factory
-from gateway.sandbox.statusmail import StatusMailer, smtp_delivery
-from gateway.status.inbound import StatusMail
-from gateway.status.mailrules import load_rules
+from gateway.notices import Notifier
 from gateway.logs import log_event
 from gateway.passwords import PasswordChecker
 from gateway.policy import Policy
 from gateway.rules import load_addressing
+from gateway.sandbox.statusmail import StatusMailer, imap_delivery, smtp_delivery
+from gateway.status.imap import ImapReader, meta_reader
+from gateway.status.inbound import StatusMail
+from gateway.status.mailrules import load_rules
 from gateway.upstream import Endpoint
 
 log = logging.getLogger("faxgw.service")
@@ -42,6 +44,10 @@ class Service:
         self.status_mail = StatusMail(settings, load_rules(settings.status.rule_files))
         self.status_addresses: list[tuple[str, int]] = []  # listeners taking status mail, as bound
         self._status_mailer: StatusMailer | None = None
+        self.imap: ImapReader | None = None
+        self.notifier: Notifier | None = None
+        self._notifier_task: asyncio.Task[None] | None = None
+        self._imap_task: asyncio.Task[None] | None = None
         self.lock = store.StoreLock(settings.store.path)
         self.writer = store.Writer(settings.store.path)
         self.servers: list[asyncio.Server] = []
@@ -58,13 +64,17 @@ class Service:
             self._prepare_store()
             self.writer.start()
             endpoint = await self._upstream_endpoint()
+            self.notifier = Notifier(self.settings, self.writer, endpoint, clock=self.clock)
+            self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
             self.forwarder = Forwarder(
                 settings=self.settings.upstream, endpoint=endpoint, writer=self.writer,
                 jobcode=self.rules.jobcode, hostname=self.settings.smtp.hostname, clock=self.clock,
+                notify_states=self.status_mail.policy.notify_states, on_notice=self.notifier.wake,
             )
             self._forward_task = asyncio.create_task(self.forwarder.run(), name="forwarder")
             await self._listen()
             self._start_sandbox_status_mail()
+            self._start_imap()
         except BaseException:
             await self.stop()
             raise
@@ -74,6 +84,11 @@ class Service:
                   store=str(self.settings.store.path), mode=mode, config=self.settings.source)
 
     async def stop(self) -> None:
+        if self.imap is not None and self._imap_task is not None:
+            self.imap.stop()  # the reader's thread notices within a second
+            await asyncio.wait({self._imap_task}, timeout=10)
+            self._imap_task.cancel()
+            self._imap_task = None
         for server in self.servers:
             server.close()
         for server in self.servers:
@@ -89,6 +104,10 @@ class Service:
             self._forward_task.cancel()
             await asyncio.gather(self._forward_task, return_exceptions=True)
             self._forward_task = None
+        if self._notifier_task is not None:
+            self._notifier_task.cancel()
+            await asyncio.gather(self._notifier_task, return_exceptions=True)
+            self._notifier_task = None
         if self._status_mailer is not None:
             await self._status_mailer.close()
         if self.sandbox_server is not None:
@@ -150,16 +169,28 @@ class Service:
         return Endpoint(host=host, port=port, tls="none", username=sb.username,
                         password=credentials[1] if credentials else None, helo_name="gateway.localhost")
 
+    def _start_imap(self) -> None:
+        imap = self.settings.status.imap
+        if not imap.host:
+            return
+        path = self.settings.store.path
+        self.imap = ImapReader(imap, self.status_mail, self.writer,
+                               read_meta=meta_reader(lambda: store.connect(path, readonly=True)))
+        self._imap_task = asyncio.create_task(self.imap.run(), name="imap")
+
     def _start_sandbox_status_mail(self) -> None:
         """The sandbox returns each fax's status email, as GreenFax does, to the gateway's status listener."""
         sb = self.settings.sandbox
-        if self.sandbox is None or sb.status_mail != "smtp":
+        if self.sandbox is None or sb.status_mail == "none":
             return
-        if not self.status_addresses:
+        if sb.status_mail == "imap":
+            deliver = imap_delivery(self.settings.status.imap)
+        elif self.status_addresses:
+            deliver = smtp_delivery(*self.status_addresses[0])
+        else:
             log.warning("the sandbox cannot return status mail: no [status] listen address")
             return
-        host, port = self.status_addresses[0]
-        self._status_mailer = StatusMailer(self.settings.upstream.account_sender or "", smtp_delivery(host, port),
+        self._status_mailer = StatusMailer(self.settings.upstream.account_sender or "", deliver,
                                            delay=sb.status_delay)
         self.sandbox.on_fax.append(self._status_mailer)
 

@@ -27,7 +27,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from PIL import Image
 from pypdf import PdfReader
 
+from gateway.intake import NullSenderSMTP
 from gateway.logs import log_event
+from gateway.models import NULL_SENDER
 
 log = logging.getLogger("faxgw.sandbox")
 
@@ -86,6 +88,7 @@ class SandboxHandler:
         self.credentials = credentials
         self.faults = Faults()
         self.faxes: list[SandboxFax] = []
+        self.notices: list[tuple[tuple[str, ...], bytes]] = []  # mail from <> to people: (recipients, raw)
         self.on_fax: list[Callable[[SandboxFax], None]] = []  # e.g. the status mailer
         self.arrived = asyncio.Condition()
         self._ids = itertools.count(8_591_334)
@@ -96,12 +99,16 @@ class SandboxHandler:
             return "530 5.7.0 Authentication required (sandbox)"
         if self.faults.mail:
             return self.faults.mail
-        envelope.mail_from = address
+        envelope.mail_from = address or NULL_SENDER
         envelope.mail_options.extend(options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
+        if envelope.mail_from == NULL_SENDER:
+            # A notice to a person (null sender): the sandbox stands in for their mailbox too.
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 OK (sandbox keeps notices to people)"
         local, _, domain = address.rpartition("@")
         if domain.lower() != self.domain or not re.fullmatch(r"[0-9]{7,15}", local):
             return f"550 5.1.1 <{address}>: the sandbox accepts only <number>@{self.domain}"
@@ -117,6 +124,11 @@ class SandboxHandler:
         raw: bytes = envelope.original_content or b""
         if self.faults.delay:
             await asyncio.sleep(self.faults.delay)
+        if envelope.mail_from == NULL_SENDER:
+            self.notices.append((tuple(envelope.rcpt_tos), raw))
+            async with self.arrived:
+                self.arrived.notify_all()
+            return "250 2.0.0 Ok: notice kept (SANDBOX)"
         message = email.message_from_bytes(raw, policy=email.policy.compat32)
         sender = email.utils.parseaddr(str(message.get("From", "")))[1].lower()
         numbers = [address.rpartition("@")[0] for address in envelope.rcpt_tos]
@@ -200,7 +212,7 @@ def _document_pages(content_type: str, filename: str, payload: bytes) -> int:
     return 1
 
 
-class SandboxSMTP(SMTP):
+class SandboxSMTP(NullSenderSMTP):
     # GreenFax's own limit is not documented; the sandbox accepts long lines
     # as the gateway does (README, "Long lines"), so it never hides a fault.
     line_length_limit = 64 * 1024

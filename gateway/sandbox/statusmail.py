@@ -11,11 +11,14 @@ import asyncio
 import email.policy
 import email.utils
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from email.message import EmailMessage
 
 import aiosmtplib
+from imap_tools import MailBox, MailBoxStartTls, MailBoxUnencrypted
 
+from gateway.config import ImapSettings
 from gateway.logs import log_event
 from gateway.sandbox.server import SandboxFax
 
@@ -53,6 +56,24 @@ def smtp_delivery(host: str, port: int) -> Callable[[str, bytes], Awaitable[None
     async def deliver(recipient: str, message: bytes) -> None:
         await aiosmtplib.send(message, sender=STATUS_SENDER, recipients=[recipient], hostname=host, port=port,
                               start_tls=False, timeout=30)
+
+    return deliver
+
+
+def imap_delivery(settings: ImapSettings) -> Callable[[str, bytes], Awaitable[None]]:
+    """Append status mail to the [status.imap] mailbox, as if GreenFax's mail had been delivered there."""
+
+    def append(message: bytes) -> None:
+        context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+        box = {"implicit": lambda: MailBox(settings.host, settings.effective_port, ssl_context=context),
+               "starttls": lambda: MailBoxStartTls(settings.host, settings.effective_port, ssl_context=context),
+               "none": lambda: MailBoxUnencrypted(settings.host, settings.effective_port)}[settings.tls]()
+        password = settings.password.get_secret_value() if settings.password else ""
+        with box.login(settings.username or "", password, initial_folder=None) as mailbox:
+            mailbox.append(message, settings.mailbox)
+
+    async def deliver(recipient: str, message: bytes) -> None:
+        await asyncio.to_thread(append, message)
 
     return deliver
 

@@ -27,7 +27,7 @@ from gateway.config import Settings
 from gateway.errors import InvalidTransition, UnknownJob
 from gateway.models import FINAL_STATES, JobState
 from gateway.status.report import Result, StatusReport
-from gateway.store import iso, parse_iso
+from gateway.store import enqueue_notification, iso, parse_iso
 from gateway.store import reports as db
 
 
@@ -119,7 +119,7 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
     text = summary(report) + ("; delivered with 0 pages is impossible (flagged)" if impossible else "")
     db.apply_result(conn, job["id"], report, now, summary=text, source=source, flagged=impossible)
     if report.result.value in policy.notify_states:
-        db.enqueue_notification(conn, job["id"], now)
+        enqueue_notification(conn, job["id"], now)
     return "applied", text
 
 

@@ -61,10 +61,15 @@ class StatusMail:
             return True
         return address.startswith(self._bounce_prefix) and address.endswith(self._bounce_domain)
 
-    def understand(self, raw: bytes, *, channel: Channel, envelope_rcpts: tuple[str, ...] = ()) -> Verdict:
-        """Parse one status mail into a report; never raises."""
+    def understand(self, raw: bytes, *, channel: Channel, envelope_rcpts: tuple[str, ...] = (),
+                   trusted_source: bool = False) -> Verdict:
+        """Parse one status mail into a report; never raises.
+
+        `trusted_source`: the mail comes from a place only GreenFax writes to
+        (the configured IMAP mailbox), so it is trusted whatever its sender.
+        """
         mail = parse_mail(raw)
-        trusted = self.trusted(mail)
+        trusted = trusted_source or self.trusted(mail)
         if is_dsn(mail) or any(self._is_bounce_address(a) for a in envelope_rcpts):
             bounce = parse_bounce(mail, envelope_rcpts)
             if bounce is not None:
@@ -122,11 +127,17 @@ async def receive(status: StatusMail, writer: Writer, raw: bytes, *, channel: Ch
                   envelope_rcpts: tuple[str, ...] = (), client: str = "") -> tuple[Outcome, Verdict]:
     """Understand one status mail and apply it in the store (committed when this returns)."""
     verdict = status.understand(raw, channel=channel, envelope_rcpts=envelope_rcpts)
+    return await apply_verdict(status, writer, verdict, client=client), verdict
+
+
+async def apply_verdict(status: StatusMail, writer: Writer, verdict: Verdict, *, client: str = "") -> Outcome:
+    """Store an understood status mail: applied through correlation, or kept unrecognised."""
+    report = verdict.report
     if verdict.kind == "unrecognised":
-        outcome = await writer.run(keep_unrecognised, verdict.report, iso(utcnow()))
+        outcome = await writer.run(keep_unrecognised, report, iso(utcnow()))
     else:
-        outcome = await writer.run(apply_report, verdict.report, iso(utcnow()), status.policy)
-    log_event(log, "status-report", channel=channel.value, client=client, kind=verdict.kind,
-              rule=verdict.report.rule, result=verdict.report.result, code=outcome.job_code, outcome=outcome.kind,
-              trusted=verdict.report.trusted)
-    return outcome, verdict
+        outcome = await writer.run(apply_report, report, iso(utcnow()), status.policy)
+    log_event(log, "status-report", channel=report.channel.value, client=client, kind=verdict.kind,
+              rule=report.rule, result=report.result, code=outcome.job_code, outcome=outcome.kind,
+              trusted=report.trusted)
+    return outcome

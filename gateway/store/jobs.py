@@ -62,9 +62,10 @@ def claim_due(conn: sqlite3.Connection, now: str, limit: int) -> list[ClaimedJob
     """Mark up to `limit` due jobs `sending` and return them with their message."""
     rows = conn.execute(
         "SELECT j.id, j.code, j.number, j.attempts, j.created_at, m.raw, m.mail_from,"
-        " m.header_from, m.smtputf8, m.needs_8bitmime FROM jobs j JOIN messages m ON m.id = j.message_id"
-        " WHERE j.state IN ('queued', 'deferred') AND j.next_attempt_at <= ?"
-        " ORDER BY j.next_attempt_at LIMIT ?",
+        " m.header_from, m.smtputf8, m.needs_8bitmime FROM"
+        " (SELECT id FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
+        "  ORDER BY next_attempt_at LIMIT ?) due"
+        " JOIN jobs j ON j.id = due.id JOIN messages m ON m.id = j.message_id ORDER BY j.next_attempt_at",
         (now, limit),
     ).fetchall()
     claimed = []
@@ -87,6 +88,7 @@ def claim_due(conn: sqlite3.Connection, now: str, limit: int) -> list[ClaimedJob
 def record_outcome(
     conn: sqlite3.Connection, job_id: int, now: str, state: JobState, *, detail: str,
     reply: str | None = None, next_attempt_at: str | None = None, reason: str | None = None,
+    notify: bool = False,
 ) -> None:
     """Set a job's new state after a forward attempt, with its event.
 
@@ -101,8 +103,18 @@ def record_outcome(
     ).rowcount
     if not changed:
         conn.execute("UPDATE jobs SET upstream_reply = COALESCE(?, upstream_reply) WHERE id = ?", (reply, job_id))
+    elif notify:
+        enqueue_notification(conn, job_id, now)
     add_event(conn, job_id, now, "forwarder", state.value if changed else None,
               detail + (f": {reply}" if reply else ""))
+
+
+def enqueue_notification(conn: sqlite3.Connection, job_id: int, now: str) -> None:
+    conn.execute(
+        "INSERT INTO notifications (job_id, state, next_attempt_at, created_at, updated_at)"
+        " VALUES (?, 'pending', ?, ?, ?)",
+        (job_id, now, now, now),
+    )
 
 
 def recover_sending(conn: sqlite3.Connection, now: str) -> list[str]:

@@ -75,14 +75,6 @@ def note_on_job(conn: sqlite3.Connection, job_id: int, now: str, source: str, de
     add_event(conn, job_id, now, source, None, detail)
 
 
-def enqueue_notification(conn: sqlite3.Connection, job_id: int, now: str) -> None:
-    conn.execute(
-        "INSERT INTO notifications (job_id, state, next_attempt_at, created_at, updated_at)"
-        " VALUES (?, 'pending', ?, ?, ?)",
-        (job_id, now, now, now),
-    )
-
-
 # --- queries and operator actions ---------------------------------------------------
 
 REPORT_COLUMNS = ("id, received_at, channel, trusted, outcome, result, result_text, reason, number, pages,"
@@ -134,3 +126,39 @@ def report_from_row(row: sqlite3.Row) -> StatusReport:
         reported_at=parse_iso(row["reported_at"]) if row["reported_at"] else None,
         reported_at_raw=row["reported_at_raw"], dedup_key=row["dedup_key"], rule=row["rule"],
     )
+
+
+# --- sender notifications ----------------------------------------------------------------
+
+
+def claim_notifications(conn: sqlite3.Connection, now: str, limit: int) -> list[dict[str, Any]]:
+    """Due notifications with what the notice needs; marked `sending` until sent or retried."""
+    rows = conn.execute(
+        "SELECT n.id, n.attempts, j.code, j.number, j.recipient, j.state, j.reason, j.pages, j.last_result,"
+        " j.created_at, m.mail_from, m.raw FROM notifications n JOIN jobs j ON j.id = n.job_id"
+        " JOIN messages m ON m.id = j.message_id WHERE n.state = 'pending' AND n.next_attempt_at <= ?"
+        " ORDER BY n.next_attempt_at LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    for row in rows:
+        conn.execute("UPDATE notifications SET state = 'sending', attempts = attempts + 1, updated_at = ?"
+                     " WHERE id = ?", (now, row["id"]))
+    return [dict(row) for row in rows]
+
+
+def finish_notification(conn: sqlite3.Connection, notification_id: int, now: str, state: str,
+                        error: str | None = None, next_attempt_at: str | None = None) -> None:
+    conn.execute(
+        "UPDATE notifications SET state = ?, updated_at = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
+        (state, now, error, next_attempt_at, notification_id),
+    )
+    job_id = conn.execute("SELECT job_id FROM notifications WHERE id = ?", (notification_id,)).fetchone()[0]
+    detail = {"sent": "sender notified (DSN)", "skipped": f"sender not notified: {error}",
+              "failed": f"sender notification failed for good: {error}"}.get(state)
+    if detail:
+        add_event(conn, job_id, now, "notifier", None, detail)
+
+
+def requeue_interrupted_notifications(conn: sqlite3.Connection) -> None:
+    """A notification being sent when the gateway stopped is sent again (a second notice is harmless)."""
+    conn.execute("UPDATE notifications SET state = 'pending' WHERE state = 'sending'")

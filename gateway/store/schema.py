@@ -31,7 +31,9 @@ def _migration_1(db: sqlite_utils.Database) -> None:
         foreign_keys=[("message_id", "messages", "id")], defaults={"attempts": 0},
     )
     db["jobs"].create_index(["code"], unique=True)
-    db["jobs"].create_index(["state", "next_attempt_at"])
+    # The forwarder's claim: only waiting jobs, in due order, without a sort.
+    db.execute("CREATE INDEX jobs_due ON jobs (next_attempt_at) WHERE state IN ('queued', 'deferred')")
+    db["jobs"].create_index(["state", "created_at"])
     db["jobs"].create_index(["number", "created_at"])
     db["jobs"].create_index(["created_at"])
     db["events"].create(

@@ -1,0 +1,135 @@
+"""Notices to the original sender: a delivery status notification when a fax ends badly.
+
+When a job reaches a final state the config names (failed, rejected,
+expired; delivered only if asked), the sender of the fax email gets a
+standard DSN (multipart/report, RFC 3464): a readable text, the
+machine-readable delivery-status, and the original message's headers only
+(text/rfc822-headers, never the document). It is sent with a null envelope
+sender, so it can never cause a bounce loop, and never to a null sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.policy
+import email.utils
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from functools import partial
+from typing import Any
+
+from gateway import mime
+from gateway.config import Settings
+from gateway.errors import UpstreamRejected
+from gateway.logs import log_event
+from gateway.models import NULL_SENDER
+from gateway.store import Writer, iso
+from gateway.store import reports as db
+from gateway.upstream import Endpoint, UpstreamConnection
+
+log = logging.getLogger("faxgw.notices")
+POLL_INTERVAL = 2.0
+GIVE_UP_AFTER = 8  # attempts, about a day with the backoff below
+
+STATUS_CODES = {"delivered": ("delivered", "2.0.0"), "failed": ("failed", "5.0.0"),
+                "rejected": ("failed", "5.7.1"), "expired": ("failed", "4.4.7")}
+
+
+def build_notice(job: dict[str, Any], *, hostname: str, from_address: str) -> bytes:
+    """The DSN for one job, as bytes with CRLF line endings."""
+    action, status = STATUS_CODES.get(job["state"], ("failed", "5.0.0"))
+    reason = f" ({job['reason'].replace('_', ' ')})" if job.get("reason") else ""
+    pages = f"\nPages sent: {job['pages']}" if job.get("pages") is not None else ""
+    verb = "was delivered" if action == "delivered" else f"could not be delivered: {job['state']}{reason}"
+    text = (
+        f"Your fax to {job['number']} {verb}.\n\n"
+        f"Fax number: {job['number']}\nJob code: {job['code']}\nResult: {job['state']}{reason}{pages}\n"
+        f"Details: {job.get('last_result') or '-'}\n\n"
+        f"Ask your administrator about job {job['code']} (faxgw show {job['code']}).\n"
+    )
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["From"] = from_address
+    report["To"] = job["mail_from"]
+    report["Subject"] = f"Fax to {job['number']} {'delivered' if action == 'delivered' else 'failed'} [{job['code']}]"
+    report["Date"] = email.utils.formatdate()
+    report["Message-ID"] = email.utils.make_msgid(f"notice.{job['code']}", hostname)
+    report["Auto-Submitted"] = "auto-replied"
+    report.attach(MIMEText(text, "plain", "utf-8"))
+    per_message, per_recipient = Message(), Message()
+    per_message["Reporting-MTA"] = f"dns; {hostname}"
+    per_message["X-Fax-Job-Code"] = job["code"]
+    per_recipient["Original-Recipient"] = f"rfc822; {job['recipient']}"
+    per_recipient["Final-Recipient"] = f"rfc822; {job['recipient']}"
+    per_recipient["Action"] = action
+    per_recipient["Status"] = status
+    per_recipient["Diagnostic-Code"] = f"X-GreenFax; {job['state']}{reason}"
+    delivery_status = Message()
+    delivery_status["Content-Type"] = "message/delivery-status"
+    delivery_status.set_payload([per_message, per_recipient])
+    report.attach(delivery_status)
+    headers = mime.split(job["raw"])[0].decode("utf-8", "replace")
+    report.attach(MIMEText(headers, "rfc822-headers", "utf-8"))
+    return report.as_bytes(policy=email.policy.SMTP)
+
+
+class Notifier:
+    """Sends queued notices through the relay; retries with backoff; one bad notice never stops it."""
+
+    def __init__(self, settings: Settings, writer: Writer, endpoint: Endpoint, *,
+                 clock: Callable[[], datetime]) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.clock = clock
+        relay = settings.notifications.relay
+        self.endpoint = endpoint if relay is None else Endpoint(host=relay[0], port=relay[1], tls="none")
+        self.hostname = settings.smtp.hostname
+        self.from_address = settings.notifications.from_address or f"MAILER-DAEMON@{self.hostname}"
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        await self.writer.run(db.requeue_interrupted_notifications)
+        connection = UpstreamConnection(self.endpoint)
+        try:
+            while True:
+                notices = await self.writer.run(db.claim_notifications, iso(self.clock()), 8)
+                for notice in notices:
+                    await self._send(connection, notice)
+                if not notices:
+                    await connection.close()
+                    self._wake.clear()
+                    try:
+                        async with asyncio.timeout(POLL_INTERVAL):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+        finally:
+            connection.abort()
+
+    async def _send(self, connection: UpstreamConnection, notice: dict[str, Any]) -> None:
+        now = iso(self.clock())
+        if notice["mail_from"] in ("", NULL_SENDER):
+            await self.writer.run(partial(db.finish_notification, error="the fax had a null sender"),
+                                  notice["id"], now, "skipped")
+            return
+        try:
+            message = build_notice(notice, hostname=self.hostname, from_address=self.from_address)
+            await connection.send(sender="", recipient=notice["mail_from"], message=message,
+                                  needs_8bitmime=False, smtputf8=not notice["mail_from"].isascii())
+        except Exception as exc:  # any failure: retry later, or give up after a day
+            error = getattr(exc, "reply", None) or str(exc) or type(exc).__name__
+            final = notice["attempts"] >= GIVE_UP_AFTER or isinstance(exc, UpstreamRejected)
+            retry_at = None if final else iso(self.clock() + timedelta(minutes=2 ** notice["attempts"]))
+            await self.writer.run(partial(db.finish_notification, error=error, next_attempt_at=retry_at),
+                                  notice["id"], now, "failed" if final else "pending")
+            log_event(log, "notice", level=logging.WARNING, code=notice["code"], to=notice["mail_from"],
+                      result="given up" if final else "retry", problem=error)
+            return
+        await self.writer.run(db.finish_notification, notice["id"], now, "sent")
+        log_event(log, "notice", code=notice["code"], to=notice["mail_from"], state=notice["state"], result="sent")

@@ -58,7 +58,7 @@ def build_notice(job: dict[str, Any], *, hostname: str, from_address: str) -> by
     report["Date"] = email.utils.formatdate()
     report["Message-ID"] = email.utils.make_msgid(f"notice.{job['code']}", hostname)
     report["Auto-Submitted"] = "auto-replied"
-    report.attach(MIMEText(text, "plain", "utf-8"))
+    report.attach(_text(text, "plain"))
     per_message, per_recipient = Message(), Message()
     per_message["Reporting-MTA"] = f"dns; {hostname}"
     per_message["X-Fax-Job-Code"] = job["code"]
@@ -72,8 +72,13 @@ def build_notice(job: dict[str, Any], *, hostname: str, from_address: str) -> by
     delivery_status.set_payload([per_message, per_recipient])
     report.attach(delivery_status)
     headers = mime.split(job["raw"])[0].decode("utf-8", "replace")
-    report.attach(MIMEText(headers, "rfc822-headers", "utf-8"))
+    report.attach(_text(headers, "rfc822-headers"))
     return report.as_bytes(policy=email.policy.SMTP)
+
+
+def _text(text: str, subtype: str) -> MIMEText:
+    """A text part readable as it is (7bit) when it is ASCII, as most notices and headers are."""
+    return MIMEText(text, subtype, "us-ascii" if text.isascii() else "utf-8")
 
 
 class Notifier:

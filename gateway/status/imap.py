@@ -125,8 +125,13 @@ class ImapReader:
         password = s.password.get_secret_value() if s.password else ""
         try:
             mailbox.login(s.username or "", password, initial_folder=None)
+            # imaplib keeps the capabilities of the greeting; servers announce
+            # more (MOVE, UIDPLUS) once logged in.
+            typ, data = mailbox.client.capability()
+            if typ == "OK" and data and data[-1]:
+                mailbox.client.capabilities = tuple(data[-1].decode().upper().split())
         except Exception:
-            mailbox.logout() if mailbox.client.state != "LOGOUT" else None
+            mailbox.client.shutdown()
             raise
         return mailbox
 

@@ -160,3 +160,14 @@ async def test_sandbox_returns_status_mail_into_the_imap_mailbox(tmp_path, dovec
         assert email.message_from_bytes(moved)["Subject"].endswith(f"[{code}]")
     finally:
         await service.stop()
+
+
+async def test_server_without_idle_is_polled(gateway, sandbox, tmp_path):
+    # Dovecot announces what imap_capability says: here everything but IDLE.
+    no_idle = "imap_capability = IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE LITERAL+ MOVE UIDPLUS\n"
+    with DovecotInstance(tmp_path / "imap-no-idle", extra_config=no_idle) as imap:
+        gw = await gateway(status={"imap": imap_settings(imap) | {"poll_interval": 0.5}})
+        await until(lambda: gw.service.imap.state.connected)
+        job = await submitted_job(gw)
+        imap.deliver(status_mail_for(job))
+        await gw.wait_state(job["code"], "delivered")

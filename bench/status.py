@@ -82,6 +82,7 @@ def mails(jobs: list[tuple[str, str]]) -> list[bytes]:
 def settings_for(tmp: Path, port: int) -> config.Settings:
     return config.validate({
         "smtp": {"listen": [f"127.0.0.1:{port}"]},
+        "http": {"listen": ["127.0.0.1:0"]},
         "store": {"path": str(tmp / "store.sqlite3")},
         "upstream": {"host": "127.0.0.1", "port": free_port(), "tls": "none", "account_sender": ACCOUNT_SENDER,
                      "return_path": "bounce@bench.example"},
@@ -118,7 +119,7 @@ async def over_smtp(tmp: Path, count: int, sessions: int) -> dict[str, float]:
     cfg = tmp / "faxgw.toml"
     settings = settings_for(tmp, port)
     cfg.write_text(
-        f'[smtp]\nlisten = ["127.0.0.1:{port}"]\n[store]\npath = "{settings.store.path}"\n'
+        f'[http]\nlisten = ["127.0.0.1:0"]\n[smtp]\nlisten = ["127.0.0.1:{port}"]\n[store]\npath = "{settings.store.path}"\n'
         f'[upstream]\nhost = "127.0.0.1"\nport = {free_port()}\ntls = "none"\naccount_sender = "{ACCOUNT_SENDER}"\n'
         f'return_path = "bounce@bench.example"\n[status]\nlisten = ["127.0.0.1:{port}"]\n'
         f'trusted_sender_domains = ["sandbox.greenfax.localhost"]\n[notifications]\nenabled = false\n'

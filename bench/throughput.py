@@ -502,6 +502,7 @@ class GatewayRelay:
     def config_text(self, workdir: Path, port: int, upstream_port: int) -> str:
         sections: dict[str, dict[str, Any]] = {
             "smtp": {"listen": [f"{HOST}:{port}"], "hostname": "gw.bench.localhost"},
+            "http": {"listen": [f"{HOST}:0"]},
             "store": {"path": str(workdir / "store" / "faxgw.sqlite3")},
             "upstream": {"host": HOST, "port": upstream_port, "tls": "none", "account_sender": ACCOUNT_SENDER,
                          "return_path": RETURN_PATH},

@@ -10,7 +10,6 @@ import asyncio
 import json
 import sqlite3
 import sys
-from datetime import datetime, timedelta
 from typing import Any
 
 import click
@@ -18,9 +17,10 @@ import click
 from gateway import config as config_module
 from gateway import logs, store
 from gateway.store import reports as reports_db
+from gateway.cli_feed import feed
 from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.models import JobState, Refusal
+from gateway.models import JobState
 
 STATES = [state.value for state in JobState]
 
@@ -147,9 +147,13 @@ def check_config(obj: Context) -> None:
     """
     from gateway.rules import load_addressing
 
+    from gateway.status.mailrules import load_rules
+
     settings = obj.settings
     rules = load_addressing(settings.addressing)
+    status_rules = load_rules(settings.status.rule_files)
     data = config_module.effective(settings)
+    data["status_rules"] = [rule.name for rule in status_rules.rules]
     data["addressing"] = rules.model_dump(mode="json")
     click.echo(f"# {settings.source}: OK" + (" (SANDBOX)" if settings.sandbox_mode else ""))
     click.echo(json.dumps(data, indent=2, default=str))
@@ -177,44 +181,6 @@ def passwd(user: str, from_stdin: bool) -> None:
 
 
 # --- status ------------------------------------------------------------------------------
-
-
-def _since(value: str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return store.iso(store.utcnow() - timedelta(seconds=config_module.parse_duration(value)))
-    except ValueError:
-        pass
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected a duration (\"2h\", \"3d\") or a date (\"2026-11-20\")",
-                                 param_hint="'--since'") from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return store.iso(moment)
-
-
-def _number(obj: Context, value: str | None) -> str | None:
-    if value is None:
-        return None
-    from gateway.policy import Policy
-    from gateway.rules import load_addressing
-
-    # Normalise as intake does, but without the policy's refusals: a filter
-    # must find past jobs to numbers the current rules would no longer accept.
-    rules = load_addressing(obj.settings.addressing)
-    numbers = rules.numbers.model_copy(update={"allow_international": True, "refused_types": [],
-                                               "refused_country_codes": []})
-    policy = Policy(obj.settings, rules.model_copy(update={"numbers": numbers}))
-    result = policy.parse_number(value, international=False, address=value)
-    if isinstance(result, Refusal):
-        problem = result.reply.text.removeprefix(f"<{value}>: ")
-        if result.check == "number-syntax":
-            problem = "expected a fax number such as \"+1 212 555 0123\" or 12125550123"
-        raise click.BadParameter(f"{value!r}: {problem}", param_hint="'--number'")
-    return result.e164
 
 
 def _age(created_at: str) -> str:
@@ -260,9 +226,16 @@ def status(obj: Context, states: tuple[str, ...], number: str | None, sender: st
       faxgw status --state deferred --state unknown
       faxgw status --number "+1 212 555 0123" --since 2d --json
     """
-    since_iso, number_e164 = _since(since), _number(obj, number)
+    from gateway.jobfilter import FilterError, parse_filter
+    from gateway.rules import load_addressing
+
+    region = load_addressing(obj.settings.addressing).numbers.default_region
+    try:
+        query = parse_filter(states=states, number=number, sender=sender, since=since, limit=limit, region=region)
+    except FilterError as exc:
+        raise click.BadParameter(exc.message, param_hint=f"'--{exc.parameter}'") from None
     conn = obj.read_store()
-    jobs = store.list_jobs(conn, states=states, number=number_e164, sender=sender, since=since_iso, limit=limit)
+    jobs = store.list_jobs(conn, **query.as_query())
     if as_json:
         click.echo(json.dumps(jobs, indent=2))
         return
@@ -426,6 +399,9 @@ def rules_test(obj: Context, files: tuple[str, ...]) -> None:
                         "reported_at", "reported_at_raw", "trusted"):
                 value = getattr(report, key)
                 click.echo(f"  {key + ':':16} {value if value is not None else '-'}")
+
+
+cli.add_command(feed)
 
 
 def main() -> None:

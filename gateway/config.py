@@ -19,6 +19,7 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -29,6 +30,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -145,6 +147,19 @@ Address = Annotated[str, AfterValidator(_address)]
 PasswordHash = Annotated[str, AfterValidator(_argon2_hash)]
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return _is_loopback(urlsplit(url).hostname or "")
+
+
 def _is_private(host: str) -> bool:
     try:
         ip = ipaddress.ip_address(host)
@@ -240,6 +255,12 @@ class SandboxSettings(Section):
     # listener, appended to the [status.imap] mailbox, or not at all.
     status_mail: Literal["smtp", "imap", "none"] = "smtp"
     status_delay: Duration = 0.2
+    notify: bool = True  # call the gateway's Notify URL after each fax, as GreenFax does
+    # Serve the XML feed (GreenFax's rules, a shorter interval) and let the gateway
+    # poll it, unless [feed] url is set.
+    feed: bool = True
+    feed_listen: HostPort = "127.0.0.1:2527"
+    feed_min_interval: Duration = 25
 
 
 class ImapSettings(Section):
@@ -275,6 +296,81 @@ class StatusSettings(Section):
     imap: ImapSettings = Field(default_factory=ImapSettings)
 
 
+class HttpSettings(Section):
+    """The gateway's HTTP listener: JSON API, health check, metrics (and Notify unless it has its own)."""
+
+    listen: list[HostPort] = ["127.0.0.1:8025"]
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    api_token: Secret = None  # bearer token for /api/*; required when a listener is not loopback-only
+
+    @model_validator(mode="after")
+    def _check(self) -> HttpSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("http.tls_cert and http.tls_key must be given together")
+        return self
+
+    @property
+    def loopback_only(self) -> bool:
+        return all(_is_loopback(host) for host, _port in self.listen)
+
+
+class NotifySettings(Section):
+    """GreenFax's HTTP Notify calls: GET /greenfax/notify/<token>."""
+
+    token: list[Secret] | Secret = None  # one token, or a list while rotating
+    listen: list[HostPort] = []  # its own listeners (it faces the internet); empty = the [http] ones
+    allowed_networks: list[Network] = []  # empty = any source
+    trusted: bool = False  # reports count as trusted (number+window matching) only when this is true
+
+    @property
+    def tokens(self) -> list[str]:
+        values = self.token if isinstance(self.token, list) else [self.token]
+        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
+
+class GreenfaxSettings(Section):
+    """Facts of the GreenFax account."""
+
+    timezone: str = "America/New_York"  # the zone of the XML feed's dates
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("expected an IANA time zone such as \"America/New_York\"") from None
+        return value
+
+
+class FeedSettings(Section):
+    """The XML data feed poller (GreenFax: at most one request per 20 minutes, ranges of at most 90 days)."""
+
+    url: str | None = None  # e.g. https://www.greenfax.com/api/xml/outbound.php; None = no polling
+    accountid: str | None = None
+    password: Secret = None
+    min_interval: Duration = 21 * 60
+    interval: Duration = 30 * 60  # how often to poll (never below min_interval)
+    ca_file: Path | None = None
+    timeout: Duration = 60
+    backfill_days: int = Field(default=2, ge=1, le=3650)  # how far back the first poll looks
+
+    @model_validator(mode="after")
+    def _check(self) -> FeedSettings:
+        if self.url and self.min_interval < 20 * 60 and not _is_loopback_url(self.url):
+            raise ValueError(
+                "feed.min_interval below 20 minutes breaks GreenFax's rule; it is accepted only for a"
+                " loopback feed URL (the sandbox)"
+            )
+        return self
+
+
+class ReconcileSettings(Section):
+    after: Duration = 2 * 3600  # a submitted job without a result this long is looked up in the feed
+    resend_unknown: bool = False  # resend `unknown` jobs the feed does not show (costs a second fax)
+
+
 class NotificationSettings(Section):
     """Delivery status notifications to the original sender of a fax."""
 
@@ -298,6 +394,11 @@ class Settings(Section):
     log: LogSettings = Field(default_factory=LogSettings)
     status: StatusSettings = Field(default_factory=StatusSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+    greenfax: GreenfaxSettings = Field(default_factory=GreenfaxSettings)
+    feed: FeedSettings = Field(default_factory=FeedSettings)
+    reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
     addressing: dict[str, Any] = {}  # overrides of rules/addressing.toml, key by key
     source: str = "(built-in sandbox defaults)"
 
@@ -313,6 +414,8 @@ class Settings(Section):
             raise ValueError("upstream.host is required (or set [sandbox] enabled = true)")
         elif not self.upstream.account_sender or not self.upstream.return_path:
             raise ValueError("upstream.account_sender and upstream.return_path are required")
+        if not self.http.loopback_only and self.http.api_token is None:
+            raise ValueError("http.api_token is required when [http] listens beyond loopback (the API shows jobs)")
         return self
 
     @property
@@ -360,11 +463,38 @@ def validate(data: dict[str, Any], *, source: str, base: Path) -> Settings:
         status.setdefault("listen", list(data.get("smtp", {}).get("listen", ["127.0.0.1:2525"])))
         status.setdefault("trusted_sender_domains", ["sandbox.greenfax.localhost"])
         data["status"] = status
+        notify = dict(data.get("notify", {}))
+        notify.setdefault("token", "sandbox-notify-token")
+        data["notify"] = notify
+        _sandbox_feed_defaults(data)
     try:
         settings = Settings.model_validate(data, context={"base": base})
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
     return _resolve_paths(settings, base)
+
+
+SANDBOX_FEED_ACCOUNT = ("sandbox", "sandbox-feed-password")
+
+
+def _sandbox_feed_defaults(data: dict[str, Any]) -> None:
+    """In sandbox mode the gateway polls the sandbox's own feed, a little slower than the sandbox allows."""
+    sandbox = data.get("sandbox", {})
+    if not sandbox.get("feed", True) or "url" in data.get("feed", {}):
+        return
+    try:
+        host, port = parse_host_port(sandbox.get("feed_listen", "127.0.0.1:2527"))
+        minimum = parse_duration(sandbox.get("feed_min_interval", 25))
+    except ValueError:
+        return  # validation reports the bad value
+    feed = dict(data.get("feed", {}))
+    if port:  # port 0: the service fills in the port it gets
+        feed["url"] = f"http://{host}:{port}/api/xml/outbound.php"
+    feed.setdefault("accountid", SANDBOX_FEED_ACCOUNT[0])
+    feed.setdefault("password", SANDBOX_FEED_ACCOUNT[1])
+    feed.setdefault("min_interval", minimum + 5)
+    feed.setdefault("interval", max(60, minimum + 5))
+    data["feed"] = feed
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
@@ -376,7 +506,16 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         update={"tls_cert": absolute(settings.smtp.tls_cert), "tls_key": absolute(settings.smtp.tls_key)}
     )
     upstream = settings.upstream.model_copy(update={"ca_file": absolute(settings.upstream.ca_file)})
-    return settings.model_copy(update={"store": store, "smtp": smtp, "upstream": upstream})
+    imap = settings.status.imap.model_copy(update={"ca_file": absolute(settings.status.imap.ca_file)})
+    status = settings.status.model_copy(
+        update={"rule_files": [absolute(p) for p in settings.status.rule_files], "imap": imap}
+    )
+    http = settings.http.model_copy(
+        update={"tls_cert": absolute(settings.http.tls_cert), "tls_key": absolute(settings.http.tls_key)}
+    )
+    feed = settings.feed.model_copy(update={"ca_file": absolute(settings.feed.ca_file)})
+    return settings.model_copy(update={"store": store, "smtp": smtp, "upstream": upstream, "status": status,
+                                       "http": http, "feed": feed})
 
 
 def _describe(error: dict[str, Any]) -> str:
@@ -410,11 +549,14 @@ def _known_keys(section: tuple[Any, ...]) -> list[str]:
 def effective(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data, secrets masked, for `faxgw check-config`."""
     data = settings.model_dump(mode="json")
-    for section in data.values():
-        if not isinstance(section, dict):
-            continue
-        for key, value in section.items():
-            if any(word in key for word in SECRET_KEYS) and value:
-                section[key] = "********"
+
+    def mask(table: dict[str, Any]) -> None:
+        for key, value in table.items():
+            if isinstance(value, dict):
+                mask(value)
+            elif any(word in key for word in SECRET_KEYS) and value:
+                table[key] = "********"
+
+    mask(data)
     data["smtp"]["users"] = {user: "(argon2 hash)" for user in data["smtp"]["users"]}
     return data

@@ -29,6 +29,7 @@ from gateway.errors import (
     UpstreamUnknown,
 )
 from gateway.logs import log_event
+from gateway.metrics import Metrics
 from gateway.models import ClaimedJob, JobState
 from gateway.rules import JobCodeRules
 from gateway.store import Writer, backoff, claim_due, iso, parse_iso, record_outcome
@@ -59,6 +60,15 @@ class Forwarder:
         self._shutdown_done = asyncio.Event()
         self.last_success: datetime | None = None
         self.last_setup_failure: str | None = None
+        self.last_setup_failure_at: datetime | None = None
+        self.metrics: Metrics | None = None
+
+    @property
+    def setup_failing(self) -> bool:
+        """The last set-up failure is newer than the last success: the operator must act."""
+        if self.last_setup_failure_at is None:
+            return False
+        return self.last_success is None or self.last_setup_failure_at > self.last_success
 
     def wake(self) -> None:
         """Called by intake after a commit: there is new work."""
@@ -159,6 +169,8 @@ class Forwarder:
             state, detail = JobState.SUBMITTED, "accepted by the upstream"
             self.last_success = self.clock()
         await self._record(job, state, detail, reply)
+        if self.metrics is not None:
+            self.metrics.forwards.labels(state.value).inc()
         log_event(log, "forward", code=job.code, number=job.number, attempt=job.attempts,
                   result=state.value, reply=reply or detail, ms=round((time.monotonic() - started) * 1000, 1),
                   level=logging.WARNING if state in (JobState.UNKNOWN, JobState.REJECTED) else logging.INFO)
@@ -173,6 +185,7 @@ class Forwarder:
             return JobState.HELD, str(exc), reply
         if isinstance(exc, UpstreamSetupError):
             self.last_setup_failure = f"{exc}{': ' + reply if reply else ''}"
+            self.last_setup_failure_at = self.clock()
             self._paused_until = time.monotonic() + self.settings.retry_initial
             log_event(log, "upstream-setup-failure", level=logging.ERROR, upstream=self.endpoint.describe(),
                       problem=str(exc), reply=reply,

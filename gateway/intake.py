@@ -26,6 +26,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Se
 from gateway import mime, replies
 from gateway.errors import StoreError, StoreFull
 from gateway.logs import log_event
+from gateway.metrics import Metrics
 from gateway.models import NULL_SENDER, FaxNumber, NewMessage, Recipient, Refusal, Reply
 from gateway.passwords import PasswordChecker
 from gateway.policy import SUBJECT_MAILBOX, Policy
@@ -202,6 +203,7 @@ class Intake:
                  on_queued: Callable[[], None], passwords: PasswordChecker, status: StatusMail) -> None:
         self.policy = policy
         self.status = status
+        self.metrics: Metrics | None = None
         self.writer = writer
         self.sandbox = sandbox
         self.on_queued = on_queued
@@ -314,6 +316,8 @@ class Intake:
             log.error("store write failed: %s", exc)
             return str(replies.STORE_FAILED)
         self.on_queued()
+        if self.metrics is not None:
+            self.metrics.accepted.inc()
         reply = replies.queued(codes, sandbox=self.sandbox)
         log_event(log, "accepted", client=session.peer[0], user=message.auth_user, codes=" ".join(codes),
                   numbers=" ".join(r.number.e164 for r in recipients), size=len(raw), reply=str(reply),
@@ -349,6 +353,8 @@ class Intake:
         # The reply to a refused attachment names its file, and logs never
         # carry file names (DESIGN.md, "Privacy"): log its codes only.
         shown = f"{reply.code} {reply.enhanced}" if refusal.check == "content-type" else str(reply)
+        if self.metrics is not None:
+            self.metrics.refused.labels(refusal.check).inc()
         log_event(log, "refused", client=session.peer[0] if session.peer else "?", check=refusal.check,
                   reply=shown, **fields)
 

@@ -2,7 +2,9 @@
 
 Start-up order matters for safety: take the store's exclusive lock, migrate,
 turn jobs left in `sending` by a crash into `unknown`, and only then start
-the forwarder and open the listeners.
+the runners (forwarder, notifier, IMAP reader, feed poller) and open the
+listeners. Stopping runs the other way: listeners first, then the runners
+(sends in flight may finish), then the store writer.
 """
 
 from __future__ import annotations
@@ -11,50 +13,59 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
+from typing import Any
 
 from gateway import store
-from gateway.config import Settings
-from gateway.errors import ConfigError
+from gateway.config import SANDBOX_FEED_ACCOUNT, Settings
+from gateway.errors import ConfigError, StoreError
 from gateway.forward import Forwarder
 from gateway.intake import Intake, Role, smtp_factory
-from gateway.notices import Notifier
 from gateway.logs import log_event
+from gateway.metrics import Metrics
+from gateway.notices import Notifier
 from gateway.passwords import PasswordChecker
 from gateway.policy import Policy
 from gateway.rules import load_addressing
+from gateway.sandbox.notifycall import NotifyCaller
 from gateway.sandbox.statusmail import StatusMailer, imap_delivery, smtp_delivery
+from gateway.status.feed import FeedPoller
 from gateway.status.imap import ImapReader, meta_reader
 from gateway.status.inbound import StatusMail
 from gateway.status.mailrules import load_rules
 from gateway.upstream import Endpoint
+from gateway.web import Web
 
 log = logging.getLogger("faxgw.service")
 SHUTDOWN_GRACE = 10.0  # seconds in-flight forwards may take to finish on stop
 
 
 class Service:
-    """The running gateway: intake listeners, forwarder, store writer and (in sandbox mode) the sandbox."""
+    """The running gateway: listeners, runners, store writer and (in sandbox mode) the sandbox."""
 
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = store.utcnow) -> None:
         self.settings = settings
         self.clock = clock
         self.rules = load_addressing(settings.addressing)
-        self.status_mail = StatusMail(settings, load_rules(settings.status.rule_files))
-        self.status_addresses: list[tuple[str, int]] = []  # listeners taking status mail, as bound
-        self._status_mailer: StatusMailer | None = None
-        self.imap: ImapReader | None = None
-        self.notifier: Notifier | None = None
-        self._notifier_task: asyncio.Task[None] | None = None
-        self._imap_task: asyncio.Task[None] | None = None
-        self.lock = store.StoreLock(settings.store.path)
-        self.writer = store.Writer(settings.store.path)
+        path = settings.store.path
+        self.read_store = lambda: store.connect(path, readonly=True)
+        self.metrics = Metrics(self.read_store)
+        self.status_mail = StatusMail(settings, load_rules(settings.status.rule_files), metrics=self.metrics)
+        self.lock = store.StoreLock(path)
+        self.writer = store.Writer(path)
         self.servers: list[asyncio.Server] = []
+        self.status_addresses: list[tuple[str, int]] = []  # listeners taking status mail, as bound
+        self.forwarder: Forwarder | None = None
+        self.notifier: Notifier | None = None
+        self.imap: ImapReader | None = None
+        self.web: Web | None = None
+        self.feed: FeedPoller | None = None
+        self._sandbox_feed: Any = None  # the sandbox's feed server (an aiohttp runner)
         self.sandbox = None
         self.sandbox_server: asyncio.Server | None = None
-        self.forwarder: Forwarder | None = None
-        self._forward_task: asyncio.Task[None] | None = None
+        self._sandbox_helpers: list[Any] = []  # the sandbox's status mailer and Notify caller
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     # --- start and stop -----------------------------------------------------------
 
@@ -65,51 +76,53 @@ class Service:
             self.writer.start()
             endpoint = await self._upstream_endpoint()
             self.notifier = Notifier(self.settings, self.writer, endpoint, clock=self.clock)
-            self._notifier_task = asyncio.create_task(self.notifier.run(), name="notifier")
             self.forwarder = Forwarder(
                 settings=self.settings.upstream, endpoint=endpoint, writer=self.writer,
                 jobcode=self.rules.jobcode, hostname=self.settings.smtp.hostname, clock=self.clock,
                 notify_states=self.status_mail.policy.notify_states, on_notice=self.notifier.wake,
             )
-            self._forward_task = asyncio.create_task(self.forwarder.run(), name="forwarder")
+            self.forwarder.metrics = self.metrics
+            self._run("notifier", self.notifier.run())
+            self._run("forwarder", self.forwarder.run())
             await self._listen()
-            self._start_sandbox_status_mail()
+            await self._start_web()
             self._start_imap()
+            await self._start_feed()
+            self._start_sandbox_reporting()
         except BaseException:
             await self.stop()
             raise
         mode = "SANDBOX: faxes go to the built-in GreenFax stand-in, nothing is faxed" \
             if self.settings.sandbox_mode else f"upstream {endpoint.describe()}"
         log_event(log, "started", listen=" ".join(f"{h}:{p}" for h, p in self.smtp_addresses),
+                  http=" ".join(f"{h}:{p}" for h, p in self.web.addresses["http"]) if self.web else None,
                   store=str(self.settings.store.path), mode=mode, config=self.settings.source)
 
     async def stop(self) -> None:
-        if self.imap is not None and self._imap_task is not None:
+        if self.imap is not None:
             self.imap.stop()  # the reader's thread notices within a second
-            await asyncio.wait({self._imap_task}, timeout=10)
-            self._imap_task.cancel()
-            self._imap_task = None
+            await self._end("imap", grace=10)
         for server in self.servers:
             server.close()
         for server in self.servers:
             await server.wait_closed()
         self.servers.clear()
-        if self._forward_task is not None:
-            if self.forwarder is not None:
-                try:
-                    async with asyncio.timeout(SHUTDOWN_GRACE + 5):
-                        await self.forwarder.shutdown(SHUTDOWN_GRACE)
-                except TimeoutError:
-                    log.error("forwarder did not stop in time; jobs it was sending become unknown at the next start")
-            self._forward_task.cancel()
-            await asyncio.gather(self._forward_task, return_exceptions=True)
-            self._forward_task = None
-        if self._notifier_task is not None:
-            self._notifier_task.cancel()
-            await asyncio.gather(self._notifier_task, return_exceptions=True)
-            self._notifier_task = None
-        if self._status_mailer is not None:
-            await self._status_mailer.close()
+        if self.web is not None:
+            await self.web.stop()
+        if self.forwarder is not None and "forwarder" in self._tasks:
+            try:
+                async with asyncio.timeout(SHUTDOWN_GRACE + 5):
+                    await self.forwarder.shutdown(SHUTDOWN_GRACE)
+            except TimeoutError:
+                log.error("forwarder did not stop in time; jobs it was sending become unknown at the next start")
+        for name in list(self._tasks):
+            await self._end(name)
+        for helper in self._sandbox_helpers:
+            await helper.close()
+        self._sandbox_helpers.clear()
+        if self._sandbox_feed is not None:
+            await self._sandbox_feed.cleanup()
+            self._sandbox_feed = None
         if self.sandbox_server is not None:
             self.sandbox_server.close()
             self.sandbox_server = None
@@ -127,6 +140,18 @@ class Service:
             log_event(log, "stopping")
         finally:
             await self.stop()
+
+    def _run(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
+        self._tasks[name] = asyncio.create_task(coroutine, name=name)
+
+    async def _end(self, name: str, grace: float = 0) -> None:
+        task = self._tasks.pop(name, None)
+        if task is None:
+            return
+        if grace:
+            await asyncio.wait({task}, timeout=grace)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     # --- parts ------------------------------------------------------------------------
 
@@ -169,31 +194,6 @@ class Service:
         return Endpoint(host=host, port=port, tls="none", username=sb.username,
                         password=credentials[1] if credentials else None, helo_name="gateway.localhost")
 
-    def _start_imap(self) -> None:
-        imap = self.settings.status.imap
-        if not imap.host:
-            return
-        path = self.settings.store.path
-        self.imap = ImapReader(imap, self.status_mail, self.writer,
-                               read_meta=meta_reader(lambda: store.connect(path, readonly=True)))
-        self._imap_task = asyncio.create_task(self.imap.run(), name="imap")
-
-    def _start_sandbox_status_mail(self) -> None:
-        """The sandbox returns each fax's status email, as GreenFax does, to the gateway's status listener."""
-        sb = self.settings.sandbox
-        if self.sandbox is None or sb.status_mail == "none":
-            return
-        if sb.status_mail == "imap":
-            deliver = imap_delivery(self.settings.status.imap)
-        elif self.status_addresses:
-            deliver = smtp_delivery(*self.status_addresses[0])
-        else:
-            log.warning("the sandbox cannot return status mail: no [status] listen address")
-            return
-        self._status_mailer = StatusMailer(self.settings.upstream.account_sender or "", deliver,
-                                           delay=sb.status_delay)
-        self.sandbox.on_fax.append(self._status_mailer)
-
     async def _listen(self) -> None:
         smtp = self.settings.smtp
         tls_context = self._tls_context()
@@ -203,6 +203,7 @@ class Service:
             on_queued=self.forwarder.wake if self.forwarder else (lambda: None),
             passwords=PasswordChecker(smtp.users), status=self.status_mail,
         )
+        intake.metrics = self.metrics
         status_listen = self.settings.status.listen
         listeners = [(addr, False, Role(fax=True, status=addr in status_listen)) for addr in smtp.listen]
         listeners += [(addr, True, Role(fax=True, status=addr in status_listen)) for addr in smtp.listen_tls]
@@ -220,6 +221,66 @@ class Service:
             if role.status:
                 self.status_addresses.append(server.sockets[0].getsockname()[:2])
 
+    async def _start_web(self) -> None:
+        self.web = Web(self.settings, writer=self.writer, policy=self.status_mail.policy, metrics=self.metrics,
+                       read_store=self.read_store, health=self.health,
+                       region=self.rules.numbers.default_region)
+        await self.web.start()
+
+    def _start_imap(self) -> None:
+        imap = self.settings.status.imap
+        if not imap.host:
+            return
+        self.imap = ImapReader(imap, self.status_mail, self.writer, read_meta=meta_reader(self.read_store))
+        self._run("imap", self.imap.run())
+
+    async def _start_feed(self) -> None:
+        """The XML feed poller; in sandbox mode against the sandbox's own feed (GreenFax's rules, shorter interval)."""
+        settings = self.settings
+        sb = settings.sandbox
+        if self.sandbox is not None and sb.feed:
+            from gateway.sandbox.feed import FEED_PATH, start_feed
+
+            host, port = sb.feed_listen
+            accountid, password = SANDBOX_FEED_ACCOUNT
+            try:
+                self._sandbox_feed, port = await start_feed(
+                    self.sandbox, host, port, timezone=settings.greenfax.timezone,
+                    min_interval=sb.feed_min_interval, accountid=accountid, password=password)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen for the sandbox feed on {host}:{port}: {exc.strerror}") from None
+            if not settings.feed.url:  # feed_listen asked for any free port
+                feed = settings.feed.model_copy(update={"url": f"http://{host}:{port}{FEED_PATH}"})
+                settings = settings.model_copy(update={"feed": feed})
+        if not settings.feed.url:
+            return
+        self.feed = FeedPoller(settings, self.writer, self.status_mail.policy, clock=self.clock)
+        self.feed.metrics = self.metrics
+        self._run("feed", self.feed.run())
+
+    def _start_sandbox_reporting(self) -> None:
+        """The sandbox reports each fax as GreenFax does: a status email and an HTTP Notify call."""
+        sb = self.settings.sandbox
+        if self.sandbox is None:
+            return
+        deliver = None
+        if sb.status_mail == "imap":
+            deliver = imap_delivery(self.settings.status.imap)
+        elif sb.status_mail == "smtp" and self.status_addresses:
+            deliver = smtp_delivery(*self.status_addresses[0])
+        elif sb.status_mail == "smtp":
+            log.warning("the sandbox cannot return status mail: no [status] listen address")
+        if deliver is not None:
+            mailer = StatusMailer(self.settings.upstream.account_sender or "", deliver, delay=sb.status_delay)
+            self.sandbox.on_fax.append(mailer)
+            self._sandbox_helpers.append(mailer)
+        tokens = self.settings.notify.tokens
+        if sb.notify and tokens and self.web is not None:
+            host, port = (self.web.addresses["notify"] or self.web.addresses["http"])[0]
+            caller = NotifyCaller(f"http://{host}:{port}/greenfax/notify/{tokens[0]}", delay=sb.status_delay)
+            self.sandbox.on_fax.append(caller)
+            self._sandbox_helpers.append(caller)
+
     def _tls_context(self) -> ssl.SSLContext | None:
         smtp = self.settings.smtp
         if not smtp.tls_cert:
@@ -230,6 +291,55 @@ class Service:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"smtp.tls_cert/smtp.tls_key: cannot load {smtp.tls_cert}: {exc}") from None
         return context
+
+    # --- health -----------------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """What /healthz reports: each part, and the failing ones named."""
+        failing: list[str] = []
+        try:
+            await self.writer.run(store.set_meta, "health_checked_at", store.iso(self.clock()))
+            store_part: dict[str, Any] = {"writable": True}
+        except StoreError as exc:
+            store_part = {"writable": False, "error": str(exc)}
+            failing.append(f"store: {exc}")
+        serving = [server.is_serving() for server in self.servers]
+        if not all(serving):
+            failing.append("listeners: an SMTP listener is down")
+        fwd = self.forwarder
+        upstream = {
+            "last_reached": store.iso(fwd.last_success) if fwd and fwd.last_success else None,
+            "last_setup_failure": fwd.last_setup_failure if fwd else None,
+            "last_setup_failure_at": store.iso(fwd.last_setup_failure_at) if fwd and fwd.last_setup_failure_at
+            else None,
+        }
+        if fwd is not None and fwd.setup_failing:
+            failing.append(f"upstream: {fwd.last_setup_failure}")
+        unknown = await asyncio.to_thread(self._count_unknown)
+        report: dict[str, Any] = {
+            "status": "failing" if failing else "ok", "failing": failing,
+            "mode": "SANDBOX" if self.settings.sandbox_mode else "production",
+            "store": store_part, "listeners": {"smtp": [f"{h}:{p}" for h, p in self.smtp_addresses],
+                                               "up": all(serving)},
+            "upstream": upstream, "unknown_jobs": unknown,
+        }
+        if self.imap is not None:
+            state = self.imap.state
+            report["imap"] = {"connected": state.connected, "last_error": state.last_error,
+                              "applied": state.applied}
+        if self.feed is not None:
+            feed = self.feed.state
+            report["feed"] = {"last_poll": store.iso(feed.last_poll_at) if feed.last_poll_at else None,
+                              "last_error": feed.last_error, "last_rows": feed.last_rows,
+                              "next_allowed": store.iso(feed.next_allowed_at) if feed.next_allowed_at else None}
+        return report
+
+    def _count_unknown(self) -> int:
+        conn = self.read_store()
+        try:
+            return conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'unknown'").fetchone()[0]
+        finally:
+            conn.close()
 
     @property
     def smtp_addresses(self) -> list[tuple[str, int]]:

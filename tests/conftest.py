@@ -130,6 +130,7 @@ def settings_for(tmp_path: Path, upstream_port: int, **sections: dict[str, Any])
     """Gateway settings for tests: listens on a free port, forwards to 127.0.0.1:upstream_port, fast retries."""
     data: dict[str, Any] = {
         "smtp": {"listen": ["127.0.0.1:0"], "hostname": "gw.test"},
+        "http": {"listen": ["127.0.0.1:0"]},
         "store": {"path": str(tmp_path / "store" / "faxgw.sqlite3")},
         "upstream": {"host": "127.0.0.1", "port": upstream_port, "tls": "none", "account_sender": ACCOUNT_SENDER,
                      "return_path": RETURN_PATH, "retry_initial": 0.2, "retry_max": 0.5, "timeout": 5,

@@ -187,6 +187,8 @@ def sandbox_config(path: Path) -> tuple[Path, int]:
         [smtp]
         listen = ["127.0.0.1:{port}"]
         hostname = "gw.test"
+        [http]
+        listen = ["127.0.0.1:0"]
     """)
     return config, port
 

@@ -98,15 +98,18 @@ def test_unknown_job_code_and_unknown_result_are_unmatched_with_raw_kept(conn):
     assert conn.execute("SELECT raw FROM reports WHERE id = ?", (kept[0]["id"],)).fetchone()[0].startswith("report")
 
 
-def test_same_report_twice_and_second_channel_change_nothing(conn):
+def test_same_report_twice_changes_nothing_and_a_second_channel_is_only_recorded(conn):
     code = make_job(conn)
     first = report(1, job_code=code)
     assert apply(conn, first).kind == "applied"
     events = len(store.get_job(conn, code)["events"])
     assert apply(conn, first).kind == "duplicate"
+    assert len(store.get_job(conn, code)["events"]) == events  # the very same report: not even an event
     again = apply(conn, report(2, job_code=code, channel=Channel.NOTIFY))
-    assert again.kind == "duplicate"
-    assert len(store.get_job(conn, code)["events"]) == events
+    job = store.get_job(conn, code)
+    assert again.kind == "duplicate" and job["state"] == "failed"
+    assert len(job["events"]) == events + 1
+    assert job["events"][-1]["state"] is None and job["events"][-1]["source"] == "notify"
 
 
 def test_contradicting_report_is_flagged_not_applied(conn):

@@ -32,6 +32,9 @@ KILL_AFTER = 90  # acknowledged messages before the kill
 def write_config(tmp_path: Path, smtp_port: int, upstream_port: int) -> Path:
     path = tmp_path / "faxgw.toml"
     path.write_text(f"""
+[http]
+listen = ["127.0.0.1:0"]
+
 [smtp]
 listen = ["127.0.0.1:{smtp_port}"]
 hostname = "gw.test"

@@ -143,8 +143,9 @@ async def test_uidvalidity_change_rescans_without_applying_twice(gateway, sandbo
 
 async def test_sandbox_returns_status_mail_into_the_imap_mailbox(tmp_path, dovecot):
     settings = config.validate({
-        "sandbox": {"enabled": True, "listen": ["127.0.0.1:0"], "status_mail": "imap"},
+        "sandbox": {"enabled": True, "listen": ["127.0.0.1:0"], "status_mail": "imap", "notify": False},
         "smtp": {"listen": ["127.0.0.1:0"]},
+        "http": {"listen": ["127.0.0.1:0"]},
         "store": {"path": str(tmp_path / "store.sqlite3")},
         "status": {"imap": imap_settings(dovecot)},
     }, source="test", base=tmp_path)

@@ -29,6 +29,9 @@ async def test_log_lines_carry_codes_and_replies_but_no_content_or_secrets(tmp_p
     smtp_port, sandbox_port = free_port(), free_port()
     config = tmp_path / "faxgw.toml"
     config.write_text(f"""
+[http]
+listen = ["127.0.0.1:0"]
+
 [smtp]
 listen = ["127.0.0.1:{smtp_port}"]
 plaintext_auth = ["127.0.0.1:{smtp_port}"]

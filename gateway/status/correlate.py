@@ -15,6 +15,11 @@
    never submitted is flagged too.
 5. Otherwise the job takes the report's result, with an event; sanity
    checks (delivered with 0 pages) flag the job but do not block.
+
+The XML feed (status/feed.py) passes a stricter `MatchScope`: number matching
+only for rows sent by the account sender, never to a job newer than the row,
+and a row that matches no job at all is `foreign`, not unmatched. Its Pending
+rows, which are not results, go through `apply_pending`.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from gateway.store import reports as db
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: str  # applied, duplicate, unmatched, contradicting, flagged
+    kind: str  # applied, duplicate, unmatched, contradicting, flagged (the feed also: foreign, pending)
     job_code: str | None
     detail: str
 
@@ -53,6 +58,27 @@ class CorrelationPolicy:
                    notify_states=frozenset(notes.on) if notes.enabled else frozenset())
 
 
+@dataclass(frozen=True)
+class MatchScope:
+    """How a report that does not name our job code may match a job (the XML feed is stricter).
+
+    `by_number`: number-and-window matching is allowed (None: when the report
+    is trusted). `created_before_report`: the job must exist no later than
+    the report's time plus this slack (the feed lists older faxes too, which
+    must not match a newer job to the same number). `no_match`: the outcome
+    of a report that matches no job by any key (the feed: "foreign");
+    `not_by_number`: why number matching does not apply, for the stored note.
+    """
+
+    by_number: bool | None = None
+    created_before_report: timedelta | None = None
+    no_match: str = "unmatched"
+    not_by_number: str = "matching by number does not apply to this report"
+
+
+DEFAULT_SCOPE = MatchScope()
+
+
 def summary(report: StatusReport) -> str:
     parts = [report.result.value if report.result else "unknown result"]
     if report.reason:
@@ -63,13 +89,45 @@ def summary(report: StatusReport) -> str:
     return f"{text} (by {report.channel.value}{', ref ' + report.reference_id if report.reference_id else ''})"
 
 
-def apply_report(conn: sqlite3.Connection, report: StatusReport, now: str, policy: CorrelationPolicy) -> Outcome:
+def apply_report(conn: sqlite3.Connection, report: StatusReport, now: str, policy: CorrelationPolicy,
+                 scope: MatchScope = DEFAULT_SCOPE) -> Outcome:
     """Correlate a new report and apply it; the report is stored with its outcome."""
     seen = db.report_seen(conn, report.dedup_key)
     if seen is not None:
         return Outcome("duplicate", seen["code"], f"report already received (#{seen['id']})")
-    job, why = _match(conn, report, policy, now)
-    kind, detail = _apply_to(conn, report, job, now, policy) if job is not None else ("unmatched", why)
+    job, why, nothing = _match(conn, report, policy, now, scope)
+    if job is None:
+        kind, detail = (scope.no_match if nothing else "unmatched"), why
+    else:
+        kind, detail = _apply_to(conn, report, job, now, policy)
+    db.insert_report(conn, report, now, kind, job["id"] if job is not None else None,
+                     why if kind == "applied" else detail)
+    return Outcome(kind, job["code"] if job is not None else None, detail)
+
+
+def apply_pending(conn: sqlite3.Connection, report: StatusReport, now: str, policy: CorrelationPolicy,
+                  scope: MatchScope = DEFAULT_SCOPE) -> Outcome:
+    """A report that the service is still working on a fax (the feed's Pending): not a result.
+
+    An `unknown` job it matches is one the service has, so it becomes
+    `submitted` (with an event); any other job changes nothing and only
+    learns GreenFax's job id. The report is stored once (outcome `pending`).
+    """
+    seen = db.report_seen(conn, report.dedup_key)
+    if seen is not None:
+        return Outcome("duplicate", seen["code"], f"report already received (#{seen['id']})")
+    job, why, nothing = _match(conn, report, policy, now, scope)
+    ref = f", ref {report.reference_id}" if report.reference_id else ""
+    if job is None:
+        kind, detail = (scope.no_match if nothing else "unmatched"), why
+    elif job["state"] == JobState.UNKNOWN.value and db.submit_unknown(
+            conn, job["id"], report.reference_id, now, source=report.channel.value,
+            detail=f"GreenFax has it: listed as pending (by {report.channel.value}{ref})"):
+        kind, detail = "applied", f"{job['code']} is with GreenFax (pending): submitted"
+    else:
+        if job["state"] in db.WAITING:
+            db.link_reference(conn, job["id"], report.reference_id)
+        kind, detail = "pending", f"{job['code']} is still pending at GreenFax"
     db.insert_report(conn, report, now, kind, job["id"] if job is not None else None,
                      why if kind == "applied" else detail)
     return Outcome(kind, job["code"] if job is not None else None, detail)
@@ -107,7 +165,10 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
     source = report.channel.value
     if state in FINAL_STATES:
         if state.value == report.result.value:
-            return "duplicate", f"{job['code']} is already {state.value}"
+            # Another report of the same outcome (often another channel): recorded, changes nothing.
+            detail = f"{job['code']} is already {state.value}"
+            db.note_on_job(conn, job["id"], now, source, f"also reported: {summary(report)}", flag=False)
+            return "duplicate", detail
         detail = f"contradicting report: {summary(report)}; the job stays {state.value} (flagged for review)"
         db.note_on_job(conn, job["id"], now, source, detail, flag=True)
         return "contradicting", detail
@@ -123,30 +184,34 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
     return "applied", text
 
 
-def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPolicy,
-           now: str) -> tuple[sqlite3.Row | None, str]:
+def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPolicy, now: str,
+           scope: MatchScope = DEFAULT_SCOPE) -> tuple[sqlite3.Row | None, str, bool]:
+    """(job, how or why not, True when no job matched by any key: not ambiguous, not refused)."""
     if report.job_code:
         job = db.job_by(conn, code=report.job_code)
         if job is not None:
             if not report.trusted and job["state"] not in db.WAITING and job["state"] != (
                     report.result.value if report.result else None):
-                return None, f"untrusted report names {report.job_code}, which is not waiting for a result"
-            return job, "by job code"
+                return None, f"untrusted report names {report.job_code}, which is not waiting for a result", False
+            return job, "by job code", False
     if report.reference_id:
         job = db.job_by(conn, reference_id=report.reference_id)
         if job is not None:
-            return job, "by GreenFax reference id"
+            return job, "by GreenFax reference id", False
     if not report.trusted:
-        return None, "untrusted report names no job code of ours"
+        return None, "untrusted report names no job code of ours", True
+    if scope.by_number is False:
+        return None, f"no job has this reference id, and {scope.not_by_number}", True
     if not report.fax_number:
-        return None, "no job code, reference id or fax number"
+        return None, "no job code, reference id or fax number", False
     anchor = report.reported_at or parse_iso(now)
-    candidates = db.waiting_by_number(conn, report.fax_number, iso(anchor - policy.window))
+    until = iso(anchor + scope.created_before_report) if scope.created_before_report is not None else None
+    candidates = db.waiting_by_number(conn, report.fax_number, iso(anchor - policy.window), until)
     if len(candidates) == 1:
-        return candidates[0], "by fax number and time window"
+        return candidates[0], "by fax number and time window", False
     if not candidates:
-        return None, f"no job to {report.fax_number} waiting for a result"
-    return None, f"ambiguous: several jobs to {report.fax_number} wait for a result"
+        return None, f"no job to {report.fax_number} waiting for a result", True
+    return None, f"ambiguous: several jobs to {report.fax_number} wait for a result", False
 
 
 def keep_unrecognised(conn: sqlite3.Connection, report: StatusReport, now: str) -> Outcome:

@@ -30,31 +30,97 @@ class Bounce:
     job_code: str | None
 
 
+# A part header, at the start of a line (CRLF, LF or a classic Mac's CR), maybe folded.
+_DELIVERY_STATUS_PART = re.compile(rb"(?:\A|[\r\n])content-type:[ \t]*(?:[\r\n]+[ \t]+)?message/delivery-status\b",
+                                   re.IGNORECASE)
+
+
 def is_dsn(mail: ParsedMail) -> bool:
-    return mail.content_type == "multipart/report" and "delivery-status" in mail.headers.get("content-type", "").lower()
+    """A delivery status notification, or something that holds one.
+
+    Besides multipart/report (RFC 3462), MTAs and filters send the
+    message/delivery-status part in a multipart/mixed (McAfee, OpenSMTPD),
+    forget the report-type, or wrap the whole report (Domino): any mail with
+    a message/delivery-status part is read as a DSN, and parse_bounce()
+    decides whether it has a per-recipient block.
+    """
+    if mail.content_type == "multipart/report" and "delivery-status" in mail.headers.get("content-type", "").lower():
+        return True
+    return _DELIVERY_STATUS_PART.search(mail.raw) is not None
 
 
 def parse_bounce(mail: ParsedMail, envelope_rcpts: tuple[str, ...] = ()) -> Bounce | None:
-    """The first per-recipient block of a DSN, with the job code it concerns; None if not a DSN."""
+    """The first per-recipient block of a DSN, with the job code it concerns; None if not a DSN.
+
+    Real MTAs bend RFC 3464 (see the corpus under ../shared/corpus/bounces):
+    the per-recipient fields may sit in the per-message block (no blank line
+    between them), a Diagnostic-Code may go on over lines that are not
+    folded, and a report may carry more than one message/delivery-status
+    part, the first of them free text. So the fields are read leniently, and
+    the recipient block is the first block, in any delivery-status part, that
+    has an Action (or else a Status).
+    """
     try:
         message = email.message_from_bytes(mail.raw, policy=email.policy.compat32)
+        blocks = [block for part in message.walk() if part.get_content_type() == "message/delivery-status"
+                  for block in _blocks(part)]
     except Exception:
         return None
-    status_part = next((p for p in message.walk() if p.get_content_type() == "message/delivery-status"), None)
-    if status_part is None:
+    first = next((b for b in blocks if b.get("action")), None) or next((b for b in blocks if b.get("status")), None)
+    if first is None:
         return None
-    blocks = status_part.get_payload()
-    recipients = [b for b in blocks[1:] if isinstance(b, Message)] if isinstance(blocks, list) else []
-    if not recipients:
-        return None
-    first = recipients[0]
     return Bounce(
-        action=str(first.get("Action", "")).strip().lower(),
-        status=str(first.get("Status", "")).strip(),
-        diagnostic=" ".join(str(first.get("Diagnostic-Code", "")).split()),
-        recipient=str(first.get("Final-Recipient", "")).split(";")[-1].strip(),
+        action=first.get("action", "").split()[0].lower() if first.get("action", "").split() else "",
+        status=first.get("status", "").split()[0] if first.get("status", "").split() else "",
+        diagnostic=" ".join(first.get("diagnostic-code", "").split()),
+        recipient=first.get("final-recipient", first.get("original-recipient", "")).split(";")[-1].strip(" <>"),
         job_code=_job_code(message, mail, envelope_rcpts),
     )
+
+
+_FIELD = re.compile(r"([A-Za-z][A-Za-z0-9-]*)[ \t]*:[ \t]*(.*)")
+
+
+def _blocks(part: Message) -> list[dict[str, str]]:
+    """The field blocks of one message/delivery-status part, read leniently (names lower-case)."""
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        # The email package has split the part into blocks already; a line that is
+        # not a field ended a block's fields and the rest of the block became its body.
+        texts = []
+        for block in payload:
+            if not isinstance(block, Message):
+                continue
+            lines = [f"{name}: {value}" for name, value in block.items()]
+            body = block.get_payload()
+            if isinstance(body, str) and body.strip():
+                lines.append(body)
+            texts.append("\n".join(lines))
+        text = "\n\n".join(texts)
+    else:
+        raw = part.get_payload(decode=True)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(payload or "")
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    last: str | None = None
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                blocks.append(current)
+            current, last = {}, None
+            continue
+        field = None if line[0] in " \t" else _FIELD.fullmatch(line.rstrip())
+        if field is not None:
+            last = field[1].lower()
+            if last in current:  # a field again: the next block began without a blank line
+                blocks.append(current)
+                current = {}
+            current[last] = field[2].strip()
+        elif last is not None:  # a folded line, or one an MTA forgot to indent
+            current[last] = f"{current[last]} {line.strip()}".strip()
+    if current:
+        blocks.append(current)
+    return blocks
 
 
 def _job_code(message: Message, mail: ParsedMail, envelope_rcpts: tuple[str, ...]) -> str | None:
@@ -77,10 +143,10 @@ def _job_code(message: Message, mail: ParsedMail, envelope_rcpts: tuple[str, ...
 def bounce_report(mail: ParsedMail, bounce: Bounce) -> StatusReport:
     """A failed bounce fails its job; anything else is informational (result None)."""
     failed = bounce.action == "failed"
-    detail = f"{bounce.action} {bounce.status} {bounce.diagnostic}".strip()
+    detail = " ".join(part for part in (bounce.action, bounce.status, bounce.diagnostic) if part)
     return StatusReport(
         channel=Channel.BOUNCE, trusted=False, raw=mail.raw.decode("utf-8", "replace"),
         result=Result.FAILED if failed else None, result_text=detail, reason="bounced" if failed else None,
-        job_code=bounce.job_code, dedup_key=dedup_key("mail", mail.message_id, mail.body), rule="dsn",
+        job_code=bounce.job_code, dedup_key=dedup_key("mail", *mail.identity()), rule="dsn",
         notes=() if failed else (f"informational DSN: {detail}",),
     )

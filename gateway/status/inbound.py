@@ -20,6 +20,7 @@ import dkim
 
 from gateway.config import Settings
 from gateway.logs import log_event
+from gateway.metrics import Metrics
 from gateway.models import Reply
 from gateway.status.correlate import CorrelationPolicy, Outcome, apply_report, keep_unrecognised
 from gateway.status.dsn import bounce_report, is_dsn, parse_bounce
@@ -43,8 +44,9 @@ class Verdict:
 class StatusMail:
     """Turns status mail into reports; shared by the SMTP status listener and the IMAP reader."""
 
-    def __init__(self, settings: Settings, rules: MailRules) -> None:
+    def __init__(self, settings: Settings, rules: MailRules, *, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.rules = rules
         self.policy = CorrelationPolicy.from_settings(settings)
         up = settings.upstream
@@ -78,32 +80,43 @@ class StatusMail:
         extraction = self.rules.extract(mail, channel=channel, trusted=trusted)
         if extraction is not None:
             fields = ", ".join(f"{k}={v!r}" for k, v in extraction.values.items())
-            return Verdict(extraction.report, "rule", f"rule {extraction.rule.name}: {fields}")
+            return Verdict(extraction.report, "rule", f"{extraction.rule.name}: {fields}")
         reasons = "; ".join(self.rules.explain(mail)) or "no rules loaded"
         report = StatusReport(channel=channel, trusted=trusted, raw=raw.decode("utf-8", "replace"),
-                              dedup_key=dedup_key("mail", mail.message_id, mail.body), rule=None,
+                              dedup_key=dedup_key("mail", *mail.identity()), rule=None,
                               notes=("not recognised as a status mail",))
         return Verdict(report, "unrecognised", f"no rule recognised it ({reasons})")
 
     def trusted(self, mail: ParsedMail) -> bool:
         domain = mail.from_addr.rpartition("@")[2]
-        if not any(domain == d or domain.endswith("." + d) for d in self._trusted_domains):
+        if not self._trusted_domain(domain):
             return False
         if not self.settings.status.require_dkim:
             return True
         return self._dkim_valid(mail.raw)
 
+    def _trusted_domain(self, domain: str) -> bool:
+        return any(domain == d or domain.endswith("." + d) for d in self._trusted_domains)
+
     def _dkim_valid(self, raw: bytes) -> bool:
-        """A valid DKIM signature by a trusted domain (pinned keys first, then DNS)."""
+        """A valid DKIM signature by a trusted domain (pinned keys first, then DNS).
+
+        Signatures of other domains are not verified at all: they could not
+        make the mail trusted, and verifying them would cost a DNS lookup.
+        """
         try:
             verifier = dkim.DKIM(raw)
-            for index in range(len(verifier.get_signature_fields() or []) or 1):
-                if verifier.verify(idx=index, dnsfunc=self._dns) and verifier.domain:
-                    signer = verifier.domain.decode().lower()
-                    if any(signer == d or signer.endswith("." + d) for d in self._trusted_domains):
-                        return True
-        except Exception as exc:  # a malformed signature is simply not valid
-            log.debug("DKIM verification failed: %s", exc)
+            signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
+        except Exception as exc:  # dkimpy raises on some malformed mail
+            log.debug("DKIM: cannot read the mail: %s", exc)
+            return False
+        for index, value in enumerate(signatures):
+            try:
+                signer = dkim.util.parse_tag_value(value).get(b"d", b"").decode("ascii").strip().lower()
+                if self._trusted_domain(signer.rstrip(".")) and verifier.verify(idx=index, dnsfunc=self._dns):
+                    return True
+            except Exception as exc:  # a malformed signature is simply not valid
+                log.debug("DKIM signature %d not valid: %s", index + 1, exc)
         return False
 
     def _dns(self, name: bytes, timeout: int = 5) -> bytes | None:
@@ -137,6 +150,8 @@ async def apply_verdict(status: StatusMail, writer: Writer, verdict: Verdict, *,
         outcome = await writer.run(keep_unrecognised, report, iso(utcnow()))
     else:
         outcome = await writer.run(apply_report, report, iso(utcnow()), status.policy)
+    if status.metrics is not None:
+        status.metrics.report(report.channel.value, outcome.kind)
     log_event(log, "status-report", channel=report.channel.value, client=client, kind=verdict.kind,
               rule=report.rule, result=report.result, code=outcome.job_code, outcome=outcome.kind,
               trusted=report.trusted)

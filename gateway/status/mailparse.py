@@ -11,6 +11,7 @@ import email
 import email.policy
 import email.utils
 import logging
+import re
 from dataclasses import dataclass, field
 
 import mailparser
@@ -38,7 +39,29 @@ class ParsedMail:
 
     @property
     def body(self) -> bytes:
-        return mime.split(self.raw)[1]
+        """The body from its empty line on, with CRLF line endings whatever the mail had.
+
+        SMTP gives CRLF; a file or a mailbox may give LF or CR, and the same
+        mail must have the same body however it came.
+        """
+        raw = self.raw
+        if raw.count(b"\n") != raw.count(b"\r\n") or raw.count(b"\r") != raw.count(b"\r\n"):
+            raw = re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
+        return mime.split(raw)[1]
+
+    def identity(self) -> tuple[str | None, bytes]:
+        """What makes a copy of this mail the same mail (report.dedup_key): its Message-ID and body.
+
+        Trace headers differ between the copy received by SMTP and the one
+        read by IMAP, so they do not count. A mail without a Message-ID is
+        known by its From, To, Date and Subject as well: two different mails
+        with the same short body (or none) are not one report.
+        """
+        if self.message_id:
+            return self.message_id, self.body
+        fields = "\n".join(name + ": " + " ".join(self.headers.get(name, "").split())
+                           for name in ("from", "to", "date", "subject"))
+        return None, fields.encode("utf-8", "surrogateescape") + b"\n" + self.body
 
     @property
     def any_text(self) -> str:
@@ -56,6 +79,19 @@ def html_to_text(html: str) -> str:
         return html
 
 
+def _lines(text: str) -> str:
+    """Text with "\\n" line ends, whatever the mail had (CRLF, or a classic Mac's CR): rules match by line."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _decode(payload: bytes, charset: str | None) -> str:
+    """A part's text; an unknown charset label ("UFT-8" is in the corpus) is read as UTF-8, not a failure."""
+    try:
+        return payload.decode(charset or "utf-8", "replace")
+    except LookupError:
+        return payload.decode("utf-8", "replace")
+
+
 def parse_mail(raw: bytes) -> ParsedMail:
     """Parse any bytes into a ParsedMail; never raises."""
     try:
@@ -66,7 +102,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
         return _with_email(raw)
     except Exception as exc:
         log.debug("the email package failed (%s); reading raw text", type(exc).__name__)
-    return ParsedMail(raw=raw, text=raw.decode("utf-8", "replace"), parser="raw")
+    return ParsedMail(raw=raw, text=_lines(raw.decode("utf-8", "replace")), parser="raw")
 
 
 def _with_mailparser(raw: bytes) -> ParsedMail:
@@ -76,8 +112,8 @@ def _with_mailparser(raw: bytes) -> ParsedMail:
     to_addrs = tuple(address for _name, address in (parsed.to or []) if address)
     return ParsedMail(
         raw=raw, from_addr=from_addr.lower(), to_addrs=to_addrs, subject=parsed.subject or "",
-        message_id=(parsed.message_id or "").strip(), text="\n".join(parsed.text_plain or []),
-        html_text="\n".join(html_to_text(part) for part in parsed.text_html or []),
+        message_id=(parsed.message_id or "").strip(), text=_lines("\n".join(parsed.text_plain or [])),
+        html_text=_lines("\n".join(html_to_text(part) for part in parsed.text_html or [])),
         content_type=headers.get("content-type", "").split(";")[0].strip().lower(), headers=headers,
     )
 
@@ -89,7 +125,7 @@ def _with_email(raw: bytes) -> ParsedMail:
         if part.is_multipart() or part.get_content_disposition() == "attachment":
             continue
         payload = part.get_payload(decode=True) or b""
-        text = payload.decode(part.get_content_charset() or "utf-8", "replace")
+        text = _decode(payload, part.get_content_charset())
         if part.get_content_type() == "text/plain":
             texts.append(text)
         elif part.get_content_type() == "text/html":
@@ -99,6 +135,6 @@ def _with_email(raw: bytes) -> ParsedMail:
         raw=raw, from_addr=email.utils.parseaddr(headers.get("from", ""))[1].lower(),
         to_addrs=tuple(a for _n, a in email.utils.getaddresses([headers.get("to", "")]) if a),
         subject=headers.get("subject", ""), message_id=headers.get("message-id", "").strip(),
-        text="\n".join(texts), html_text="\n".join(htmls), content_type=message.get_content_type(),
+        text=_lines("\n".join(texts)), html_text=_lines("\n".join(htmls)), content_type=message.get_content_type(),
         parser="email", headers=headers,
     )

@@ -170,7 +170,7 @@ def extract(rule: MailRule, mail: ParsedMail, *, channel: Channel, trusted: bool
         pages=_int(values.get("pages")), duration=_seconds(values.get("duration")), cost=values.get("cost"),
         reference_id=values.get("reference_id"), job_code=(values.get("job_code") or "").upper() or None,
         reported_at=reported_at, reported_at_raw=values.get("time"),
-        dedup_key=dedup_key("mail", mail.message_id, mail.body), rule=rule.name,
+        dedup_key=dedup_key("mail", *mail.identity()), rule=rule.name,
     )
     return Extraction(rule, values, report)
 

@@ -31,12 +31,13 @@ def job_by(conn: sqlite3.Connection, *, code: str | None = None, reference_id: s
     return None
 
 
-def waiting_by_number(conn: sqlite3.Connection, number: str, since: str) -> list[sqlite3.Row]:
-    """Jobs to `number` still waiting for a result, created since `since`."""
+def waiting_by_number(conn: sqlite3.Connection, number: str, since: str,
+                      until: str | None = None) -> list[sqlite3.Row]:
+    """Jobs to `number` still waiting for a result, created since `since` (and not after `until`)."""
     return conn.execute(
         "SELECT id, code, state, number, message_id FROM jobs WHERE number = ? AND created_at >= ?"
-        " AND state IN ('submitted', 'unknown') LIMIT 3",
-        (number, since),
+        " AND (? IS NULL OR created_at <= ?) AND state IN ('submitted', 'unknown') LIMIT 3",
+        (number, since, until, until),
     ).fetchall()
 
 
@@ -66,6 +67,25 @@ def apply_result(conn: sqlite3.Connection, job_id: int, report: StatusReport, no
          report.reference_id, iso(report.reported_at) if report.reported_at else now, int(flagged), job_id),
     )
     add_event(conn, job_id, now, source, report.result.value, summary)
+
+
+def submit_unknown(conn: sqlite3.Connection, job_id: int, reference_id: str | None, now: str, *,
+                   source: str, detail: str) -> bool:
+    """An `unknown` job the service says it has (the feed's Pending) becomes `submitted`."""
+    changed = conn.execute(
+        "UPDATE jobs SET state = 'submitted', updated_at = ?, last_result = ?,"
+        " reference_id = COALESCE(reference_id, ?) WHERE id = ? AND state = 'unknown'",
+        (now, detail, reference_id, job_id),
+    ).rowcount
+    if changed:
+        add_event(conn, job_id, now, source, "submitted", detail)
+    return bool(changed)
+
+
+def link_reference(conn: sqlite3.Connection, job_id: int, reference_id: str | None) -> None:
+    """Remember GreenFax's job id for a job that has none yet, so later reports match by it."""
+    if reference_id:
+        conn.execute("UPDATE jobs SET reference_id = COALESCE(reference_id, ?) WHERE id = ?", (reference_id, job_id))
 
 
 def note_on_job(conn: sqlite3.Connection, job_id: int, now: str, source: str, detail: str, *, flag: bool) -> None:

@@ -1,0 +1,86 @@
+"""Job list filters as people write them (`faxgw status` options, `/api/jobs` parameters), checked once.
+
+A bad value is a FilterError naming the parameter and what is expected; the
+CLI and the API turn it into their own one-line error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import phonenumbers
+
+from gateway.config import parse_duration
+from gateway.models import JobState
+from gateway.store import iso, utcnow
+
+STATES = tuple(state.value for state in JobState)
+
+
+class FilterError(ValueError):
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+        self.message = message
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    states: tuple[str, ...] = ()
+    number: str | None = None  # E.164
+    sender: str | None = None
+    since: str | None = None  # store time
+    limit: int = 50
+
+    def as_query(self) -> dict:
+        return {"states": self.states, "number": self.number, "sender": self.sender, "since": self.since,
+                "limit": self.limit}
+
+
+def parse_filter(*, states: tuple[str, ...] = (), number: str | None = None, sender: str | None = None,
+                 since: str | None = None, limit: int | str = 50, region: str = "US") -> JobFilter:
+    for state in states:
+        if state not in STATES:
+            raise FilterError("state", f"{state!r} is not a job state; expected one of {', '.join(STATES)}")
+    try:
+        limit = int(limit)
+    except (TypeError, ValueError):
+        raise FilterError("limit", f"{limit!r}: expected a whole number") from None
+    if not 1 <= limit <= 100_000:
+        raise FilterError("limit", f"{limit}: expected 1 to 100000")
+    return JobFilter(states=tuple(states), number=parse_number(number, region), sender=sender or None,
+                     since=parse_since(since), limit=limit)
+
+
+def parse_since(value: str | None) -> str | None:
+    """A duration back from now ("2h", "3d") or a date/time ("2026-11-20"), as store time."""
+    if not value:
+        return None
+    try:
+        return iso(utcnow() - timedelta(seconds=parse_duration(value)))
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise FilterError("since", f"{value!r}: expected a duration (\"2h\", \"3d\") or a date (\"2026-11-20\")")\
+            from None
+    return iso(moment if moment.tzinfo else moment.astimezone())
+
+
+def parse_number(value: str | None, region: str) -> str | None:
+    """Any common notation of a number, in E.164, without the intake's refusals: past jobs stay findable."""
+    if not value:
+        return None
+    problem = "expected a fax number such as \"+1 212 555 0123\" or 12125550123"
+    if not re.fullmatch(r"\+?[0-9 ()./-]+", value):
+        raise FilterError("number", f"{value!r}: {problem}")
+    try:
+        parsed = phonenumbers.parse(value, region)
+    except phonenumbers.NumberParseException:
+        raise FilterError("number", f"{value!r}: {problem}") from None
+    if not phonenumbers.is_valid_number(parsed):
+        raise FilterError("number", f"{value!r} is not a valid phone number")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)

@@ -1,0 +1,80 @@
+"""Prometheus metrics: counters the stages increment, gauges read from the store at scrape time.
+
+Names are prefixed `faxgw_`, counters end in `_total`, ages in `_seconds`;
+labels come from bounded sets only (policy check names, job states, channel
+names, outcomes), never numbers, senders or free text. One `Metrics` object
+is built by the service and handed to the stages that count.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.models import JobState
+from gateway.store import parse_iso, utcnow
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The *_created series only double the output; Prometheus does not need them.
+disable_created_metrics()
+
+
+class Metrics:
+    def __init__(self, read_store: Callable[[], sqlite3.Connection] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.accepted = Counter("faxgw_messages_accepted_total", "Fax emails accepted (250)",
+                                registry=self.registry)
+        self.refused = Counter("faxgw_messages_refused_total", "SMTP refusals, by the policy check that refused",
+                               ["reason"], registry=self.registry)
+        self.forwards = Counter("faxgw_forward_attempts_total", "Forward attempts, by outcome", ["outcome"],
+                                registry=self.registry)
+        self.reports = Counter("faxgw_status_reports_total", "Status reports received, by channel",
+                               ["channel"], registry=self.registry)
+        self.unmatched = Counter("faxgw_unmatched_reports_total", "Status reports that matched no job",
+                                 ["channel"], registry=self.registry)
+        self.feed_polls = Counter("faxgw_feed_polls_total", "XML feed polls, by outcome", ["outcome"],
+                                  registry=self.registry)
+        if read_store is not None:
+            self.registry.register(StoreCollector(read_store))
+
+    def report(self, channel: str, outcome: str) -> None:
+        self.reports.labels(channel).inc()
+        if outcome in ("unmatched", "unrecognised", "foreign"):
+            self.unmatched.labels(channel).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StoreCollector(Collector):
+    """Jobs by state, queue depth and the oldest waiting job's age, read at scrape time."""
+
+    def __init__(self, read_store: Callable[[], sqlite3.Connection]) -> None:
+        self.read_store = read_store
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        conn = self.read_store()
+        try:
+            counts = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+            oldest = conn.execute(
+                "SELECT MIN(created_at) FROM jobs WHERE state IN ('queued', 'deferred', 'sending')"
+            ).fetchone()[0]
+        finally:
+            conn.close()
+        jobs = GaugeMetricFamily("faxgw_jobs", "Jobs by state", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], counts.get(state.value, 0))
+        yield jobs
+        waiting = sum(counts.get(s, 0) for s in ("queued", "deferred", "sending"))
+        yield GaugeMetricFamily("faxgw_queue_depth", "Jobs waiting to be sent (queued, deferred, sending)",
+                                value=waiting)
+        age = (utcnow() - parse_iso(oldest)).total_seconds() if oldest else 0.0
+        yield GaugeMetricFamily("faxgw_queue_oldest_age_seconds", "Age of the oldest job waiting to be sent",
+                                value=max(age, 0.0))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from pathlib import Path
 
@@ -164,4 +165,27 @@ def test_operator_links_an_unmatched_report(conn):
     outcome = match_by_hand(conn, row["id"], code, store.iso(store.utcnow()), POLICY)
     assert outcome.kind == "applied" and state_of(conn, code) == "failed"
     assert any(e["source"] == "operator" for e in store.get_job(conn, code)["events"])
+    assert reports_db.list_reports(conn) == []
+
+
+def test_an_unmatched_copy_is_matched_when_a_trusted_copy_arrives(conn):
+    code = make_job(conn, "+13125550126")
+    untrusted = report(1, trusted=False, fax_number="+13125550126", channel=Channel.SMTP)
+    assert apply(conn, untrusted).kind == "unmatched"
+    # The same mail read from the IMAP mailbox (trusted): same dedup key, now applied.
+    trusted = dataclasses.replace(untrusted, trusted=True, channel=Channel.IMAP)
+    outcome = apply(conn, trusted)
+    assert outcome.kind == "applied" and state_of(conn, code) == "failed"
+    assert reports_db.list_reports(conn) == []  # the stored copy is no longer unmatched
+    assert apply(conn, trusted).kind == "duplicate"
+
+
+def test_informational_dsn_is_an_event_not_unmatched(conn):
+    code = make_job(conn)
+    delayed = report(job_code=code, result=None, reason=None, channel=Channel.BOUNCE,
+                     notes=("informational DSN: delayed 4.4.1",))
+    outcome = apply(conn, delayed)
+    job = store.get_job(conn, code)
+    assert outcome.kind == "informational" and job["state"] == "submitted"
+    assert job["events"][-1]["detail"].startswith("informational DSN")
     assert reports_db.list_reports(conn) == []

@@ -94,7 +94,7 @@ def apply_report(conn: sqlite3.Connection, report: StatusReport, now: str, polic
     """Correlate a new report and apply it; the report is stored with its outcome."""
     seen = db.report_seen(conn, report.dedup_key)
     if seen is not None:
-        return Outcome("duplicate", seen["code"], f"report already received (#{seen['id']})")
+        return _seen_again(conn, report, seen, now, policy, scope)
     job, why, nothing = _match(conn, report, policy, now, scope)
     if job is None:
         kind, detail = (scope.no_match if nothing else "unmatched"), why
@@ -115,7 +115,7 @@ def apply_pending(conn: sqlite3.Connection, report: StatusReport, now: str, poli
     """
     seen = db.report_seen(conn, report.dedup_key)
     if seen is not None:
-        return Outcome("duplicate", seen["code"], f"report already received (#{seen['id']})")
+        return _seen_again(conn, report, seen, now, policy, scope)
     job, why, nothing = _match(conn, report, policy, now, scope)
     ref = f", ref {report.reference_id}" if report.reference_id else ""
     if job is None:
@@ -156,9 +156,28 @@ def match_by_hand(conn: sqlite3.Connection, report_id: int, code: str, now: str,
     return Outcome(kind, code, detail)
 
 
+def _seen_again(conn: sqlite3.Connection, report: StatusReport, seen: sqlite3.Row, now: str,
+                policy: CorrelationPolicy, scope: MatchScope) -> Outcome:
+    """A report received before. Only an earlier copy that matched nothing is tried again: the same
+    mail may first come untrusted (SMTP, failing DKIM) and then trusted (IMAP)."""
+    if seen["outcome"] != "unmatched":
+        return Outcome("duplicate", seen["code"], f"report already received (#{seen['id']})")
+    job, why, _nothing = _match(conn, report, policy, now, scope)
+    if job is None:
+        return Outcome("duplicate", None, f"report already received (#{seen['id']}), still unmatched")
+    kind, detail = _apply_to(conn, report, job, now, policy)
+    if kind != "unmatched":
+        db.mark_matched(conn, seen["id"], job["id"], kind)
+    return Outcome(kind, job["code"], detail)
+
+
 def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, now: str,
               policy: CorrelationPolicy) -> tuple[str, str]:
     """What a matched report does to its job; returns (outcome, detail)."""
+    if report.result is None and any(note.startswith("informational") for note in report.notes):
+        # A delayed or relayed DSN: worth a line in the job's history, no change.
+        db.note_on_job(conn, job["id"], now, report.channel.value, report.notes[0], flag=False)
+        return "informational", report.notes[0]
     if report.result is None:
         return "unmatched", f"result {report.result_text!r} not understood"
     state = JobState(job["state"])

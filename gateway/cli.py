@@ -17,6 +17,7 @@ import click
 from gateway import config as config_module
 from gateway import logs, store
 from gateway.store import reports as reports_db
+from gateway.cli_admin import backup, purge, restore
 from gateway.cli_feed import feed
 from gateway.config import Settings
 from gateway.errors import GatewayError
@@ -402,6 +403,9 @@ def rules_test(obj: Context, files: tuple[str, ...]) -> None:
 
 
 cli.add_command(feed)
+cli.add_command(backup)
+cli.add_command(restore)
+cli.add_command(purge)
 
 
 def main() -> None:

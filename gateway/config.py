@@ -212,6 +212,8 @@ class SmtpSettings(Section):
 
 class StoreSettings(Section):
     path: Path = Path("var/faxgw.sqlite3")
+    # A cap on the store's size (e.g. "2GiB"); past it the gateway answers 452 as on a full disk. None = no cap.
+    max_size: Size | None = None
 
 
 class UpstreamSettings(Section):
@@ -371,6 +373,22 @@ class ReconcileSettings(Section):
     resend_unknown: bool = False  # resend `unknown` jobs the feed does not show (costs a second fax)
 
 
+class RetentionSettings(Section):
+    """How long message bodies and raw status mails are kept (DESIGN.md, "Privacy"); job history stays."""
+
+    enabled: bool = True  # the service purges every `interval`; `faxgw purge` works either way
+    period: Duration = 30 * 86400  # bodies of jobs final this long, and status reports this old, are purged
+    interval: Duration = 3600
+    batch: int = Field(default=100, ge=1, le=10000)  # rows per write transaction: intake never waits long
+
+    @field_validator("interval")
+    @classmethod
+    def _interval(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("expected an interval of at least 1s")
+        return value
+
+
 class NotificationSettings(Section):
     """Delivery status notifications to the original sender of a fax."""
 
@@ -378,6 +396,64 @@ class NotificationSettings(Section):
     on: list[Literal["delivered", "failed", "rejected", "expired"]] = ["failed", "rejected", "expired"]
     relay: HostPort | None = None  # where to send them; None = the gateway's upstream
     from_address: str = ""  # the From of the notification; default MAILER-DAEMON@<smtp.hostname>
+
+
+class ClientLimits(Section):
+    """Limits per client address (the connecting IP). 0 turns a limit off."""
+
+    connections: int = Field(default=50, ge=0)  # concurrent connections; over it: 421 4.7.0 at connect
+    messages_per_minute: int = Field(default=0, ge=0)  # messages submitted (DATA) in any 60 seconds
+    faxes_per_day: int = Field(default=0, ge=0)  # fax jobs since local midnight ([greenfax] timezone)
+    pages_per_day: int = Field(default=0, ge=0)  # pages of those jobs (PDF and TIFF pages counted)
+
+
+class SenderLimits(Section):
+    """Limits per sender: the AUTH user if the client logged in, else the envelope sender. 0 = off."""
+
+    connections: int = Field(default=0, ge=0)  # concurrent sessions of one AUTH user; over it: 421 at AUTH
+    messages_per_minute: int = Field(default=0, ge=0)
+    faxes_per_day: int = Field(default=1000, ge=0)
+    pages_per_day: int = Field(default=0, ge=0)
+
+
+class LimitSettings(Section):
+    """Abuse and cost controls at intake; over a limit the client gets a 4xx naming it and when it resets."""
+
+    client: ClientLimits = Field(default_factory=ClientLimits)
+    sender: SenderLimits = Field(default_factory=SenderLimits)
+    # A wrong AUTH password is answered after this delay, doubled for each
+    # further failure from the same client address, up to the maximum; the
+    # count is forgotten after `auth_failure_memory` without a failure.
+    auth_failure_delay: Duration = 1
+    auth_failure_delay_max: Duration = 30
+    auth_failure_memory: Duration = 15 * 60
+
+    @model_validator(mode="after")
+    def _check(self) -> LimitSettings:
+        if self.auth_failure_delay_max < self.auth_failure_delay:
+            raise ValueError("limits.auth_failure_delay_max must not be below limits.auth_failure_delay")
+        return self
+
+
+class DuplicateSettings(Section):
+    """The same documents to the same number from the same sender again within `window`."""
+
+    action: Literal["off", "refuse", "hold"] = "off"  # refuse: 550 naming the earlier job; hold: state held
+    window: Duration = 3600
+
+    @model_validator(mode="after")
+    def _check(self) -> DuplicateSettings:
+        if self.action != "off" and self.window <= 0:
+            raise ValueError("duplicates.window must be above zero when duplicates.action is not \"off\"")
+        return self
+
+
+class HoldSettings(Section):
+    """Faxes that wait in state `held` (with the reason) until an operator runs `faxgw release CODE`."""
+
+    new_number: bool = False  # a number no earlier fax was sent (or is on its way) to
+    international: bool = False  # a number outside addressing.numbers.default_region
+    max_pages: int = Field(default=0, ge=0)  # more pages than this; 0 = off
 
 
 class LogSettings(Section):
@@ -394,11 +470,15 @@ class Settings(Section):
     log: LogSettings = Field(default_factory=LogSettings)
     status: StatusSettings = Field(default_factory=StatusSettings)
     notifications: NotificationSettings = Field(default_factory=NotificationSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
+    hold: HoldSettings = Field(default_factory=HoldSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     greenfax: GreenfaxSettings = Field(default_factory=GreenfaxSettings)
     feed: FeedSettings = Field(default_factory=FeedSettings)
     reconcile: ReconcileSettings = Field(default_factory=ReconcileSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     addressing: dict[str, Any] = {}  # overrides of rules/addressing.toml, key by key
     source: str = "(built-in sandbox defaults)"
 

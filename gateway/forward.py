@@ -15,7 +15,7 @@ import secrets
 import time
 from functools import partial
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 
 from gateway import mime
@@ -32,11 +32,13 @@ from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import ClaimedJob, JobState
 from gateway.rules import JobCodeRules
-from gateway.store import Writer, backoff, claim_due, iso, parse_iso, record_outcome
+from gateway.store import Writer, add_event, backoff, claim_due, iso, parse_iso, record_outcome
+from gateway.tnef import TnefError
 from gateway.upstream import Endpoint, UpstreamConnection
 
 log = logging.getLogger("faxgw.forward")
 POLL_INTERVAL = 1.0  # operator actions from other processes are seen within this time
+CLOCK_SLACK = 3600.0  # seconds beyond retry_max before a next attempt counts as a clock jump
 
 
 class Forwarder:
@@ -115,7 +117,9 @@ class Forwarder:
             jobs: list[ClaimedJob] = []
             if idle > 0 and time.monotonic() >= self._paused_until and not self._stopping:
                 try:
-                    jobs = await self.writer.run(claim_due, iso(self.clock()), idle)
+                    now = self.clock()
+                    horizon = iso(now + timedelta(seconds=self.settings.retry_max + CLOCK_SLACK))
+                    jobs = await self.writer.run(claim_due, iso(now), idle, horizon)
                 except StoreError as exc:
                     log.error("cannot claim jobs: %s", exc)
             for job in jobs:
@@ -154,11 +158,17 @@ class Forwarder:
         started = time.monotonic()
         to_address = f"{job.number.lstrip('+')}@{self.settings.domain}"
         try:
+            message, note = self._prepare(job, to_address)
+            if note is not None:
+                await self._event(job, note)
             reply = await connection.send(
                 sender=self.settings.return_path_for(job.code), recipient=to_address,
-                message=self._prepare(job, to_address), needs_8bitmime=job.needs_8bitmime,
-                smtputf8=job.smtputf8,
+                message=message, needs_8bitmime=job.needs_8bitmime, smtputf8=job.smtputf8,
             )
+        except TnefError as exc:
+            # The intake unwrapped this same winmail.dat before its 250; only a
+            # changed library could fail here. Never send it blank: an operator decides.
+            state, detail, reply = JobState.HELD, f"winmail.dat cannot be unwrapped: {exc}", None
         except UpstreamError as exc:
             state, detail, reply = self._classify(job, exc)
         except Exception as exc:  # a bug must not stop the runner or lose the job
@@ -193,8 +203,16 @@ class Forwarder:
         return self._retry_or_expire(job), str(exc), reply
 
     def _retry_or_expire(self, job: ClaimedJob) -> JobState:
+        """Expired once the job is older than the queue lifetime and has really been retried for half of it.
+
+        The second condition keeps a clock that jumps forwards (or a gateway
+        that was down for days) from expiring every waiting job at once.
+        """
+        lifetime = self.settings.max_queue_lifetime
         age = (self.clock() - parse_iso(job.created_at)).total_seconds()
-        return JobState.EXPIRED if age >= self.settings.max_queue_lifetime else JobState.DEFERRED
+        waited = sum(backoff(n, self.settings.retry_initial, self.settings.retry_max).total_seconds()
+                     for n in range(1, job.attempts + 1))
+        return JobState.EXPIRED if age >= lifetime and waited >= lifetime / 2 else JobState.DEFERRED
 
     async def _record(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None) -> None:
         next_at = iso(self.clock()) if state is JobState.QUEUED else None
@@ -214,14 +232,29 @@ class Forwarder:
             # next start: never sent twice without an operator.
             log.error("cannot record the outcome of %s (%s): %s", job.code, state.value, exc)
 
-    def _prepare(self, job: ClaimedJob, to_address: str) -> bytes:
+    async def _event(self, job: ClaimedJob, detail: str) -> None:
+        try:
+            await self.writer.run(add_event, job.id, iso(self.clock()), "forwarder", None, detail)
+        except StoreError as exc:
+            log.error("cannot record an event of %s: %s", job.code, exc)
+
+    def _prepare(self, job: ClaimedJob, to_address: str) -> tuple[bytes, str | None]:
+        """The copy sent upstream, and the event that records a body rewrite (None: headers only).
+
+        The body bytes go out as stored, except that a winmail.dat is
+        replaced by the documents inside it (tnef.py says why here).
+        """
+        raw, note = job.raw, None
+        unwrapped = mime.unwrap_tnef(raw)
+        if unwrapped is not None:
+            raw, note = unwrapped.raw, unwrapped.note
         now = self.clock()
         subject_tag = self.jobcode.subject_tag.format(code=job.code) if self.jobcode.placement == "subject" else None
         code_header = self.jobcode.header if self.jobcode.placement == "header" else None
         received = (f"by {self.hostname} (greenfax-gateway) with ESMTP id {job.code}\r\n"
                     f"\tfor <{to_address}>; {format_datetime(now)}")
         return mime.rewrite_headers(
-            job.raw, code=job.code, to_address=to_address, account_sender=self.settings.account_sender or "",
+            raw, code=job.code, to_address=to_address, account_sender=self.settings.account_sender or "",
             received=received, message_id=f"<{job.code}.{secrets.token_hex(6)}@{self.hostname}>",
             subject_tag=subject_tag, code_header=code_header, date=format_datetime(now),
-        )
+        ), note

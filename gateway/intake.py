@@ -8,31 +8,39 @@ aiosmtpd's protections (size limit, dot-unstuffing, CRLF.CRLF as the only
 end of data) and naming bare LF/CR and over-long lines in its replies.
 
 `Intake` is the handler: one decision per SMTP command, and the 250 to DATA
-only after the store has committed the message and its jobs.
+only after the store has committed the message and its jobs. The abuse and
+cost controls it applies at each step (connections, AUTH, rates, daily
+quotas, duplicates, holds) are gateway.limits'; the DATA commit goes through
+`store.limits.admit_message`, which applies the daily quotas, the duplicate
+guard and the hold rules in the same transaction as the insert.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from gateway import mime, replies
 from gateway.errors import StoreError, StoreFull
+from gateway.limits import LIMIT_NAMES, IntakeLimits, Party
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import NULL_SENDER, FaxNumber, NewMessage, Recipient, Refusal, Reply
 from gateway.passwords import PasswordChecker
-from gateway.policy import SUBJECT_MAILBOX, Policy
+from gateway.policy import SUBJECT_MAILBOX, Policy, shown
 from gateway.status.inbound import StatusMail, receive, status_reply
 from gateway.status.report import Channel
-from gateway.store import Writer, insert_message, iso, utcnow
+from gateway.store import Writer, iso, utcnow
+from gateway.store.limits import Admitted, Duplicate, admit_message
 
 log = logging.getLogger("faxgw.intake")
 
@@ -77,7 +85,12 @@ class NullSenderSMTP(SMTP):
 
 
 class IntakeSMTP(NullSenderSMTP):
-    """aiosmtpd's SMTP with the gateway's DATA reader and a few stricter replies."""
+    """aiosmtpd's SMTP with the gateway's DATA reader and a few stricter replies.
+
+    It also counts each client's concurrent connections and each AUTH
+    user's sessions (gateway.limits: 421 over a limit), and has AUTH
+    passwords checked off the event loop, a wrong one answered after a delay.
+    """
 
     line_length_limit = READ_LIMIT  # command lines are still held to 512 octets by aiosmtpd
 
@@ -86,11 +99,87 @@ class IntakeSMTP(NullSenderSMTP):
         self.data_line_limit = line_limit
         self.bare_lf = bare_lf
         self.role = role
+        self.intake = handler
+        self.connect_refusal: Refusal | None = None
+        self.counted_client: str | None = None  # counted in the client's concurrent connections
+        self.counted_user: str | None = None  # counted in the AUTH user's concurrent sessions
+
+    # --- concurrent connections and sessions ---
+
+    def connection_made(self, transport: Any) -> None:
+        starttls = self._original_transport is not None
+        super().connection_made(transport)
+        if starttls:
+            # A new session after STARTTLS: a login made before it no longer counts (RFC 3207 4.2).
+            self._release_session()
+            return
+        assert self.session is not None
+        client = self.session.peer[0] if self.session.peer else "?"
+        # The greeting task starts at the loop's next turn, after this is set.
+        self.connect_refusal = self.intake.limits.open_connection(client)
+        if self.connect_refusal is None:
+            self.counted_client = client
+
+    async def _handle_client(self) -> None:
+        if self.connect_refusal is None:
+            await super()._handle_client()
+            return
+        # Over the client's connection limit: 421 instead of the greeting (RFC 5321 3.1).
+        self.intake.log_refusal(self.session, self.connect_refusal)
+        await self.push(str(self.connect_refusal.reply))
+        assert self.transport is not None
+        self.transport.close()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self.counted_client is not None:
+            self.intake.limits.close_connection(self.counted_client)
+            self.counted_client = None
+        self._release_session()
+
+    def _release_session(self) -> None:
+        if self.counted_user is not None:
+            self.intake.limits.close_session(self.counted_user)
+            self.counted_user = None
+
+    # --- AUTH ---
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        """aiosmtpd's AUTH, with the password checked here instead of in its synchronous authenticator.
+
+        aiosmtpd reads the exchange, refuses AUTH without TLS (538) unless
+        the listener is marked plaintext_auth, and calls `Intake.authenticate`,
+        which only keeps the credentials. They are then checked off the event
+        loop, and a wrong password is answered after the client's growing
+        delay (an asyncio sleep: other sessions go on meanwhile).
+        """
+        assert self.session is not None
+        self.session.pending_login = None
+        await super().smtp_AUTH(arg)
+        pending = self.session.pending_login
+        if pending is None:
+            return
+        self.session.pending_login = None
+        reply, user = await self.intake.finish_auth(self.session, *pending)
+        await self.push(reply)
+        if user is not None:
+            self.counted_user = user
+        elif reply.startswith("421"):
+            assert self.transport is not None
+            self.transport.close()
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug in a hook must not show internals to the client or lose the session."""
         log.exception("internal error in SMTP session with %s", self.session.peer if self.session else "?")
         return str(replies.INTERNAL_ERROR)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The email package's parser that aiosmtpd uses raises IndexError on "<" or "<@" alone
+        # (MAIL FROM:<, RCPT TO:<): a malformed address, which aiosmtpd then answers with 553 5.1.3.
+        try:
+            return super()._getaddr(arg)
+        except IndexError:
+            return None, None
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         # Each check pushes its own reply: a client that pipelines must get
@@ -197,18 +286,33 @@ class IntakeSMTP(NullSenderSMTP):
 
 
 class Intake:
-    """The aiosmtpd handler: policy per command, store on DATA, one log line per transaction."""
+    """The aiosmtpd handler: policy and limits per command, store on DATA, one log line per transaction."""
 
     def __init__(self, *, policy: Policy, writer: Writer, sandbox: bool,
-                 on_queued: Callable[[], None], passwords: PasswordChecker, status: StatusMail) -> None:
+                 on_queued: Callable[[], None], passwords: PasswordChecker, status: StatusMail,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self.policy = policy
         self.status = status
-        self.metrics: Metrics | None = None
         self.writer = writer
         self.sandbox = sandbox
         self.on_queued = on_queued
         self.passwords = passwords
+        self.clock = clock
         self.max_recipients = policy.settings.smtp.max_recipients
+        self.limits = IntakeLimits(policy.settings, policy, writer=writer, clock=clock)
+        self._metrics: Metrics | None = None
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics | None) -> None:
+        self._metrics = metrics
+        if metrics is not None:
+            # Every limit in force shows in the metrics from the start, at 0.
+            for name in self.limits.enabled():
+                metrics.limit_refusals.labels(name)
 
     # --- hooks ------------------------------------------------------------------
 
@@ -226,7 +330,7 @@ class Intake:
         # addresses (GreenFax's servers, bounces from <>), so whether this
         # sender may fax is decided per recipient.
         if refusal is not None and not server.role.status:
-            self._log_refusal(session, refusal, sender=address)
+            self.log_refusal(session, refusal, sender=shown(address))
             return str(refusal.reply)
         envelope.mail_from = address or NULL_SENDER
         envelope.mail_options.extend(options)
@@ -242,16 +346,26 @@ class Intake:
             refusal = Refusal(Reply(550, "5.7.1", "The null sender <> cannot send faxes"), "sender")
         if refusal is None:
             refusal = self.policy.check_sender(address)
+        if refusal is None:
+            refusal = self.limits.check_rate(*self._parties(session, address))
         return refusal
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
-        raw = _address_as_written(getattr(session, "raw_rcpt", ""))
-        if raw is not None and raw.lower() != address.lower():
-            # aiosmtpd removed quotes, comments or a source route: refuse what was really sent.
-            refusal = Refusal(Reply(553, "5.1.3", f"<{raw}>: use a plain address such as <12125550123@"
-                                    f"{self.policy.settings.upstream.domain}> (no quotes, comments or routes)"),
-                              "address-syntax")
+        """One recipient: a fax number by the rules, a status address on a status listener, or a refusal.
+
+        Decided against the command as the client wrote it: aiosmtpd hands
+        over the address with quotes, comments and a source route already
+        removed (and takes `<addr` without its `>`), so a form that is not
+        written exactly as the address the rules judge is refused with 553
+        5.1.3, never accepted as its cleaned-up reading (README, "No open
+        relay"). An argument that cannot be read at all is refused the same way.
+        """
+        written = _address_as_written(getattr(session, "raw_rcpt", ""))
+        if written != address:
+            refusal = Refusal(Reply(553, "5.1.3", replies.ADDRESS_AS_WRITTEN.text.format(
+                address=shown(written if written is not None else address),
+                domain=self.policy.settings.upstream.domain)), "address-syntax")
         elif server.role.status and self.status.is_status_address(address):
             if envelope.fax_recipients:
                 refusal = Refusal(replies.MIXED_KINDS, "mixed")
@@ -260,8 +374,8 @@ class Intake:
                 envelope.status_recipients.append(address)
                 return str(replies.STATUS_RECIPIENT_OK)
         elif not server.role.fax:
-            refusal = Refusal(Reply(550, "5.7.1", f"<{address}> is not a status address; this listener takes"
-                                    " status mail only"), "relay")
+            refusal = Refusal(Reply(550, "5.7.1", f"<{shown(address)}> is not a status address; this listener"
+                                    " takes status mail only"), "relay")
         elif envelope.fax_refusal is not None:
             refusal = envelope.fax_refusal
         elif envelope.status_recipients:
@@ -272,21 +386,34 @@ class Intake:
         else:
             result = self.policy.classify_recipient(address)
             if isinstance(result, Recipient):
-                envelope.rcpt_tos.append(address)
-                envelope.rcpt_options.extend(options)
-                envelope.fax_recipients.append(result)
-                shown = "(number from the subject)" if result.number.e164 == SUBJECT_MAILBOX else result.number.e164
-                return str(replies.recipient_ok(shown))
-            refusal = result
-        self._log_refusal(session, refusal, sender=envelope.mail_from, recipient=address)
+                refusal = await self.limits.check_daily(*self._parties(session, envelope.mail_from),
+                                                        len(envelope.fax_recipients) + 1)
+                if refusal is None:
+                    return self._take_recipient(envelope, result, options)
+            else:
+                refusal = result
+        self.log_refusal(session, refusal, sender=shown(envelope.mail_from or ""), recipient=shown(address))
         return str(refusal.reply)
+
+    def _take_recipient(self, envelope: Envelope, recipient: Recipient, options: list[str]) -> str:
+        envelope.rcpt_tos.append(recipient.address)
+        envelope.rcpt_options.extend(options)
+        envelope.fax_recipients.append(recipient)
+        number = recipient.number.e164
+        return str(replies.recipient_ok("(number from the subject)" if number == SUBJECT_MAILBOX else number))
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw: bytes = envelope.content
         if envelope.status_recipients:
             return await self._status_mail(session, envelope, raw)
-        facts = mime.inspect(raw)
-        refusal = self.policy.check_content(facts)
+        mail_from = mime.storable(envelope.mail_from)  # aiosmtpd keeps 8-bit bytes as surrogates
+        client, sender = self._parties(session, mail_from)
+        # In a worker thread: a hostile message (MIME nested thousands deep)
+        # takes a second to parse and must not stall every other session.
+        facts = await asyncio.to_thread(mime.inspect, raw)
+        # Every message submitted counts towards the per-minute limits, whatever becomes of it.
+        refusal = self.limits.take_message(client, sender)
+        refusal = refusal or mime.refusal(facts) or self.policy.check_content(facts)
         recipients: list[Recipient] = []
         for recipient in envelope.fax_recipients:
             if refusal is not None:
@@ -299,28 +426,47 @@ class Intake:
                 recipient = Recipient(recipient.address, FaxNumber(number.e164))
             recipients.append(recipient)
         if refusal is not None:
-            self._log_refusal(session, refusal, sender=envelope.mail_from)
+            self.log_refusal(session, refusal, sender=shown(envelope.mail_from))
             return str(refusal.reply)
         message = NewMessage(
-            raw=raw, mail_from=envelope.mail_from, client=session.peer[0], helo=session.host_name or "",
+            raw=raw, mail_from=mail_from, client=client.key, helo=mime.storable(session.host_name or ""),
             auth_user=_login(session), header_from=facts.header_from,
             smtputf8=envelope.smtp_utf8 or facts.needs_smtputf8, needs_8bitmime=facts.needs_8bitmime,
             recipients=recipients,
         )
+        now = self.clock()
+        admission = await self.limits.admission(raw, recipients, client, sender, now)
         try:
-            codes = await self.writer.run(insert_message, message, iso(utcnow()))
+            outcome = await self.writer.run(admit_message, message, iso(now), admission)
         except StoreFull:
             log.error("store full: message from %s not accepted", session.peer[0])
             return str(replies.STORE_FULL)
         except StoreError as exc:
             log.error("store write failed: %s", exc)
             return str(replies.STORE_FAILED)
+        if isinstance(outcome, Admitted):
+            self.limits.admitted(admission, len(recipients))
+            return self._accepted(session, envelope, message, outcome)
+        if isinstance(outcome, Duplicate):
+            refusal = self.limits.duplicate_refusal(outcome)
+        else:
+            refusal = self.limits.daily_refusal(client if outcome.scope == "client" else sender, outcome)
+        self.log_refusal(session, refusal, sender=shown(envelope.mail_from))
+        return str(refusal.reply)
+
+    def _accepted(self, session: Session, envelope: Envelope, message: NewMessage, outcome: Admitted) -> str:
+        codes = outcome.codes
         self.on_queued()
         if self.metrics is not None:
             self.metrics.accepted.inc()
-        reply = replies.queued(codes, sandbox=self.sandbox)
-        log_event(log, "accepted", client=session.peer[0], user=message.auth_user, codes=" ".join(codes),
-                  numbers=" ".join(r.number.e164 for r in recipients), size=len(raw), reply=str(reply),
+            for reasons in outcome.held.values():
+                for reason in reasons:
+                    self.metrics.held.labels(reason.rule).inc()
+        held = {code: [reason.short for reason in reasons] for code, reasons in outcome.held.items()}
+        reply = replies.queued(codes, sandbox=self.sandbox, held=held)
+        log_event(log, "accepted", client=message.client, user=message.auth_user, codes=" ".join(codes),
+                  held=" ".join(held), numbers=" ".join(r.number.e164 for r in message.recipients),
+                  size=len(message.raw), reply=str(reply),
                   ms=round((time.monotonic() - getattr(envelope, "started", time.monotonic())) * 1000, 1))
         return str(reply)
 
@@ -336,27 +482,58 @@ class Intake:
             return str(replies.STORE_FAILED)
         return str(status_reply(outcome, verdict))
 
+    def _parties(self, session: Session, mail_from: str) -> tuple[Party, Party]:
+        """The client address and the sender (the AUTH user, else the envelope sender) limits count for."""
+        client = session.peer[0] if session.peer else "?"
+        return Party.client(client), Party.sender(_login(session), mail_from)
+
     # --- AUTH -------------------------------------------------------------------
 
     def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
                      mechanism: str, auth_data: Any) -> AuthResult:
+        """aiosmtpd's (synchronous) authenticator: keeps the credentials for `finish_auth`, answers nothing."""
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
-        user = auth_data.login.decode("utf-8", "replace")
-        ok = self.passwords.verify(user, auth_data.password)
-        log_event(log, "auth", client=session.peer[0], user=user, mechanism=mechanism,
-                  result="ok" if ok else "failed")
-        return AuthResult(success=ok, handled=False, auth_data=auth_data)
+        session.pending_login = (mechanism, auth_data)
+        return AuthResult(success=False, handled=True)
 
-    def _log_refusal(self, session: Session, refusal: Refusal, **fields: str) -> None:
+    async def finish_auth(self, session: Session, mechanism: str, auth_data: LoginPassword) -> tuple[str, str | None]:
+        """Check the password off the event loop; the reply, and the user if the session is now logged in.
+
+        A wrong password is counted (metrics, and a log line with the user
+        name, never the password) and answered after the client's delay.
+        """
+        client = session.peer[0] if session.peer else "?"
+        user = auth_data.login.decode("utf-8", "replace")
+        if not await self.passwords.check(user, auth_data.password):
+            failures, delay = self.limits.auth.failed(client)
+            if self.metrics is not None:
+                self.metrics.auth_failures.labels(mechanism).inc()
+            log_event(log, "auth", level=logging.WARNING, client=client, user=shown(user), mechanism=mechanism,
+                      result="failed", failures=failures, delay=f"{delay:g}s")
+            await asyncio.sleep(delay)
+            return str(replies.AUTH_INVALID), None
+        refusal = self.limits.open_session(user)
+        if refusal is not None:
+            self.log_refusal(session, refusal, user=shown(user))
+            return str(refusal.reply), None
+        session.authenticated = True
+        session.auth_data = auth_data
+        session.login_data = auth_data.login
+        log_event(log, "auth", client=client, user=shown(user), mechanism=mechanism, result="ok")
+        return str(replies.AUTH_OK), user
+
+    def log_refusal(self, session: Session | None, refusal: Refusal, **fields: str) -> None:
         reply = refusal.reply
         # The reply to a refused attachment names its file, and logs never
         # carry file names (DESIGN.md, "Privacy"): log its codes only.
-        shown = f"{reply.code} {reply.enhanced}" if refusal.check == "content-type" else str(reply)
+        text = f"{reply.code} {reply.enhanced}" if refusal.check == "content-type" else str(reply)
         if self.metrics is not None:
             self.metrics.refused.labels(refusal.check).inc()
-        log_event(log, "refused", client=session.peer[0] if session.peer else "?", check=refusal.check,
-                  reply=shown, **fields)
+            if refusal.check in LIMIT_NAMES:
+                self.metrics.limit_refusals.labels(refusal.check).inc()
+        client = session.peer[0] if session is not None and session.peer else "?"
+        log_event(log, "refused", client=client, check=refusal.check, reply=text, **fields)
 
 
 def _address_as_written(raw_arg: str) -> str | None:

@@ -38,6 +38,13 @@ class Metrics:
                                  ["channel"], registry=self.registry)
         self.feed_polls = Counter("faxgw_feed_polls_total", "XML feed polls, by outcome", ["outcome"],
                                   registry=self.registry)
+        self.limit_refusals = Counter("faxgw_limit_refusals_total",
+                                      "Refusals by an abuse or cost limit, by limit name (gateway.limits)",
+                                      ["limit"], registry=self.registry)
+        self.held = Counter("faxgw_jobs_held_total", "Jobs held at intake for an operator, by hold rule",
+                            ["rule"], registry=self.registry)
+        self.auth_failures = Counter("faxgw_auth_failures_total", "Failed SMTP AUTH attempts, by mechanism",
+                                     ["mechanism"], registry=self.registry)
         if read_store is not None:
             self.registry.register(StoreCollector(read_store))
 

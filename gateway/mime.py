@@ -1,9 +1,14 @@
-"""What a fax email contains, and the header rewrite for forwarding.
+"""What a fax email contains, and the rewrites for forwarding.
 
 `inspect()` reads a message once for the policy (sender, subject, the
 documents attached) and never raises. `rewrite_headers()` builds the copy
 sent upstream: a new header block in front of the original body bytes,
-which are never touched (DESIGN.md, "Sender identity").
+which are never touched (DESIGN.md, "Sender identity"), with one exception:
+`unwrap_tnef()` replaces each Outlook winmail.dat part by the documents
+inside it (see tnef.py for why, and where it runs). It splices bytes: every
+other part stays byte for byte as the client sent it. `refusal()` names what
+made a message unreadable (MIME too deep, a winmail.dat that cannot be
+unwrapped) before the content policy would misname it.
 """
 
 from __future__ import annotations
@@ -12,10 +17,14 @@ import email
 import email.policy
 import email.utils
 import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
 from email.header import decode_header, make_header
-from email.message import Message
+from email.message import Message, MIMEPart
 
-from gateway.models import Attachment, MessageFacts
+from gateway import tnef
+from gateway.models import Attachment, MessageFacts, Refusal, Reply
 
 # Headers the forwarded copy does not carry over: the addressing is replaced,
 # and a signature over the changed headers would only fail verification.
@@ -24,6 +33,10 @@ DROPPED_HEADERS = frozenset(
      b"dkim-signature", b"sender", b"resent-to", b"resent-cc", b"resent-bcc"}
 )
 _FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:")
+# Header fields of an entity that become a multipart when its winmail.dat body is unwrapped.
+_CONTENT_FIELDS = frozenset({b"content-type", b"content-transfer-encoding", b"content-disposition"})
+MAX_DEPTH = 100  # MIME nesting followed when looking for winmail.dat parts
+_TNEF_HINT = re.compile(rb"(?i)ms-tnef|winmail\.dat")
 
 
 def split(raw: bytes) -> tuple[bytes, bytes]:
@@ -54,6 +67,21 @@ def field_value(raw_field: bytes) -> bytes:
     return raw_field.split(b":", 1)[1].strip(b" \t").rstrip(b"\r\n")
 
 
+def storable(text: str) -> str:
+    """Text as it can be stored and logged; SQLite takes no surrogates.
+
+    The email package and aiosmtpd keep bytes that are not UTF-8 (a Latin-1
+    HELO name or sender) as surrogate escapes; they become U+FFFD.
+    """
+    if text.isascii():
+        return text
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        data = text.encode("utf-8", "replace")
+    return data.decode("utf-8", "replace")
+
+
 def decoded(value: str) -> str:
     """An RFC 2047 header value as text; never raises."""
     try:
@@ -62,29 +90,65 @@ def decoded(value: str) -> str:
         return value
 
 
+UNREADABLE = Reply(554, "5.6.0", "The message cannot be read as MIME ({problem}); attach the documents to a"
+                                 " plain message")
+UNPARSEABLE = "unparseable: "  # MessageFacts.defects entry when the email package gave up
+
+
+def refusal(facts: MessageFacts) -> Refusal | None:
+    """The refusal for a message that could not be read as the forwarder will send it, if any.
+
+    A message the email package cannot parse (MIME nested a thousand
+    levels deep) would otherwise be refused as having nothing to fax, and a
+    winmail.dat that cannot be unwrapped as a type that cannot be faxed:
+    both replies would name the wrong problem. (These are content checks,
+    asked before Policy.check_content.)
+    """
+    for defect in facts.defects:
+        if defect.startswith(UNPARSEABLE):
+            problem = "its parts are nested too deep" if defect.endswith("RecursionError") else "it is malformed"
+            return Refusal(Reply(UNREADABLE.code, UNREADABLE.enhanced, UNREADABLE.text.format(problem=problem)),
+                           "mime")
+    return tnef.refusal(facts)
+
+
 def inspect(raw: bytes, *, allowed_inline_types: frozenset[str] = frozenset()) -> MessageFacts:
-    """Read the facts policy needs; broken MIME gives defects, never an exception."""
+    """Read the facts policy needs; broken MIME gives defects, never an exception.
+
+    The documents of a winmail.dat count as the message's attachments, as
+    the forwarder will send them; one that cannot be unwrapped stays listed
+    as it is, with a "tnef-..." defect (tnef.refusal() turns it into a reply).
+    """
     block, _body = split(raw)
     needs_smtputf8 = not block.isascii()
     needs_8bitmime = not raw.isascii()
     try:
         message = email.message_from_bytes(raw, policy=email.policy.compat32)
-        header_from = email.utils.parseaddr(decoded(str(message.get("From", ""))))[1]
-        subject = decoded(str(message.get("Subject", "")))
+        header_from = storable(email.utils.parseaddr(decoded(str(message.get("From", ""))))[1])
+        subject = storable(decoded(str(message.get("Subject", ""))))
         attachments = tuple(_documents(message))
         defects = tuple(type(defect).__name__ for part in message.walk() for defect in part.defects)
+        if any(_is_tnef(part) for part in message.walk()):
+            try:
+                unwrapped = unwrap_tnef(raw, message)
+                if unwrapped is None:  # a name the forwarder's quick look would not see
+                    raise tnef.TnefError("layout", "winmail.dat under an encoded name")
+            except tnef.TnefError as exc:
+                defects += (tnef.DEFECT_PREFIX + exc.kind,)
+            else:
+                rewritten = email.message_from_bytes(unwrapped.raw, policy=email.policy.compat32)
+                attachments = tuple(_documents(rewritten))
     except Exception as exc:  # the stdlib parser is robust, but a fax must not be lost to a bug
         return MessageFacts(needs_8bitmime=needs_8bitmime, needs_smtputf8=needs_smtputf8,
-                            defects=(f"unparseable: {type(exc).__name__}",))
+                            defects=(f"{UNPARSEABLE}{type(exc).__name__}",))
     return MessageFacts(
         header_from=header_from, subject=subject, attachments=attachments,
         needs_8bitmime=needs_8bitmime, needs_smtputf8=needs_smtputf8, defects=defects,
     )
 
 
-def _documents(message: Message) -> list[Attachment]:
+def document_parts(message: Message) -> Iterator[Message]:
     """The parts that are documents to fax, as opposed to the body text and inline images."""
-    documents = []
     # Only the parts inside a multipart/related can be shown by its HTML body;
     # a part after it (a sibling, not a child) is judged like any other.
     in_related = {
@@ -94,18 +158,192 @@ def _documents(message: Message) -> list[Attachment]:
     for part in message.walk():
         if part.is_multipart():
             continue
-        content_type = part.get_content_type()
         disposition = (part.get_content_disposition() or "").lower()
-        filename = decoded(part.get_filename() or "")
-        if disposition != "attachment" and not filename:
-            if content_type in ("text/plain", "text/html") or part is message:
-                continue  # the body: GreenFax may make a cover page of it
+        body = part.get_content_type() in ("text/plain", "text/html") or part is message
+        if body and disposition != "attachment" and not decoded(part.get_filename() or ""):
+            continue  # the body: GreenFax may make a cover page of it
         if disposition != "attachment" and part.get("Content-ID") and id(part) in in_related:
             continue  # an image the HTML body shows, not a document
+        yield part
+
+
+def _documents(message: Message) -> list[Attachment]:
+    documents = []
+    for part in document_parts(message):
+        content_type = part.get_content_type()
+        filename = decoded(part.get_filename() or "")
         payload = part.get_payload(decode=False)
         size = len(payload) if isinstance(payload, (str, bytes)) else 0
         documents.append(Attachment(content_type=content_type, filename=filename, size=size))
     return documents
+
+
+# --- winmail.dat --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Unwrapped:
+    """A message whose winmail.dat parts were replaced by the documents inside them."""
+
+    raw: bytes
+    documents: int  # how many documents came out of the winmail.dat parts
+
+    @property
+    def note(self) -> str:
+        """The job event that records the rewrite (no file names: DESIGN.md, "Privacy")."""
+        return f"winmail.dat unwrapped: {self.documents} document{'s' if self.documents != 1 else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """Where one MIME entity's bytes are in the message, and the boundary of the multipart around it."""
+
+    part: Message
+    start: int
+    end: int
+    boundary: bytes | None  # None: the entity is a message's root, not a body part
+
+
+def _is_tnef(part: Message) -> bool:
+    return not part.is_multipart() and tnef.is_tnef(part.get_content_type(), decoded(part.get_filename() or ""))
+
+
+def unwrap_tnef(raw: bytes, message: Message | None = None) -> Unwrapped | None:
+    """The message with every winmail.dat part replaced by its documents; None if it has none.
+
+    Raises tnef.TnefError when one cannot be unwrapped: damaged, holding no
+    document, or in a MIME layout whose bytes cannot be matched to its parts.
+    `message` is `raw` as already parsed (compat32), if the caller has it.
+    """
+    if not _TNEF_HINT.search(raw):
+        return None  # the quick look that spares the forwarder parsing every message
+    if message is None:
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+    try:
+        targets = [span for span in _spans(raw, message, 0, len(raw), None, 0) if _is_tnef(span.part)]
+    except RecursionError as exc:
+        raise tnef.TnefError("layout", "MIME nested too deep") from exc
+    if not targets:
+        return None
+    count = 0
+    # From the end backwards, so the offsets of the parts before stay right.
+    for span in reversed(targets):
+        original = email.message_from_bytes(raw[span.start:span.end], policy=email.policy.compat32)
+        if original.get_payload() != span.part.get_payload():
+            raise tnef.TnefError("layout", "the winmail.dat part cannot be located in the message")
+        payload = span.part.get_payload(decode=True)
+        documents = tnef.documents(payload if isinstance(payload, bytes) else b"")
+        if not documents:
+            raise tnef.TnefError("empty", "the winmail.dat holds no document")
+        raw = raw[:span.start] + _replacement(raw[span.start:span.end], span, documents) + raw[span.end:]
+        count += len(documents)
+    rewritten = email.message_from_bytes(raw, policy=email.policy.compat32)
+    if any(_is_tnef(part) for part in rewritten.walk()):
+        raise tnef.TnefError("layout", "a winmail.dat inside the winmail.dat")
+    return Unwrapped(raw=raw, documents=count)
+
+
+def _spans(raw: bytes, part: Message, start: int, end: int, boundary: bytes | None, depth: int) -> Iterator[_Span]:
+    """Every entity of the message with its byte range, found the way the email package parses it."""
+    yield _Span(part, start, end, boundary)
+    if not part.is_multipart():
+        return
+    if depth >= MAX_DEPTH:
+        raise tnef.TnefError("layout", "MIME nested too deep")
+    body = _body_start(raw, start, end)
+    children = part.get_payload()
+    if part.get_content_maintype() == "multipart":
+        inner = (part.get_boundary() or "").encode("ascii", "surrogateescape")
+        ranges = _body_parts(raw, body, end, inner)
+        if not inner or len(ranges) != len(children):
+            raise tnef.TnefError("layout", "the MIME parts cannot be matched to the message's bytes")
+        for child, (child_start, child_end) in zip(children, ranges, strict=True):
+            yield from _spans(raw, child, child_start, child_end, inner, depth + 1)
+    elif part.get_content_type() != "message/delivery-status" and len(children) == 1:
+        # message/rfc822 and the like: the body is one whole message.
+        yield from _spans(raw, children[0], body, end, None, depth + 1)
+
+
+def _body_start(raw: bytes, start: int, end: int) -> int:
+    """Where the body of the entity raw[start:end] begins (after its empty line)."""
+    if raw.startswith(b"\r\n", start):
+        return start + 2
+    blank = raw.find(b"\r\n\r\n", start, end)
+    return end if blank < 0 else blank + 4
+
+
+def _body_parts(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+    """The byte ranges of a multipart body's parts, read as Python's email parser reads them (RFC 2046 5.1.1).
+
+    A delimiter line is "--boundary", then "--" for the last one, then
+    optional white space; the line end before it belongs to the delimiter.
+    Delimiter lines right after one another make no empty part. A part
+    after which no closing delimiter comes runs to the end, less its last
+    line end.
+    """
+    if not boundary:
+        return []
+    delimiter = re.compile(rb"(?m)^--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|\r|\n|\Z)")
+    ranges: list[tuple[int, int]] = []
+    part_start: int | None = None
+    # The body starts right after the CRLF of the empty line, so a delimiter
+    # on its first line is found like any other.
+    for match in delimiter.finditer(raw, start, end):
+        if part_start is not None and match.start() == part_start:
+            part_start = match.end()  # a repeated delimiter line
+            continue
+        if part_start is not None:
+            ranges.append((part_start, match.start() - _line_end_before(raw, match.start())))
+        if match[1]:
+            return ranges
+        part_start = match.end()
+    if part_start is not None:
+        ranges.append((part_start, max(part_start, end - _line_end_before(raw, end))))
+    return ranges
+
+
+def _line_end_before(raw: bytes, position: int) -> int:
+    """The length of the line end that ends right before `position` (0, 1 or 2)."""
+    if raw[max(0, position - 2):position] == b"\r\n":
+        return 2
+    return 1 if raw[position - 1:position] in (b"\r", b"\n") and position > 0 else 0
+
+
+def _replacement(entity: bytes, span: _Span, documents: list[tnef.Document]) -> bytes:
+    """The bytes that take a winmail.dat entity's place: its documents as ordinary attachments.
+
+    In a multipart they become sibling parts; as the root of a message the
+    entity becomes a multipart/mixed of them, its other header fields kept.
+    """
+    parts = [_document_part(document) for document in documents]
+    if span.boundary is not None:
+        return (b"\r\n--" + span.boundary + b"\r\n").join(parts)
+    block, _body = split(entity)
+    kept = [field for name, field in header_fields(block) if name not in _CONTENT_FIELDS]
+    # "_" is not in the base64 alphabet, so no line of a document can look like this boundary.
+    boundary = b"=_faxgw_" + secrets.token_hex(12).encode()
+    head = b"".join(kept) + b'Content-Type: multipart/mixed; boundary="' + boundary + b'"\r\n'
+    if not any(name == b"mime-version" for name, _field in header_fields(block)) and span.start == 0:
+        head += b"MIME-Version: 1.0\r\n"
+    separator = b"--" + boundary + b"\r\n"
+    return head + b"\r\n" + separator + (b"\r\n" + separator).join(parts) + b"\r\n--" + boundary + b"--\r\n"
+
+
+def _document_part(document: tnef.Document) -> bytes:
+    """One document as a base64 attachment part, without the line end that ends it."""
+    part = MIMEPart(policy=email.policy.SMTP)
+    maintype, _, subtype = document.content_type.partition("/")
+    part.set_content(document.data, maintype, subtype, disposition="attachment", filename=document.filename,
+                     params={"name": document.filename})
+    for name in ("Content-Type", "Content-Transfer-Encoding", "Content-Disposition"):  # the usual order
+        value = part[name]
+        del part[name]
+        part[name] = value
+    data = part.as_bytes(policy=email.policy.SMTP)
+    return data[:-2] if data.endswith(b"\r\n") else data
+
+
+# --- forwarding ---------------------------------------------------------------------------
 
 
 def rewrite_headers(

@@ -1,11 +1,15 @@
-"""SMTP AUTH users: argon2 hashes only, checked without blocking the server for long.
+"""SMTP AUTH users: argon2 hashes only, checked without blocking the event loop.
 
 A verified (user, password) pair is remembered by its keyed digest, so an
 old scanner that logs in for every page does not pay argon2's cost each time.
+`check()` runs argon2 in a worker thread, at most VERIFY_CONCURRENCY at once:
+each verification takes tens of milliseconds and 64 MiB, so a flood of
+wrong passwords neither stalls the other sessions nor exhausts memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -14,6 +18,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 _HASHER = PasswordHasher()
+VERIFY_CONCURRENCY = 2
 
 
 def hash_password(password: str) -> str:
@@ -27,6 +32,14 @@ class PasswordChecker:
         self._key = secrets.token_bytes(32)
         self._verified: set[bytes] = set()
         self._dummy: str | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    async def check(self, user: str, password: bytes) -> bool:
+        """`verify()` in a worker thread, so the event loop keeps serving the other sessions."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
+        async with self._slots:
+            return await asyncio.to_thread(self.verify, user, password)
 
     def verify(self, user: str, password: bytes) -> bool:
         stored = self._users.get(user)

@@ -28,6 +28,15 @@ def refuse(reply: Reply, check: str, **values: object) -> Refusal:
     return Refusal(Reply(reply.code, reply.enhanced, reply.text.format(**values)), check)
 
 
+def shown(text: str) -> str:
+    """Text from a client as a reply may echo it: printable ASCII, anything else as \\uXXXX.
+
+    aiosmtpd hands over undecodable octets as lone surrogates, which cannot
+    be written back to the client at all.
+    """
+    return "".join(c if c.isascii() and c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
 @dataclass(frozen=True)
 class Policy:
     settings: Settings
@@ -58,23 +67,48 @@ class Policy:
         domain = "@" + lowered.rpartition("@")[2]
         if any(entry.lower() in (lowered, domain) for entry in allowed):
             return None
-        return refuse(replies.SENDER_NOT_ALLOWED, "sender", sender=sender)
+        return refuse(replies.SENDER_NOT_ALLOWED, "sender", sender=shown(sender))
 
     # --- recipients -------------------------------------------------------------
 
     def classify_recipient(self, address: str) -> Recipient | Refusal:
-        """A fax recipient with its number, or the refusal that says why not."""
+        """A fax recipient with its number, or the refusal that says why not.
+
+        The rules accept exactly `<number>@<domain>` for the upstream domain
+        and the local fax domains (compared without regard to ASCII case),
+        and the subject mailbox. Fax addresses are ASCII: anything else is
+        refused before a domain is compared, so no Unicode case folding can
+        make another address look like a fax address. What RFC 5321 (4.1.2)
+        does not allow is refused rather than read kindly: a domain with a
+        trailing dot, a local part with a leading, trailing or doubled dot,
+        spaces or brackets (not part of an unquoted local part).
+        Whatever is accepted, the forwarder sends to `<digits of the E.164
+        number>@<upstream domain>` only.
+        """
+        if not address.isascii() or not address.isprintable():
+            return refuse(replies.BAD_ADDRESS, "address-syntax", address=shown(address),
+                          problem="fax addresses are ASCII (digits, optionally + - . /, then @ and the domain)")
         local, at, domain = address.rpartition("@")
-        domain = domain.lower().rstrip(".")
         mailbox = self.rules.recipients.subject_mailbox
         if mailbox and address.lower() == mailbox.lower():
             return Recipient(address, FaxNumber(SUBJECT_MAILBOX))
         upstream_domain = self.settings.upstream.domain.lower()
-        if not at or domain not in (upstream_domain, *self.rules.recipients.local_fax_domains):
+        if at and domain.endswith("."):
+            return refuse(replies.BAD_ADDRESS, "address-syntax", address=address,
+                          problem="a domain does not end with a dot in SMTP")
+        if not at or domain.lower() not in (upstream_domain, *self.rules.recipients.local_fax_domains):
             return refuse(replies.NOT_A_FAX_RECIPIENT, "relay", address=address, domain=upstream_domain)
+        if local.startswith(".") or local.endswith(".") or ".." in local:
+            return refuse(replies.BAD_ADDRESS, "address-syntax", address=address,
+                          problem="a local part neither begins nor ends with a dot, nor has two in a row")
+        if re.search(r"[\s()]", local):
+            # People write numbers with spaces and brackets (the subject rule
+            # takes them), but in an address they are not part of it at all.
+            return refuse(replies.BAD_ADDRESS, "address-syntax", address=address,
+                          problem="a fax address has no spaces or brackets (digits, optionally with + - . /)")
         # GreenFax reads its own addresses as country code + number; our local
         # fax domains take numbers as people write them, in the default region.
-        international = domain == upstream_domain
+        international = domain.lower() == upstream_domain
         number = self.parse_number(local, international=international, address=address)
         if isinstance(number, Refusal):
             return number
@@ -114,6 +148,11 @@ class Policy:
             return refuse(replies.NUMBER_REFUSED, "number-international", address=address,
                           problem=f"{e164} is international ({region}); international faxes are not allowed here")
         return FaxNumber(e164)
+
+    def foreign_region(self, number: FaxNumber) -> str | None:
+        """The region of a number outside the default region (an international fax), else None."""
+        region = phonenumbers.region_code_for_number(phonenumbers.parse(number.e164))
+        return None if region == self.rules.numbers.default_region else region
 
     def number_from_subject(self, subject: str, address: str) -> FaxNumber | Refusal:
         match = re.search(self.rules.recipients.subject_number_pattern, subject)

@@ -11,8 +11,17 @@ from gateway.models import Reply
 SANDBOX_NOTE = "SANDBOX: nothing is faxed"
 
 
-def queued(codes: list[str], *, sandbox: bool) -> Reply:
+def queued(codes: list[str], *, sandbox: bool, held: dict[str, list[str]] | None = None) -> Reply:
+    """The 250 to DATA; `held` names the jobs that wait for an operator, each with short reasons."""
     text = "queued as " + " ".join(codes)
+    if held:
+        # Jobs held for the same reasons are named together, so that the
+        # reply stays one short line for a message to many numbers.
+        groups: dict[str, list[str]] = {}
+        for code, reasons in held.items():
+            groups.setdefault(", ".join(reasons), []).append(code)
+        text += "; held until an operator releases " + ("it" if len(held) == 1 else "them") + ": " + "; ".join(
+            f"{' '.join(group)} ({reasons})" for reasons, group in groups.items())
     return Reply(250, "2.0.0", f"{text} ({SANDBOX_NOTE})" if sandbox else text)
 
 
@@ -36,6 +45,10 @@ NOT_A_FAX_RECIPIENT = Reply(
     550, "5.7.1", "Relay denied: <{address}> is not a fax address (use <number>@{domain}); this gateway only sends faxes"
 )
 BAD_NUMBER = Reply(553, "5.1.3", "<{address}>: {problem}")
+BAD_ADDRESS = Reply(553, "5.1.3", "<{address}>: {problem}")
+ADDRESS_AS_WRITTEN = Reply(
+    553, "5.1.3", "<{address}>: use a plain address such as <12125550123@{domain}> (no quotes, comments or routes)"
+)
 NUMBER_REFUSED = Reply(550, "5.7.1", "<{address}>: {problem}")
 NO_NUMBER_IN_SUBJECT = Reply(
     550, "5.1.3", "No fax number found in the subject for <{address}>; write e.g. \"Fax: +1 212 555 0123\""
@@ -46,6 +59,29 @@ STATUS_RECIPIENT_OK = Reply(250, "2.1.5", "Status address OK")
 MIXED_KINDS = Reply(
     452, "4.5.3", "Status mail and faxes cannot share one message; send the rest in another message"
 )
+
+# --- limits (gateway/limits.py): which limit, and when it resets ---
+
+# {limit} and {needed} are counted phrases: "100 faxes", "1 page", "2 concurrent connections".
+CONNECTION_LIMIT = Reply(421, "4.7.0", "Limit of {limit} for {who} reached; resets when one of them closes")
+SESSION_LIMIT = Reply(421, "4.7.0", "Limit of {limit} for {who} reached; resets when one of them closes")
+MESSAGE_RATE_LIMIT = Reply(
+    451, "4.7.1", "Limit of {limit} per minute for {who} reached; resets at {at} {zone} (in {seconds} s)"
+)
+DAILY_LIMIT = Reply(451, "4.7.1", "Limit of {limit} per day for {who} reached ({detail}); resets at 00:00 {zone}")
+OVER_DAILY_LIMIT = Reply(
+    550, "5.7.1", "This message needs {needed}, more than the limit of {limit} per day for {who};"
+    " split it or ask the administrator"
+)
+DUPLICATE_FAX = Reply(
+    550, "5.7.1", "Duplicate fax: the same documents went to {number} as job {code} at {at} {zone}, less than"
+    " {window} ago; not sent again"
+)
+
+# --- AUTH ---
+
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 
 # --- size and data ---
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import ssl
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
-from gateway import store
+from gateway import maintenance, store
 from gateway.config import SANDBOX_FEED_ACCOUNT, Settings
 from gateway.errors import ConfigError, StoreError
 from gateway.forward import Forwarder
@@ -27,6 +28,7 @@ from gateway.metrics import Metrics
 from gateway.notices import Notifier
 from gateway.passwords import PasswordChecker
 from gateway.policy import Policy
+from gateway.reload import TLS_KINDS, LiveRules, load_reloadable, renew
 from gateway.rules import load_addressing
 from gateway.sandbox.notifycall import NotifyCaller
 from gateway.sandbox.statusmail import StatusMailer, imap_delivery, smtp_delivery
@@ -53,7 +55,7 @@ class Service:
         self.metrics = Metrics(self.read_store)
         self.status_mail = StatusMail(settings, load_rules(settings.status.rule_files), metrics=self.metrics)
         self.lock = store.StoreLock(path)
-        self.writer = store.Writer(path)
+        self.writer = store.Writer(path, max_size=settings.store.max_size)
         self.servers: list[asyncio.Server] = []
         self.status_addresses: list[tuple[str, int]] = []  # listeners taking status mail, as bound
         self.forwarder: Forwarder | None = None
@@ -74,6 +76,7 @@ class Service:
         try:
             self._prepare_store()
             self.writer.start()
+            self._prepare_reload()
             endpoint = await self._upstream_endpoint()
             self.notifier = Notifier(self.settings, self.writer, endpoint, clock=self.clock)
             self.forwarder = Forwarder(
@@ -84,6 +87,7 @@ class Service:
             self.forwarder.metrics = self.metrics
             self._run("notifier", self.notifier.run())
             self._run("forwarder", self.forwarder.run())
+            self._start_retention()
             await self._listen()
             await self._start_web()
             self._start_imap()
@@ -134,6 +138,7 @@ class Service:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         try:
             await stop.wait()
@@ -158,7 +163,9 @@ class Service:
     def _prepare_store(self) -> None:
         conn = store.connect(self.settings.store.path)
         try:
+            self._backup_before_migrate(conn)
             store.migrate(conn)
+            self._hold_restored_jobs(conn)
             conn.execute("BEGIN IMMEDIATE")
             interrupted = store.recover_sending(conn, store.iso(self.clock()))
             store.set_meta(conn, "mode", "sandbox" if self.settings.sandbox_mode else "production")
@@ -201,7 +208,7 @@ class Service:
         intake = Intake(
             policy=Policy(self.settings, self.rules), writer=self.writer, sandbox=self.settings.sandbox_mode,
             on_queued=self.forwarder.wake if self.forwarder else (lambda: None),
-            passwords=PasswordChecker(smtp.users), status=self.status_mail,
+            passwords=PasswordChecker(smtp.users), status=self.status_mail, clock=self.clock,
         )
         intake.metrics = self.metrics
         status_listen = self.settings.status.listen
@@ -243,13 +250,17 @@ class Service:
 
             host, port = sb.feed_listen
             accountid, password = SANDBOX_FEED_ACCOUNT
+            options = {"timezone": settings.greenfax.timezone, "min_interval": sb.feed_min_interval,
+                       "accountid": accountid, "password": password}
             try:
-                self._sandbox_feed, port = await start_feed(
-                    self.sandbox, host, port, timezone=settings.greenfax.timezone,
-                    min_interval=sb.feed_min_interval, accountid=accountid, password=password)
+                self._sandbox_feed, port = await start_feed(self.sandbox, host, port, **options)
             except OSError as exc:
-                raise ConfigError(f"cannot listen for the sandbox feed on {host}:{port}: {exc.strerror}") from None
-            if not settings.feed.url:  # feed_listen asked for any free port
+                # Only the stand-in's own feed: another sandbox may hold the port. Any free one will do.
+                log_event(log, "sandbox-feed-port-taken", level=logging.WARNING, listen=f"{host}:{port}",
+                          problem=exc.strerror, action="using a free port; `faxgw feed poll` cannot reach it")
+                self._sandbox_feed, port = await start_feed(self.sandbox, host, 0, **options)
+                settings = settings.model_copy(update={"feed": settings.feed.model_copy(update={"url": None})})
+            if not settings.feed.url:  # feed_listen asked for any free port, or had to
                 feed = settings.feed.model_copy(update={"url": f"http://{host}:{port}{FEED_PATH}"})
                 settings = settings.model_copy(update={"feed": feed})
         if not settings.feed.url:
@@ -290,7 +301,62 @@ class Service:
             context.load_cert_chain(smtp.tls_cert, smtp.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"smtp.tls_cert/smtp.tls_key: cannot load {smtp.tls_cert}: {exc}") from None
+        self.tls_contexts["smtp"].append(context)  # SIGHUP loads a renewed certificate into it
         return context
+
+    # --- upgrades, backups, retention, reload (gateway/maintenance.py, gateway/reload.py) -----------
+
+    def _backup_before_migrate(self, conn: sqlite3.Connection) -> None:
+        path = self.settings.store.path
+        copy = maintenance.backup_before_migrate(conn, path, clock=self.clock)
+        if copy is not None:
+            log_event(log, "store-backup", reason=f"before migrating to schema v{store.SCHEMA_VERSION}",
+                      path=str(copy))
+
+    def _hold_restored_jobs(self, conn: sqlite3.Connection) -> None:
+        restored = maintenance.hold_if_restored(conn, clock=self.clock)
+        if restored is not None:
+            taken_at, held = restored
+            log_event(log, "restored-backup", level=logging.WARNING, taken_at=taken_at,
+                      held=" ".join(code for code, _state in held) or "none",
+                      action="these may have been sent after the backup: check with GreenFax, then"
+                             " `faxgw release CODE` or `faxgw cancel CODE`")
+
+    def _start_retention(self) -> None:
+        if self.settings.retention.enabled:
+            retention = maintenance.Retention(self.settings.retention, self.writer, clock=self.clock)
+            self._run("retention", retention.run())
+
+    def _prepare_reload(self) -> None:
+        """What SIGHUP reaches: the rules through one live object, and the listeners' TLS contexts."""
+        self.rules = LiveRules(self.rules)  # type: ignore[assignment]
+        self.tls_contexts: dict[str, list[ssl.SSLContext]] = {kind: [] for kind in TLS_KINDS}
+
+    def reload(self) -> None:
+        """SIGHUP: renewed certificates and changed rules; if any is broken, none is taken and the old stay."""
+        if not self.servers:
+            log_event(log, "reload-ignored", level=logging.WARNING, reason="the gateway is starting or stopping")
+            return
+        contexts = {"smtp": self.tls_contexts["smtp"], "http": self.web.tls_contexts if self.web else []}
+        try:
+            new = load_reloadable(self.settings, with_tls={kind for kind in TLS_KINDS if contexts[kind]})
+            for kind, (cert, key) in new.certificates.items():
+                renew(contexts[kind], kind, cert, key)
+        except ConfigError as exc:
+            log_event(log, "reload-refused", level=logging.ERROR, error=str(exc),
+                      action="the rules and certificates in force stay; fix it and send SIGHUP again")
+            return
+        self.rules.current = new.addressing  # type: ignore[attr-defined]
+        self.status_mail.rules = new.mail_rules
+        if self.forwarder is not None:
+            self.forwarder.jobcode = new.addressing.jobcode
+        if self.web is not None:
+            self.web.region = new.addressing.numbers.default_region
+        if self.sandbox is not None:
+            self.sandbox.code_pattern = new.addressing.tag_pattern()
+        log_event(log, "reloaded", tls=" ".join(new.certificates) or "none",
+                  status_rules=len(new.mail_rules.rules),
+                  restart_needed=" ".join(new.restart_needed) or None)
 
     # --- health -----------------------------------------------------------------------------------
 

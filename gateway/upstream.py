@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass
 
@@ -174,10 +175,19 @@ class UpstreamConnection:
         protocol = smtp.protocol
         try:
             assert protocol is not None
-            protocol.write(payload + b".\r\n")
-        except (SMTPServerDisconnected, AssertionError) as exc:
+            protocol.write(payload)
+            # Let the body reach the socket before the final dot: a server that
+            # drops the connection mid-DATA is then seen here, while the fax is
+            # certainly not accepted (deferred), not after the dot (unknown).
+            async with asyncio.timeout(self.endpoint.timeout):
+                await protocol._drain_helper()
+            await asyncio.sleep(0)
+            if protocol.transport is None or protocol.transport.is_closing():
+                raise SMTPServerDisconnected("connection lost during DATA")
+            protocol.write(b".\r\n")
+        except (SMTPServerDisconnected, AssertionError, ConnectionError, OSError, TimeoutError) as exc:
             self.abort()
-            raise UpstreamTemporary("connection lost before the message was sent") from exc
+            raise UpstreamTemporary("connection lost before the end of the message was sent") from exc
         try:
             response = await protocol.read_response(timeout=self.endpoint.timeout)
         except (SMTPServerDisconnected, SMTPTimeoutError, ConnectionError, OSError) as exc:

@@ -63,6 +63,7 @@ class Web:
         self.health = health
         self.region = region
         self.runners: list[web.AppRunner] = []
+        self.tls_contexts: list[ssl.SSLContext] = []  # kept so SIGHUP can load a renewed certificate into them
         self.addresses: dict[str, list[tuple[str, int]]] = {"http": [], "notify": []}
         self._tokens = [t.encode() for t in settings.notify.tokens]
         self._networks = settings.notify.allowed_networks
@@ -106,6 +107,7 @@ class Web:
             context.load_cert_chain(http.tls_cert, http.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"http.tls_cert/http.tls_key: cannot load {http.tls_cert}: {exc}") from None
+        self.tls_contexts.append(context)
         return context
 
     def _app(self, *, api: bool, notify: bool) -> web.Application:

@@ -93,6 +93,8 @@ def parse_feed(body: bytes, zone: tzinfo) -> list[FeedRow]:
         raise FeedRefused(f"the answer uses entities, which are never processed ({type(exc).__name__})") from exc
     except ET.ParseError as exc:
         raise FeedRefused(f"the answer is not well-formed XML ({exc})") from exc
+    except (LookupError, ValueError) as exc:  # expat on an encoding it cannot read ("TF-8", "shift_jis")
+        raise FeedRefused(f"the answer declares an encoding that cannot be read ({exc})") from exc
     if _key(root.tag) == "error":
         raise FeedUnavailable(f"the feed answered an error: {(root.text or '').strip()[:200]}")
     return [row_report(_fields(element), ET.tostring(element, encoding="unicode"), zone)
@@ -143,12 +145,13 @@ def _key(tag: object) -> str:
 
 def _int(text: str | None) -> int | None:
     match = re.search(r"\d+", text or "")
-    return int(match[0]) if match else None
+    # Up to 18 digits: what the store's INTEGER holds (and int() refuses over 4,300).
+    return int(match[0]) if match and len(match[0]) <= 18 else None
 
 
 def _seconds(text: str | None) -> int | None:
     """A duration in seconds: "78", or "1:18" / "0:01:18"."""
-    clock = re.fullmatch(r"\s*(\d+)(?::(\d{1,2}))(?::(\d{1,2}))?\s*", text or "")
+    clock = re.fullmatch(r"\s*(\d{1,12})(?::(\d{1,2}))(?::(\d{1,2}))?\s*", text or "")
     if not clock:
         return _int(text)
     parts = [int(part) for part in clock.groups() if part is not None]

@@ -13,6 +13,7 @@ From domain is one of `status.trusted_sender_domains` and, if
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -139,7 +140,8 @@ def status_reply(outcome: Outcome, verdict: Verdict) -> Reply:
 async def receive(status: StatusMail, writer: Writer, raw: bytes, *, channel: Channel,
                   envelope_rcpts: tuple[str, ...] = (), client: str = "") -> tuple[Outcome, Verdict]:
     """Understand one status mail and apply it in the store (committed when this returns)."""
-    verdict = status.understand(raw, channel=channel, envelope_rcpts=envelope_rcpts)
+    # In a worker thread: anyone may send status mail, and a hostile one takes long to parse.
+    verdict = await asyncio.to_thread(status.understand, raw, channel=channel, envelope_rcpts=envelope_rcpts)
     return await apply_verdict(status, writer, verdict, client=client), verdict
 
 

@@ -111,11 +111,18 @@ def _with_mailparser(raw: bytes) -> ParsedMail:
     from_addr = parsed.from_[0][1] if parsed.from_ else ""
     to_addrs = tuple(address for _name, address in (parsed.to or []) if address)
     return ParsedMail(
-        raw=raw, from_addr=from_addr.lower(), to_addrs=to_addrs, subject=parsed.subject or "",
-        message_id=(parsed.message_id or "").strip(), text=_lines("\n".join(parsed.text_plain or [])),
+        raw=raw, from_addr=from_addr.lower(), to_addrs=to_addrs, subject=_first(parsed.subject),
+        message_id=_first(parsed.message_id).strip(), text=_lines("\n".join(parsed.text_plain or [])),
         html_text=_lines("\n".join(html_to_text(part) for part in parsed.text_html or [])),
         content_type=headers.get("content-type", "").split(";")[0].strip().lower(), headers=headers,
     )
+
+
+def _first(value: object) -> str:
+    """A header mail-parser read: a list when the mail repeats the field (two Subjects); the first counts."""
+    if isinstance(value, list):
+        value = next((item for item in value if item), "")
+    return str(value or "")
 
 
 def _with_email(raw: bytes) -> ParsedMail:

@@ -200,13 +200,14 @@ def normalise_number(text: str | None) -> str | None:
 
 def _int(text: str | None) -> int | None:
     match = re.search(r"\d+", text or "")
-    return int(match[0]) if match else None
+    # Up to 18 digits: what the store's INTEGER holds (and int() refuses over 4,300).
+    return int(match[0]) if match and len(match[0]) <= 18 else None
 
 
 def _seconds(text: str | None) -> int | None:
     if not text:
         return None
-    clock = re.fullmatch(r"\s*(\d+):(\d{2})(?::(\d{2}))?\s*", text)
+    clock = re.fullmatch(r"\s*(\d{1,12}):(\d{2})(?::(\d{2}))?\s*", text)
     if clock:
         parts = [int(p) for p in clock.groups() if p is not None]
         return parts[0] * 60 + parts[1] if len(parts) == 2 else parts[0] * 3600 + parts[1] * 60 + parts[2]

@@ -65,4 +65,5 @@ def notify_report(query: Mapping[str, str], *, trusted: bool) -> StatusReport:
 
 def _int(text: str | None) -> int | None:
     """A whole number, or None when missing or malformed (the raw call keeps what was sent)."""
-    return int(text) if text and text.isdigit() else None
+    # isdigit() alone admits "²", which int() refuses; 18 digits is what the store's INTEGER holds.
+    return int(text) if text and text.isascii() and text.isdigit() and len(text) <= 18 else None

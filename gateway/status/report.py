@@ -74,6 +74,13 @@ def parse_time(text: str | None, formats: list[str], default_zone: tzinfo = UTC)
     """
     if not text:
         return None
+    try:
+        return _parse_time(text, formats, default_zone)
+    except (ValueError, OverflowError):  # an offset of a day or more ("GMT+99"); year 1 or 9999 moved to UTC
+        return None
+
+
+def _parse_time(text: str, formats: list[str], default_zone: tzinfo) -> datetime | None:
     zone = default_zone
     offset = _GMT_OFFSET.search(text)
     if offset:

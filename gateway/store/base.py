@@ -26,8 +26,12 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
-    """A connection with the store's pragmas; autocommit mode, explicit transactions."""
+def connect(path: Path, *, readonly: bool = False, max_size: int | None = None) -> sqlite3.Connection:
+    """A connection with the store's pragmas; autocommit mode, explicit transactions.
+
+    `max_size` caps the file (PRAGMA max_page_count): past it every write
+    fails as on a full disk, and the gateway answers 452 instead of growing.
+    """
     if readonly:
         if not path.exists():
             raise StoreError(f"{path}: no store here yet (has `faxgw serve` run with this config?)")
@@ -40,6 +44,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute("PRAGMA foreign_keys = ON")
+    if max_size:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {max(1, max_size // page_size)}")
     conn.row_factory = sqlite3.Row
     return conn
 

@@ -58,15 +58,26 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: str) -> list[
     return codes
 
 
-def claim_due(conn: sqlite3.Connection, now: str, limit: int) -> list[ClaimedJob]:
-    """Mark up to `limit` due jobs `sending` and return them with their message."""
+def claim_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | None = None) -> list[ClaimedJob]:
+    """Mark up to `limit` due jobs `sending` and return them with their message.
+
+    A next attempt later than `horizon` (farther ahead than any backoff can
+    put it) can only come from a clock that jumped backwards: such a job is
+    due now rather than after the jump is made up.
+    """
+    due = "SELECT id FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'deferred') AND next_attempt_at {} ?" \
+          " ORDER BY next_attempt_at LIMIT ?"
+    # Two range scans of the partial index, so nothing is scanned that is not claimed.
+    ids = [row[0] for row in conn.execute(due.format("<="), (now, limit))]
+    if horizon and len(ids) < limit:
+        ids += [row[0] for row in conn.execute(due.format(">"), (horizon, limit - len(ids)))]
+    if not ids:
+        return []
     rows = conn.execute(
-        "SELECT j.id, j.code, j.number, j.attempts, j.created_at, m.raw, m.mail_from,"
-        " m.header_from, m.smtputf8, m.needs_8bitmime FROM"
-        " (SELECT id FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'deferred') AND next_attempt_at <= ?"
-        "  ORDER BY next_attempt_at LIMIT ?) due"
-        " JOIN jobs j ON j.id = due.id JOIN messages m ON m.id = j.message_id ORDER BY j.next_attempt_at",
-        (now, limit),
+        "SELECT j.id, j.code, j.number, j.attempts, j.created_at, m.raw, m.mail_from, m.header_from, m.smtputf8,"
+        f" m.needs_8bitmime FROM jobs j JOIN messages m ON m.id = j.message_id WHERE j.id IN ({','.join('?' * len(ids))})"
+        " ORDER BY j.next_attempt_at",
+        ids,
     ).fetchall()
     claimed = []
     for row in rows:
@@ -153,13 +164,17 @@ def operator_action(conn: sqlite3.Connection, code: str, action: str, now: str) 
     allowed, target = ACTIONS[action]
     conn.execute("BEGIN IMMEDIATE")
     try:
-        row = conn.execute("SELECT id, state FROM jobs WHERE code = ?", (code.upper(),)).fetchone()
+        row = conn.execute("SELECT id, state, message_id FROM jobs WHERE code = ?", (code.upper(),)).fetchone()
         if row is None:
             raise UnknownJob(f"no job with code {code}")
         state = JobState(row["state"])
         if state not in allowed:
             names = ", ".join(sorted(s.value for s in allowed))
             raise InvalidTransition(f"{code} is {state.value}; {action} applies only to jobs that are {names}")
+        # Retention empties the body of finished jobs (an accepted message is never empty).
+        if target is JobState.QUEUED and not conn.execute(
+                "SELECT length(raw) FROM messages WHERE id = ?", (row["message_id"],)).fetchone()[0]:
+            raise InvalidTransition(f"{code} cannot be sent again: its message was purged after the retention period")
         conn.execute(
             "UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = ? WHERE id = ?",
             (target.value, now, now if target is JobState.QUEUED else None, row["id"]),

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import sqlite_utils
 
 from gateway.errors import StoreError
+from gateway.store.limits import migration_intake_facts
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
@@ -74,7 +75,18 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db["notifications"].create_index(["state", "next_attempt_at"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Retention: when a message body was purged, and the indexes the purge finds its rows by."""
+    db["messages"].add_column("purged_at", str)
+    # Purged bodies become empty, never NULL (raw is NOT NULL); only bodies still kept are looked at.
+    db.execute("CREATE INDEX messages_kept ON messages (received_at, id) WHERE purged_at IS NULL")
+    db.execute("CREATE INDEX reports_raw_kept ON reports (received_at) WHERE raw IS NOT NULL")
+    # "Are all jobs of this message final?" (and the foreign key's own checks).
+    db.execute("CREATE INDEX jobs_message ON jobs (message_id)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3,
+                                                              migration_intake_facts]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

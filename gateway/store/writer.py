@@ -24,14 +24,15 @@ class Writer:
     exception rolls back that call alone (a savepoint), not its neighbours.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_size: int | None = None) -> None:
         self.path = path
+        self.max_size = max_size
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="store-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
 
     def start(self) -> None:
-        self._conn = connect(self.path)
+        self._conn = connect(self.path, max_size=self.max_size)
         self._thread.start()
 
     def close(self) -> None:
@@ -74,7 +75,11 @@ class Writer:
                 try:
                     outcomes.append((True, fn(conn, *args)))
                     conn.execute("RELEASE call")
-                except Exception as exc:  # one bad call must not sink the batch
+                except Exception as exc:  # one bad call must not sink the batch...
+                    if not conn.in_transaction:
+                        # ...unless SQLite rolled the whole transaction back itself
+                        # (a full disk does): then nothing of this batch is stored.
+                        raise
                     conn.execute("ROLLBACK TO call")
                     conn.execute("RELEASE call")
                     outcomes.append((False, _translate(exc)))

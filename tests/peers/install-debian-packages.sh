@@ -11,7 +11,7 @@
 #   tests start their own private instances.
 set -euo pipefail
 
-PACKAGES=(postfix swaks dovecot-imapd)
+PACKAGES=(postfix swaks dovecot-imapd msmtp m4 systemd)
 
 if [[ ${EUID:-$(id -u)} -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1; then

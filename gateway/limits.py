@@ -1,0 +1,417 @@
+"""Limits: intake's abuse and cost controls. Intake asks, this module answers with a refusal or None.
+
+Each refusal carries its exact reply, naming the limit and when it resets:
+
+- connect: concurrent connections per client address (421 4.7.0);
+- AUTH: concurrent sessions per user (421 4.7.0); wrong passwords are
+  answered after a delay that grows per client address (`AuthThrottle`);
+- MAIL, and again at DATA: messages per minute per client and per sender
+  (451 4.7.1, with the time the oldest message leaves the minute);
+- RCPT, and again at DATA: faxes and pages per day per client and per
+  sender (451 4.7.1, resetting at local midnight in [greenfax] timezone);
+- DATA: the documents' pages and digest and the hold reasons known before
+  the store is asked; `store.limits.admit_message` then applies the daily
+  limits, the duplicate guard and the hold rules in the same transaction as
+  the insert.
+
+The sender is the AUTH user when the client logged in, else the envelope
+sender. Connection and per-minute counts live in memory (a restart forgives
+them, which is harmless); daily counts are read from the jobs in the store,
+so they survive restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import hashlib
+import io
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from datetime import time as clock_time
+from email.message import Message
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from PIL import Image
+from pypdf import PdfReader
+
+from gateway import mime, replies
+from gateway.config import LimitSettings, Settings
+from gateway.models import FaxNumber, Recipient, Refusal, Reply
+from gateway.policy import Policy
+from gateway.store import Writer, iso, parse_iso, utcnow
+from gateway.store.limits import (
+    Admission,
+    DailyQuota,
+    Duplicate,
+    HoldReason,
+    OverQuota,
+    usage_since,
+)
+
+KINDS = ("connections", "messages_per_minute", "faxes_per_day", "pages_per_day")
+# The bounded set of limit names: refusal checks, log fields and metric labels.
+LIMIT_NAMES = frozenset(
+    [f"{scope}-{kind.replace('_', '-')}" for scope in ("client", "sender") for kind in KINDS] + ["duplicate"]
+)
+WINDOW = 60.0  # seconds of "messages per minute"
+
+
+@dataclass(frozen=True)
+class Party:
+    """Whom a limit counts for: a client address, or a sender (an AUTH user or an envelope sender)."""
+
+    scope: Literal["client", "sender"]
+    key: str  # as the store keeps it: the address, "user:NAME" or "sender:ADDRESS"
+    shown: str  # as replies name it
+
+    @classmethod
+    def client(cls, address: str) -> Party:
+        return cls("client", address, f"client {address}")
+
+    @classmethod
+    def sender(cls, user: str | None, mail_from: str) -> Party:
+        if user:
+            return cls("sender", f"user:{user}", f"user {user}")
+        # The same key at MAIL, RCPT and DATA, and one SQLite can store: 8-bit
+        # bytes that were not UTF-8 (kept by aiosmtpd as surrogates) become U+FFFD.
+        address = mime.storable(mail_from)
+        return cls("sender", f"sender:{address.lower()}", f"sender {address}")
+
+
+def limit_name(party: Party, kind: str) -> str:
+    return f"{party.scope}-{kind.replace('_', '-')}"
+
+
+def day_start(moment: datetime, zone: ZoneInfo) -> datetime:
+    """Local midnight of the day `moment` falls on, in UTC (where midnight is skipped, the day's first instant)."""
+    return datetime.combine(moment.astimezone(zone).date(), clock_time(0), tzinfo=zone).astimezone(UTC)
+
+
+def counted(amount: int, unit: str) -> str:
+    """An amount with its unit, given in the plural: "2 faxes", "1 fax", "1 concurrent connection"."""
+    if amount != 1:
+        return f"{amount} {unit}"
+    return f"1 {unit[:-2] if unit.endswith('xes') else unit[:-1]}"
+
+
+def span(seconds: float) -> str:
+    """A window for people: "45 s", "10 min", "1 h", "2 d"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)} {unit}"
+    return f"{seconds:g} s"
+
+
+# --- the documents of a fax --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DocumentFacts:
+    pages: int | None = None  # pages of the documents, None when not counted
+    digest: str | None = None  # hash of the decoded documents, None when not made
+
+
+def document_facts(raw: bytes, *, pages: bool, digest: bool) -> DocumentFacts:
+    """Pages and digest of a fax email's documents; never raises.
+
+    PDF pages are counted with pypdf and TIFF pages with Pillow; any other
+    or unreadable document counts as one page, and a fax of a text body
+    alone as one. The digest hashes each document's decoded bytes (so a
+    resend with new MIME boundaries or another transfer encoding has the
+    same digest) in a sorted list, ignoring names; a fax with no document
+    hashes its text body instead. The documents inside a winmail.dat are
+    counted and hashed, as the forwarder sends them (mime.unwrap_tnef).
+    """
+    try:
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+        unwrapped = mime.unwrap_tnef(raw, message)
+        if unwrapped is not None:
+            message = email.message_from_bytes(unwrapped.raw, policy=email.policy.compat32)
+        documents = [(part, part.get_payload(decode=True) or b"") for part in mime.document_parts(message)]
+    except Exception:  # noqa: BLE001 - a fax must never be lost to the page counter
+        return DocumentFacts(1 if pages else None, None)
+    count = max(1, sum(_pages(part, payload) for part, payload in documents)) if pages else None
+    return DocumentFacts(count, _digest(message, [payload for _part, payload in documents]) if digest else None)
+
+
+
+
+def _pages(part: Message, payload: bytes) -> int:
+    name = (part.get_filename() or "").lower()
+    kind = part.get_content_type()
+    try:
+        if kind == "application/pdf" or name.endswith(".pdf"):
+            return max(1, len(PdfReader(io.BytesIO(payload)).pages))
+        if kind == "image/tiff" or name.endswith((".tif", ".tiff")):
+            with Image.open(io.BytesIO(payload)) as image:
+                return max(1, getattr(image, "n_frames", 1))
+    except Exception:  # noqa: BLE001 - unreadable, encrypted, truncated: still a page for GreenFax
+        return 1
+    return 1
+
+
+def _digest(message: Message, documents: list[bytes]) -> str:
+    if documents:
+        hashes = sorted(hashlib.sha256(payload).hexdigest() for payload in documents)
+        return hashlib.sha256(("documents\n" + "\n".join(hashes)).encode()).hexdigest()
+    body = hashlib.sha256(b"body\n")
+    for part in message.walk():
+        if part.get_content_type() in ("text/plain", "text/html"):
+            text = part.get_payload(decode=True) or b""
+            body.update(b"\n".join(line.rstrip() for line in text.splitlines()).strip() + b"\n")
+    return body.hexdigest()
+
+
+# --- counting in memory --------------------------------------------------------------------------
+
+
+class _Windows:
+    """Message times per key in the last WINDOW seconds (monotonic clock)."""
+
+    def __init__(self) -> None:
+        self._times: dict[str, deque[float]] = {}
+        self._added = 0
+
+    def count(self, key: str, now: float) -> tuple[int, float]:
+        """How many are in the window, and when the oldest of them leaves it."""
+        times = self._times.get(key)
+        while times and times[0] <= now - WINDOW:
+            times.popleft()
+        return (len(times), times[0] + WINDOW) if times else (0, now)
+
+    def add(self, key: str, now: float) -> None:
+        self._times.setdefault(key, deque()).append(now)
+        self._added += 1
+        if self._added % 1024 == 0:  # forget keys that have been quiet for a minute
+            self._times = {k: v for k, v in self._times.items() if v and v[-1] > now - WINDOW}
+
+
+class AuthThrottle:
+    """Failed AUTH attempts per client address; each failure is answered later than the one before."""
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(self, settings: LimitSettings, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.delay = settings.auth_failure_delay
+        self.maximum = settings.auth_failure_delay_max
+        self.memory = settings.auth_failure_memory
+        self.monotonic = monotonic
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def failed(self, client: str) -> tuple[int, float]:
+        """Count a failure; return the client's failures in a row and how long to wait before answering."""
+        now = self.monotonic()
+        count, last = self._failures.pop(client, (0, now))
+        count = 1 if now - last > self.memory else count + 1
+        self._failures[client] = (count, now)
+        if len(self._failures) > self.MAX_CLIENTS:
+            # Oldest first (dicts keep insertion order, and a failure re-inserts its client).
+            for stale in list(self._failures)[: len(self._failures) // 2]:
+                del self._failures[stale]
+        return count, min(self.maximum, self.delay * 2 ** min(count - 1, 32))
+
+
+# --- the limits intake asks about ----------------------------------------------------------------
+
+
+class IntakeLimits:
+    """The limits of one gateway, asked by intake at each step of a session."""
+
+    def __init__(self, settings: Settings, policy: Policy, *, writer: Writer,
+                 clock: Callable[[], datetime] = utcnow, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.limits = settings.limits
+        self.duplicates = settings.duplicates
+        self.hold = settings.hold
+        self.policy = policy
+        self.zone_name = settings.greenfax.timezone
+        self.zone = ZoneInfo(self.zone_name)
+        self.writer = writer
+        self.clock = clock
+        self.monotonic = monotonic
+        self.connections: Counter[str] = Counter()
+        self.sessions: Counter[str] = Counter()
+        self.windows = _Windows()
+        self.auth = AuthThrottle(self.limits, monotonic=monotonic)
+        # (scope, key) -> (day start, faxes, pages): at least the day's usage
+        # (see check_daily), so that RCPT reads the store only near a limit.
+        self._usage: dict[tuple[str, str], tuple[str, int, int]] = {}
+
+    def amount(self, party: Party, kind: str) -> int:
+        return getattr(self.limits.client if party.scope == "client" else self.limits.sender, kind)
+
+    def enabled(self) -> list[str]:
+        """The names of the limits in force (for metrics, so each shows from the start)."""
+        names = [limit_name(Party(scope, "", ""), kind) for scope in ("client", "sender") for kind in KINDS
+                 if getattr(getattr(self.limits, scope), kind)]
+        return names + (["duplicate"] if self.duplicates.action == "refuse" else [])
+
+    # --- concurrent connections and sessions ---
+
+    def open_connection(self, client: str) -> Refusal | None:
+        return self._open(self.connections, Party.client(client), replies.CONNECTION_LIMIT, "concurrent connections")
+
+    def close_connection(self, client: str) -> None:
+        _release(self.connections, client)
+
+    def open_session(self, user: str) -> Refusal | None:
+        return self._open(self.sessions, Party.sender(user, ""), replies.SESSION_LIMIT, "concurrent sessions")
+
+    def close_session(self, user: str) -> None:
+        _release(self.sessions, f"user:{user}")
+
+    def _open(self, counts: Counter[str], party: Party, reply: Reply, unit: str) -> Refusal | None:
+        limit = self.amount(party, "connections")
+        if limit and counts[party.key] >= limit:
+            return _refusal(reply, limit_name(party, "connections"), limit=counted(limit, unit), who=party.shown)
+        counts[party.key] += 1
+        return None
+
+    # --- messages per minute ---
+
+    def check_rate(self, client: Party, sender: Party) -> Refusal | None:
+        """At MAIL: is a message per minute limit reached already?"""
+        now = self.monotonic()
+        for party in (client, sender):
+            limit = self.amount(party, "messages_per_minute")
+            if not limit:
+                continue
+            count, frees_at = self.windows.count(f"{party.scope}:{party.key}", now)
+            if count >= limit:
+                reset = self.clock() + timedelta(seconds=frees_at - now)
+                return _refusal(replies.MESSAGE_RATE_LIMIT, limit_name(party, "messages_per_minute"),
+                                limit=counted(limit, "messages"),
+                                who=party.shown, at=reset.astimezone(self.zone).strftime("%H:%M:%S"),
+                                zone=self.zone_name, seconds=max(1, math.ceil(frees_at - now)))
+        return None
+
+    def take_message(self, client: Party, sender: Party) -> Refusal | None:
+        """At DATA: check again and count the message (no await in between, so concurrent sessions cannot both pass)."""
+        refusal = self.check_rate(client, sender)
+        if refusal is None:
+            now = self.monotonic()
+            for party in (client, sender):
+                if self.amount(party, "messages_per_minute"):
+                    self.windows.add(f"{party.scope}:{party.key}", now)
+        return refusal
+
+    # --- faxes and pages per day ---
+
+    def quotas(self, client: Party, sender: Party) -> tuple[DailyQuota, ...]:
+        return tuple(
+            DailyQuota(party.scope, party.key, self.amount(party, "faxes_per_day"), self.amount(party, "pages_per_day"))
+            for party in (client, sender)
+            if self.amount(party, "faxes_per_day") or self.amount(party, "pages_per_day")
+        )
+
+    async def check_daily(self, client: Party, sender: Party, faxes: int) -> Refusal | None:
+        """At RCPT: would `faxes` faxes (this envelope's so far, this one included) pass the daily limits?
+
+        The final word is `admit_message`'s, at DATA, in the same transaction
+        as the insert; this refuses early, before the client sends the data.
+        Every fax has at least one page. The store is read once per party
+        and day, and again only when the remembered usage says a limit is
+        reached: it is an upper bound, since usage grows only by this
+        process's admissions (one `faxgw serve` per store) and an operator's
+        cancel only lowers it.
+        """
+        since = iso(day_start(self.clock(), self.zone))
+        for quota in self.quotas(client, sender):
+            over = _over(quota, await self._usage_since(quota, since), faxes)
+            if over is not None:
+                over = _over(quota, await self._usage_since(quota, since, fresh=True), faxes)
+            if over is not None:
+                return self.daily_refusal(client if quota.scope == "client" else sender, over)
+        return None
+
+    async def _usage_since(self, quota: DailyQuota, since: str, *, fresh: bool = False) -> tuple[int, int]:
+        remembered = self._usage.get((quota.scope, quota.key))
+        if remembered is not None and remembered[0] == since and not fresh:
+            return remembered[1], remembered[2]
+        used = await self.writer.run(usage_since, quota.scope, quota.key, since)
+        if len(self._usage) >= 10_000:  # many senders: forget rather than grow
+            self._usage.clear()
+        self._usage[(quota.scope, quota.key)] = (since, *used)
+        return used
+
+    def admitted(self, admission: Admission, faxes: int) -> None:
+        """Count an admitted message in the remembered usage."""
+        pages = faxes * (admission.pages or 1)
+        for quota in admission.quotas:
+            remembered = self._usage.get((quota.scope, quota.key))
+            if remembered is not None and remembered[0] == admission.since:
+                self._usage[(quota.scope, quota.key)] = (admission.since, remembered[1] + faxes,
+                                                         remembered[2] + pages)
+
+    def daily_refusal(self, party: Party, over: OverQuota) -> Refusal:
+        name = limit_name(party, f"{over.unit}_per_day")
+        if over.needed > over.limit:
+            return _refusal(replies.OVER_DAILY_LIMIT, name, needed=counted(over.needed, over.unit),
+                            limit=counted(over.limit, over.unit), who=party.shown)
+        if over.unit == "pages":
+            detail = f"{over.used} today, this message needs {over.needed}"
+        else:
+            detail = f"{over.used} today" + (f", {over.needed} in this message" if over.needed > 1 else "")
+        return _refusal(replies.DAILY_LIMIT, name, limit=counted(over.limit, over.unit), who=party.shown,
+                        detail=detail, zone=self.zone_name)
+
+    # --- DATA: duplicates and holds ---
+
+    async def admission(self, raw: bytes, recipients: list[Recipient], client: Party, sender: Party,
+                        now: datetime) -> Admission:
+        """What `admit_message` needs: the documents' facts, the quotas, the duplicate window, hold reasons."""
+        count_pages = bool(self.hold.max_pages or self.limits.client.pages_per_day or self.limits.sender.pages_per_day)
+        guard = self.duplicates.action != "off"
+        facts = DocumentFacts()
+        if count_pages or guard:
+            # pypdf and the MIME parse take milliseconds on a large fax: off the event loop.
+            facts = await asyncio.to_thread(document_facts, raw, pages=count_pages, digest=guard)
+        return Admission(
+            sender_key=sender.key, since=iso(day_start(now, self.zone)), pages=facts.pages, digest=facts.digest,
+            quotas=self.quotas(client, sender),
+            duplicate_since=iso(now - timedelta(seconds=self.duplicates.window)) if guard else None,
+            duplicate_action="hold" if self.duplicates.action == "hold" else "refuse",
+            duplicate_window=span(self.duplicates.window), hold_new_numbers=self.hold.new_number,
+            holds={r.number.e164: self.hold_reasons(r.number, facts.pages) for r in recipients},
+        )
+
+    def hold_reasons(self, number: FaxNumber, pages: int | None) -> tuple[HoldReason, ...]:
+        """The hold rules that need no store: international numbers, too many pages."""
+        reasons = []
+        region = self.policy.foreign_region(number) if self.hold.international else None
+        if region is not None:
+            reasons.append(HoldReason("international", "international", f"international number {number.e164}"
+                                      f" ({region})"))
+        if self.hold.max_pages and pages is not None and pages > self.hold.max_pages:
+            reasons.append(HoldReason("pages", f"{pages} pages",
+                                      f"{pages} pages, more than hold.max_pages = {self.hold.max_pages}"))
+        return tuple(reasons)
+
+    def duplicate_refusal(self, duplicate: Duplicate) -> Refusal:
+        at = parse_iso(duplicate.created_at).astimezone(self.zone).strftime("%H:%M")
+        return _refusal(replies.DUPLICATE_FAX, "duplicate", number=duplicate.number, code=duplicate.code, at=at,
+                        zone=self.zone_name, window=span(self.duplicates.window))
+
+
+def _over(quota: DailyQuota, used: tuple[int, int], faxes: int) -> OverQuota | None:
+    if quota.faxes and used[0] + faxes > quota.faxes:
+        return OverQuota(quota.scope, "faxes", quota.faxes, used[0], faxes)
+    if quota.pages and used[1] + faxes > quota.pages:
+        return OverQuota(quota.scope, "pages", quota.pages, used[1], faxes)
+    return None
+
+
+def _refusal(reply: Reply, check: str, **values: object) -> Refusal:
+    return Refusal(Reply(reply.code, reply.enhanced, reply.text.format(**values)), check)
+
+
+def _release(counts: Counter[str], key: str) -> None:
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]

@@ -7,5 +7,8 @@ dsn.py       bounces of forwarded faxes (RFC 3464) into reports
 correlate.py one correlation and update path for every channel (runs in the store's writer)
 inbound.py   the status side of the SMTP intake
 imap.py      the account sender's mailbox, by IMAP IDLE with a polling fallback
-notify.py    delivery status notifications to the original sender
+notify.py    GreenFax's HTTP Notify call as a report (gateway/web.py serves it)
+feed.py      the XML data feed poller (feedxml.py: safe parsing; feedstate.py: its state)
+
+Delivery status notifications to the original sender are gateway/notices.py.
 """

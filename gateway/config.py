@@ -147,6 +147,15 @@ Address = Annotated[str, AfterValidator(_address)]
 PasswordHash = Annotated[str, AfterValidator(_argon2_hash)]
 
 
+def check_zone(value: str) -> str:
+    """An IANA time zone name, or a ValueError saying what is expected."""
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA time zone such as \"America/New_York\"") from None
+    return value
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -339,11 +348,7 @@ class GreenfaxSettings(Section):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError("expected an IANA time zone such as \"America/New_York\"") from None
-        return value
+        return check_zone(value)
 
 
 class FeedSettings(Section):

@@ -75,12 +75,19 @@ def load_reloadable(current: Settings, *, with_tls: set[str]) -> Reloadable:
     return Reloadable(addressing, mail_rules, certificates, restart_needed)
 
 
-def check_certificate(kind: str, cert: Path, key: Path | None) -> None:
-    """Load the pair into a context of its own, so a broken one never reaches a listener."""
+def server_context(kind: str, cert: Path, key: Path | None) -> ssl.SSLContext:
+    """A server TLS context with the pair loaded; an error names the [kind] keys and the file."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"{kind}.tls_cert/{kind}.tls_key: cannot load {cert}: {exc}") from None
+    return context
+
+
+def check_certificate(kind: str, cert: Path, key: Path | None) -> None:
+    """Load the pair into a context of its own, so a broken one never reaches a listener."""
+    server_context(kind, cert, key)
 
 
 def renew(contexts: list[ssl.SSLContext], kind: str, cert: Path, key: Path) -> None:

@@ -28,7 +28,7 @@ from gateway.metrics import Metrics
 from gateway.notices import Notifier
 from gateway.passwords import PasswordChecker
 from gateway.policy import Policy
-from gateway.reload import TLS_KINDS, LiveRules, load_reloadable, renew
+from gateway.reload import TLS_KINDS, LiveRules, load_reloadable, renew, server_context
 from gateway.rules import load_addressing
 from gateway.sandbox.notifycall import NotifyCaller
 from gateway.sandbox.statusmail import StatusMailer, imap_delivery, smtp_delivery
@@ -296,11 +296,7 @@ class Service:
         smtp = self.settings.smtp
         if not smtp.tls_cert:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            context.load_cert_chain(smtp.tls_cert, smtp.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"smtp.tls_cert/smtp.tls_key: cannot load {smtp.tls_cert}: {exc}") from None
+        context = server_context("smtp", smtp.tls_cert, smtp.tls_key)
         self.tls_contexts["smtp"].append(context)  # SIGHUP loads a renewed certificate into it
         return context
 

@@ -33,6 +33,7 @@ from gateway.errors import ConfigError, UnknownJob
 from gateway.jobfilter import FilterError, parse_filter
 from gateway.logs import log_event
 from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.reload import server_context
 from gateway.status.correlate import CorrelationPolicy, apply_report
 from gateway.status.notify import MissingParameters, notify_report
 from gateway.store import Writer, get_job, iso, list_jobs, utcnow
@@ -102,12 +103,8 @@ class Web:
         http = self.settings.http
         if not http.tls_cert:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            context.load_cert_chain(http.tls_cert, http.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"http.tls_cert/http.tls_key: cannot load {http.tls_cert}: {exc}") from None
-        self.tls_contexts.append(context)
+        context = server_context("http", http.tls_cert, http.tls_key)
+        self.tls_contexts.append(context)  # SIGHUP loads a renewed certificate into it
         return context
 
     def _app(self, *, api: bool, notify: bool) -> web.Application:

@@ -245,7 +245,7 @@ BROKEN = [
     (GOOD_RULE.format(name="r6", sender="x").replace("senders =", "sender ="),
      "rule r6: sender: Extra inputs are not permitted"),
     (GOOD_RULE.format(name="r7", sender="x").replace("subject =", "timezone = 'Mars/Olympus'\nsubject ="),
-     "rule r7: timezone: unknown time zone 'Mars/Olympus'"),
+     "rule r7: timezone: 'Mars/Olympus' is not an IANA time zone"),
     (GOOD_RULE.format(name="r8", sender="x").replace('result = "delivered"', 'result = "sent"'),
      "rule r8: results.0.result: Input should be 'delivered' or 'failed'"),
     ("[rules]\nname = 'x'\n", "unknown top-level key(s) ['rules']; rules go in [[rule]] tables"),

@@ -17,11 +17,12 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway.config import check_zone
 from gateway.errors import ConfigError
 from gateway.status.mailparse import ParsedMail
 from gateway.status.report import REASONS, Channel, Result, StatusReport, dedup_key, parse_time
@@ -96,11 +97,7 @@ class MailRule(_Model):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r}") from None
-        return value
+        return check_zone(value)
 
     @field_validator("fields")
     @classmethod

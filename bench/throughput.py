@@ -25,10 +25,13 @@ slower than the gateway at 200 KB; the `direct` rows (client straight into
 the sink) show each sink's capacity.
 
 Relays (`--relays`): `direct` (no relay: client -> sink, the calibration
-that shows the client and sink are not the bottleneck) and `gateway`. The
-`Relay` classes are the extension point for a Postfix side-by-side (issue 6):
-add a relay with start(workdir, upstream_port)/port/pids()/stop(), list it in
-RELAYS, and `--relays direct,gateway,postfix --rounds 2` runs A B A B.
+that shows the client and sink are not the bottleneck), `gateway`, and
+`postfix`: a private Postfix instance (tests/peers/postfix.py, needs root)
+relaying to the same sink, the yardstick of issue 6.
+`--relays direct,gateway,postfix --rounds 2` runs direct, gateway, postfix,
+gateway, postfix on each workload and prints gateway/postfix ratios. A relay
+is a class with start(workdir, upstream_port), port, pids(), stop(),
+verify() and describe(), listed in RELAYS.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,9 +118,18 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float = 30.0) -> in
         CHILDREN.pop(proc.pid, None)
 
 
+# Private Postfix instances still running. Their master is a daemon (not our child), so it is
+# stopped with `postfix abort`, not by pid.
+LIVE_POSTFIX: set[Any] = set()
+
+
 @atexit.register
 def _kill_leftovers() -> None:
     """Last resort (an error inside cleanup, a second Ctrl-C): kill what we started, by pid."""
+    for instance in list(LIVE_POSTFIX):
+        with contextlib.suppress(Exception):
+            instance.stop()
+        LIVE_POSTFIX.discard(instance)
     for pid in list(CHILDREN):
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGKILL)
@@ -572,7 +585,136 @@ class GatewayRelay:
                 "log_level": self.log_level}
 
 
-RELAYS = {"direct": DirectRelay, "gateway": GatewayRelay}
+def _postfix_peer() -> Any:
+    """tests/peers/postfix.py, the private Postfix instance the tests use (loaded by path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_postfix_peer", REPO_DIR / "tests" / "peers" / "postfix.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# main.cf settings of the relay, each with the reason. Most are Postfix's defaults, written out so
+# that the comparison does not change silently with another Postfix version; none weakens
+# durability (the cleanup server fsyncs every queue file before smtpd answers 250, and main.cf
+# has no switch for that). tests/peers/postfix.py adds the private paths, the relayhost and
+# loopback-only settings.
+POSTFIX_SETTINGS: dict[str, tuple[str, str]] = {
+    "default_process_limit": ("100", "default; room for 32 smtpd + 20 smtp + cleanup processes at once"),
+    "in_flow_delay": ("1s", ("default, left on: smtpd's cleanup waits up to 1 s per message when intake"
+                             " runs ahead of the queue manager (shows as slower MAIL..RCPT, see txn p99)")),
+    "message_size_limit": ("10240000", "default (10 MB), far above the 200 KB messages"),
+    "smtpd_client_connection_count_limit": ("50", ("default; loopback is exempt anyway"
+                                                   " (smtpd_client_event_limit_exceptions = $mynetworks)")),
+    "smtpd_client_connection_rate_limit": ("0", "default: no rate limit"),
+    "smtpd_client_message_rate_limit": ("0", "default: no rate limit"),
+    "smtp_connection_cache_on_demand": ("yes", "default: reuse connections to the sink while mail is queued"),
+    "initial_destination_concurrency": ("5", "default: deliveries to the sink start at 5 in parallel"),
+    "default_destination_concurrency_limit": ("20", ("default, and at least the gateway's upstream.concurrency"
+                                                     " (4 unless --set raises it, then raised to match)")),
+}
+
+
+class PostfixRelay:
+    """A private Postfix instance as a plain relay to the sink: the yardstick for the gateway (issue 6).
+
+    Built on tests/peers/postfix.py: config, queue, data directory and
+    maillog live in the cell's directory, smtpd listens on a free 127.0.0.1
+    port, and everything is relayed to [127.0.0.1]:upstream_port without DNS.
+    /etc/postfix and any system instance are left alone. Needs root.
+    """
+
+    name = "postfix"
+
+    def __init__(self, options: argparse.Namespace) -> None:
+        self.settings = {name: value for name, (value, _why) in POSTFIX_SETTINGS.items()}
+        self.reasons = {name: why for name, (_value, why) in POSTFIX_SETTINGS.items()}
+        # Never fewer parallel deliveries to the sink than the gateway is given (--set upstream.concurrency).
+        gateway_concurrency = GatewayRelay(options).overrides.get("upstream", {}).get("concurrency", 0)
+        limit = "default_destination_concurrency_limit"
+        if isinstance(gateway_concurrency, int) and gateway_concurrency > int(self.settings[limit]):
+            self.settings[limit] = str(gateway_concurrency)
+            self.reasons[limit] = "raised to the gateway's upstream.concurrency (--set)"
+        for item in options.postfix_set:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise SystemExit(f"--postfix-set {item!r}: expected NAME=VALUE")
+            self.settings[name.strip()] = value.strip()
+            self.reasons[name.strip()] = "--postfix-set (experiment)"
+        self.peer = _postfix_peer()
+        self.instance: Any = None
+        self.port = 0
+
+    async def start(self, workdir: Path, upstream_port: int) -> None:
+        if reason := self.peer.unavailable_reason():
+            raise RuntimeError(reason)
+        self.port = free_port()
+        self.instance = self.peer.PostfixInstance(workdir / "postfix", upstream_port, smtpd_port=self.port,
+                                                  settings=self.settings)
+        LIVE_POSTFIX.add(self.instance)
+        await asyncio.to_thread(self.instance.start)
+        await wait_for_banner(self.port, None, 30, "postfix")
+
+    def pids(self) -> list[int]:
+        """The master: smtpd, cleanup, qmgr, smtp... are its children, started on demand; the
+        sampler walks the tree again at every sample, so they are all counted."""
+        pid = self.instance.master_pid if self.instance is not None else None
+        return [pid] if pid else []
+
+    async def stop(self) -> None:
+        if self.instance is None:
+            return
+        if self.instance.master_pid is None:  # it never started
+            LIVE_POSTFIX.discard(self.instance)
+            return
+        # Everything has reached the sink by now, but the queue manager may not have removed
+        # the last queue files yet: give it a moment so that verify() sees the real state.
+        deadline = time.monotonic() + 10
+        while await asyncio.to_thread(self.instance.queue_ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.instance.stop)
+        LIVE_POSTFIX.discard(self.instance)
+
+    def verify(self) -> dict[str, Any]:
+        """After stop: the queue must be empty, every queued message sent, and the maillog clean."""
+        assert self.instance is not None
+        listing = self.instance.queue_listing()
+        log = self.instance.maillog()
+        queued = set(re.findall(r" (\w+): from=<.*?>, size=\d+, nrcpt=\d+ \(queue active\)", log))
+        sent = set(re.findall(r" (\w+): to=<.*?>, .*status=sent ", log))
+        problems = [line for line in log.splitlines()
+                    if re.search(r"\b(warning|error|fatal|panic):|status=(deferred|bounced|expired)", line)]
+        result: dict[str, Any] = {"queued": len(queued), "sent": len(sent), "not_sent": len(queued - sent),
+                                  "queue_left": 0 if "Mail queue is empty" in listing else len(
+                                      re.findall(r"(?m)^[0-9A-F]+\*?!? ", listing)),
+                                  "log_warnings": len(problems)}
+        if problems:
+            result["log_warning_sample"] = problems[:3]
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        instance = self.peer.PostfixInstance(Path("/CELL_DIR/postfix"), 0, settings=self.settings)
+        postconf = os.path.join(os.path.dirname(self.peer.POSTFIX), "postconf")
+        version = ""
+        with contextlib.suppress(Exception):
+            version = subprocess.run([postconf, "-dh", "mail_version"], capture_output=True, text=True,
+                                     timeout=10, check=False).stdout.strip()
+        return {"command": "postfix -c DIR start (tests/peers/postfix.py, one fresh instance per cell)",
+                "version": version,
+                "main.cf": instance.main_settings() | {"relayhost": "[127.0.0.1]:SINK_PORT"},
+                "why": self.reasons | {
+                    "the rest (tests/peers/postfix.py)": "private paths; loopback only; no local delivery;"
+                    " relay from mynetworks = 127.0.0.0/8 to relayhost [127.0.0.1]:SINK_PORT without DNS"
+                    " (smtp_host_lookup = native, smtp_dns_support_level = disabled); retry timers of 2-4 s"
+                    " (they only matter for deferred mail, and verify() counts any as a problem)"},
+                "master.cf": "smtpd on 127.0.0.1:PORT plus the usual services, chroot n, maxproc from"
+                             " default_process_limit (cleanup unlimited)",
+                "durability": "Postfix defaults: each queue file is fsynced before the 250"}
+
+
+RELAYS = {"direct": DirectRelay, "gateway": GatewayRelay, "postfix": PostfixRelay}
 
 
 # --- measuring the relay's processes ---------------------------------------------------------
@@ -614,7 +756,7 @@ def thread_seconds(procs: list[psutil.Process]) -> dict[str, float]:
             for thread in proc.threads():
                 name = "main" if thread.id == proc.pid else f"thread-{thread.id}"
                 if len(procs) > 1:
-                    name = f"{proc.pid}:{name}"
+                    name = f"{proc.name()}-{proc.pid}:{name}"
                 out[name] = thread.user_time + thread.system_time
     return out
 
@@ -632,6 +774,22 @@ def cpu_seconds(procs: list[psutil.Process]) -> float:
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
             total += times.user + times.system
+    return total
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of a process tree as it is now, including the children it has already reaped.
+
+    Postfix's master starts and reaps smtpd, cleanup and smtp processes during
+    a cell (each serves at most max_use = 100 clients), so the tree is walked
+    again at each reading and the exited children's time comes from their
+    parent's children_user/children_system.
+    """
+    total = 0.0
+    for proc in _tree(pids):
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
     return total
 
 
@@ -767,6 +925,7 @@ class Outcome:
     code: int
     latency: float  # seconds from writing the message data to the reply
     done_at: float  # time.monotonic() of the reply
+    transaction: float = math.nan  # seconds from MAIL FROM to the final reply
 
 
 class ClientSession:
@@ -792,6 +951,7 @@ class ClientSession:
             return Outcome(-1, math.nan, time.monotonic())
         smtp = self.smtp
         assert smtp is not None
+        begun = time.monotonic()
         try:
             await smtp.mail(ENVELOPE_SENDER)
             await smtp.rcpt(message.rcpt)
@@ -806,7 +966,7 @@ class ClientSession:
             now = time.monotonic()
             if reply.code != 250:
                 await self._reset()
-            return Outcome(reply.code, now - started, now)
+            return Outcome(reply.code, now - started, now, now - begun)
         except aiosmtplib.SMTPResponseException as exc:
             await self._reset()
             return Outcome(exc.code, math.nan, time.monotonic())
@@ -856,6 +1016,8 @@ class CellResult:
     ack_p50_ms: float = 0.0
     ack_p99_ms: float = 0.0
     ack_max_ms: float = 0.0
+    txn_p50_ms: float = 0.0  # MAIL FROM .. final 250: includes waits before DATA (Postfix's in_flow_delay)
+    txn_p99_ms: float = 0.0
     peak_pss_mib: float | None = None
     start_pss_mib: float | None = None
     peak_rss_hwm_mib: float | None = None
@@ -928,10 +1090,11 @@ async def run_cell(relay_name: str, sink_name: str, size: str, sessions: int, ro
         results: list[Outcome] = []
         me = psutil.Process()
         relay_procs, sink_procs = _tree(relay.pids()), _tree(sink.pids())
-        cpu_before = (cpu_seconds(relay_procs), cpu_seconds(sink_procs), cpu_seconds([me]))
+        cpu_before = (tree_cpu_seconds(relay.pids()), tree_cpu_seconds(sink.pids()), cpu_seconds([me]))
         threads_before = thread_seconds(relay_procs)
         busy_before = machine_busy_seconds()
-        await profiler.start(relay.pids(), f"{relay_name}-{size}-{sessions}s-r{round_no}")
+        if relay_name == "gateway":  # py-spy reads Python processes only
+            await profiler.start(relay.pids(), f"{relay_name}-{size}-{sessions}s-r{round_no}")
         started = time.monotonic()
         deadline = started + opts.seconds
 
@@ -960,13 +1123,16 @@ async def run_cell(relay_name: str, sink_name: str, size: str, sessions: int, ro
         result.ack_p50_ms = percentile(latencies, 50)
         result.ack_p99_ms = percentile(latencies, 99)
         result.ack_max_ms = max(latencies, default=math.nan)
+        transactions = [o.transaction * 1000 for o in accepted]
+        result.txn_p50_ms = percentile(transactions, 50)
+        result.txn_p99_ms = percentile(transactions, 99)
 
         # End to end: until every accepted message reached the sink (or the drain timeout).
         final = await wait_arrivals(sink, base.count + len(accepted), opts.drain_timeout)
         ended = time.monotonic()
         profile = await profiler.stop()
-        cpu_after = (cpu_seconds(relay_procs), cpu_seconds(sink_procs), cpu_seconds([me]))
-        threads_after = thread_seconds(relay_procs)
+        cpu_after = (tree_cpu_seconds(relay.pids()), tree_cpu_seconds(sink.pids()), cpu_seconds([me]))
+        threads_after = thread_seconds(_tree(relay.pids()))
         busy_after = machine_busy_seconds()
         result.arrived = final.count - base.count
         result.missing = max(0, len(accepted) - result.arrived)
@@ -1069,7 +1235,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 def table(cells: list[CellResult]) -> str:
     header = ["relay", "size", "sess", "sent", "acc/s", "e2e/s", "e2e/s@send", "backlog", "ack p50 ms",
-              "ack p99 ms", "peak PSS MiB", "CPU% relay/sink/client/other", "notes"]
+              "ack p99 ms", "txn p99 ms", "peak PSS MiB", "CPU% relay/sink/client/other", "notes"]
     rows = [header]
     for c in cells:
         notes = []
@@ -1086,13 +1252,17 @@ def table(cells: list[CellResult]) -> str:
         warnings = c.checks.get("log_warnings")
         if warnings:
             notes.append(f"{warnings} log warnings")
+        if c.checks.get("not_sent"):
+            notes.append(f"{c.checks['not_sent']} queued but not sent")
+        if c.checks.get("queue_left"):
+            notes.append(f"{c.checks['queue_left']} left in the queue")
         cpu = "/".join(_fmt(c.cpu_pct.get(k), 0) for k in ("relay", "sink", "client", "other"))
         rows.append([c.relay + (f"#{c.round}" if c.round > 1 else ""), c.size, str(c.sessions), str(c.sent),
                      _fmt(c.accepted_per_s), _fmt(c.e2e_per_s), _fmt(c.e2e_while_sending_per_s),
                      str(c.backlog_at_last_ack), _fmt(c.ack_p50_ms, 2), _fmt(c.ack_p99_ms, 2),
-                     _fmt(c.peak_pss_mib), cpu, "; ".join(notes)])
+                     _fmt(c.txn_p99_ms, 2), _fmt(c.peak_pss_mib), cpu, "; ".join(notes)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {2, 3, 4, 5, 6, 7, 8, 9, 10}
+    right = {2, 3, 4, 5, 6, 7, 8, 9, 10, 11}
     lines = []
     for n, row in enumerate(rows):
         lines.append("  ".join(cell.rjust(w) if i in right else cell.ljust(w)
@@ -1121,6 +1291,50 @@ def headroom(cells: list[CellResult], relay: str, baseline: str = "direct") -> l
     return out
 
 
+# Figures compared between two relays: (label, CellResult attribute).
+RATIO_FIGURES = [("acc/s", "accepted_per_s"), ("e2e/s", "e2e_per_s"), ("ack p50", "ack_p50_ms"),
+                 ("ack p99", "ack_p99_ms"), ("peak PSS", "peak_pss_mib")]
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(present) if present else None
+
+
+def ratios(cells: list[CellResult], relay: str = "gateway", yardstick: str = "postfix") -> list[dict[str, Any]]:
+    """Per size x sessions cell: the median of each figure over the rounds, for both relays, and
+    relay/yardstick. Above 1 is better for msg/s and worse for latency and memory."""
+    runs: dict[tuple[str, int, str], list[CellResult]] = {}
+    for c in cells:
+        runs.setdefault((c.size, c.sessions, c.relay), []).append(c)
+    out = []
+    for (size, sessions, name), mine in runs.items():
+        theirs = runs.get((size, sessions, yardstick))
+        if name != relay or not theirs:
+            continue
+        entry: dict[str, Any] = {"size": size, "sessions": sessions, "rounds": [len(mine), len(theirs)]}
+        for _label, attr in RATIO_FIGURES:
+            a = _median([getattr(c, attr) for c in mine])
+            b = _median([getattr(c, attr) for c in theirs])
+            entry[attr] = {relay: a and round(a, 3), yardstick: b and round(b, 3),
+                           "ratio": round(a / b, 2) if a and b else None}
+        out.append(entry)
+    return out
+
+
+def ratio_lines(entries: list[dict[str, Any]], relay: str = "gateway", yardstick: str = "postfix") -> list[str]:
+    header = ["size", "sess"] + [label for label, _attr in RATIO_FIGURES]
+    rows = [header]
+    for e in entries:
+        rows.append([e["size"], str(e["sessions"])]
+                    + [_fmt(e[attr]["ratio"], 2) + "x" if e[attr]["ratio"] else "-" for _label, attr in RATIO_FIGURES])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [(f"{relay} / {yardstick} (median over rounds; msg/s: above 1 = {relay} faster;"
+              f" ack and PSS: above 1 = {relay} slower or bigger):")]
+    lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    return lines
+
+
 # --- main --------------------------------------------------------------------------------------------
 
 
@@ -1139,10 +1353,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="time bound per cell's sending phase")
     parser.add_argument("--relays", default="direct,gateway",
                         help=f"systems to run in turn on each workload, from {list(RELAYS)}")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat each cell's relays this often (A B A B)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat each cell's relays this often (A B A B); direct runs in the first round only")
     parser.add_argument("--sink", choices=list(SINKS), default="fast", help="what the relay forwards to")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="gateway config override for experiments, e.g. upstream.concurrency=8 (not store.*)")
+    parser.add_argument("--postfix-set", action="append", default=[], metavar="NAME=VALUE",
+                        help="main.cf parameter for the postfix relay, for experiments, e.g. in_flow_delay=0s")
     parser.add_argument("--gateway-log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="the gateway's [log] level (info = the production default)")
     parser.add_argument("--drain-timeout", type=float, default=120.0,
@@ -1166,6 +1383,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for relay in opts.relay_list:
         if relay not in RELAYS:
             parser.error(f"--relays: {relay!r} is not one of {list(RELAYS)}")
+    if "postfix" in opts.relay_list and (reason := _postfix_peer().unavailable_reason()):
+        parser.error(f"--relays postfix: {reason}")
     return opts
 
 
@@ -1197,13 +1416,16 @@ async def run(opts: argparse.Namespace) -> int:
             for sessions in opts.session_list:
                 for round_no in range(1, opts.rounds + 1):
                     for relay in opts.relay_list:
+                        if relay == "direct" and round_no > 1:
+                            continue  # the calibration; the relays are what the rounds compare
                         if opts.wait_idle:
                             await wait_idle(opts.wait_idle)
                         cell = await run_cell(relay, opts.sink, size, sessions, round_no, pool, opts, workroot)
                         cells.append(cell)
                         print(f"  {relay:>8} {size:>5} x {sessions:>2}: {cell.accepted_per_s:7.1f} acc/s"
                               f" {cell.e2e_per_s:7.1f} e2e/s  p50 {_fmt(cell.ack_p50_ms, 2)} ms"
-                              f" p99 {_fmt(cell.ack_p99_ms, 2)} ms  PSS {_fmt(cell.peak_pss_mib)} MiB"
+                              f" p99 {_fmt(cell.ack_p99_ms, 2)} ms txn p99 {_fmt(cell.txn_p99_ms, 2)} ms"
+                              f"  PSS {_fmt(cell.peak_pss_mib)} MiB"
                               f"  CPU {cell.cpu_pct}", flush=True)
                         if cell.profile:
                             print_profile(cell.profile)
@@ -1221,6 +1443,10 @@ async def run(opts: argparse.Namespace) -> int:
             if lines:
                 print(f"\nclient+sink headroom over {relay} (end to end):")
                 print("\n".join(lines))
+    compared = ratios(cells)
+    if compared:
+        print()
+        print("\n".join(ratio_lines(compared)))
     print(LEGEND)
     if opts.json:
         report = {
@@ -1235,7 +1461,10 @@ async def run(opts: argparse.Namespace) -> int:
                          "durability": "gateway defaults: SQLite WAL, synchronous=FULL, 250 after commit"},
             "workload": workload,
             "cells": [asdict(c) for c in cells],
+            "ratios": compared,
         }
+        if "postfix" in opts.relay_list:
+            report["settings"]["postfix"] = PostfixRelay(opts).describe()
         opts.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"\nJSON written to {opts.json}")
     return 0
@@ -1248,6 +1477,7 @@ e2e/s@send  arrivals while the clients were still sending: the forwarding rate u
 backlog     accepted but not yet at the sink at the last 250; a backlog that grows means e2e/s holds only
             for a burst: run longer cells (e.g. --messages 5000 --seconds 20) to see the sustained rate
 ack         from writing the message data to its reply
+txn         from MAIL FROM to the final reply (waits before DATA, such as Postfix's in_flow_delay, show here)
 peak PSS    the relay's process tree, sampled every 50 ms
 CPU%        CPU time / wall time of the timed phase (100% = one core); client = this process;
             other = everything else on the machine (other load makes a cell's numbers unreliable)"""

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import ACCOUNT_SENDER, RETURN_PATH, codes_in, settings_for
 
-from gateway import store
+from gateway import mime, store
 from gateway.status.inbound import StatusMail
 from gateway.status.mailparse import ParsedMail, parse_mail
 from gateway.status.mailrules import load_rules
@@ -149,6 +149,28 @@ def test_every_corpus_file_is_a_report_or_not_a_status_mail_and_nothing_raises(t
         assert (bounces[path].result is Result.FAILED) == begins.startswith("failed "), path
     assert not NOT_READ_AS_DSN & set(bounces)
     assert len(bounces) > 200  # the corpus is mostly bounces
+
+
+def test_the_quick_mime_parse_reads_every_corpus_file_as_the_email_package_does():
+    """mime.parse() skips reading body lines; on every corpus file it must give the email package's tree."""
+    quick = 0
+    for path, style in corpus():
+        raw = crlf((CORPUS / path).read_bytes(), style)
+        full = email.message_from_bytes(raw, policy=email.policy.compat32)
+        assert tree(mime.parse(raw)) == tree(full), path
+        assert mime.inspect(raw) == mime.inspect(raw, quick=False), path
+        try:
+            mime._quick_entity(raw, 0, len(raw), 0)
+            quick += 1
+        except mime._Unusual:
+            pass
+    assert quick > 100  # the quick path really ran, not only the fallback
+
+
+def tree(message: email.message.Message) -> list[tuple]:
+    return [(part.get_content_type(), part.items(), [type(d).__name__ for d in part.defects],
+             len(part.get_payload()) if part.is_multipart() else part.get_payload())
+            for part in message.walk()]
 
 
 @pytest.mark.parametrize("charset", [None, "UFT-8"], ids=["as-is", "unknown-charset"])

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
+import email.policy
 import logging
 import os
 import re
@@ -753,6 +755,34 @@ def test_inspect_never_raises_and_the_forwarder_unwraps_what_the_intake_accepted
         assert refusal is not None, f"the intake would accept what the forwarder cannot unwrap: {exc}"
     else:
         assert unwrapped is None or unwrapped.documents > 0
+
+
+def tree(message) -> list[tuple]:
+    """A message's MIME tree as inspect() reads it: each entity's headers, defects and leaf payload."""
+    return [(part.get_content_type(), part.items(), [type(d).__name__ for d in part.defects],
+             len(part.get_payload()) if part.is_multipart() else part.get_payload())
+            for part in message.walk()]
+
+
+@FAST
+@given(raw=messages())
+def test_the_quick_parse_reads_every_message_as_the_email_package_does(raw):
+    raw = re.sub(rb"\r?\n|\r", b"\r\n", raw)  # as the intake stores it
+    full = email.message_from_bytes(raw, policy=email.policy.compat32)
+    assert tree(mime.parse(raw)) == tree(full)
+    assert mime.inspect(raw) == mime.inspect(raw, quick=False)
+
+
+def test_the_quick_parse_is_taken_for_an_ordinary_fax_and_not_for_broken_mime():
+    """The property above is not vacuous: the quick path really reads ordinary faxes (and only those)."""
+    ordinary = fax_message()
+    quick = mime._quick_entity(ordinary, 0, len(ordinary), 0)
+    assert quick.is_multipart() and tree(quick) == tree(email.message_from_bytes(ordinary,
+                                                                                 policy=email.policy.compat32))
+    unclosed = ordinary[:ordinary.rindex(b"--\r\n")] + b"\r\n"  # no closing delimiter
+    with pytest.raises(mime._Unusual):
+        mime._quick_entity(unclosed, 0, len(unclosed), 0)
+    assert tree(mime.parse(unclosed)) == tree(email.message_from_bytes(unclosed, policy=email.policy.compat32))
 
 
 @settings(FAST, max_examples=150)

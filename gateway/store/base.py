@@ -26,6 +26,9 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+BUSY_TIMEOUT_MS = 10_000
+
+
 def connect(path: Path, *, readonly: bool = False, max_size: int | None = None) -> sqlite3.Connection:
     """A connection with the store's pragmas; autocommit mode, explicit transactions.
 
@@ -39,7 +42,7 @@ def connect(path: Path, *, readonly: bool = False, max_size: int | None = None) 
     else:
         _create_private(path)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     if not readonly:
         conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
@@ -52,9 +55,18 @@ def connect(path: Path, *, readonly: bool = False, max_size: int | None = None) 
 
 
 def _create_private(path: Path) -> None:
-    """Create the store's directory and file readable by their owner only."""
+    """Create the store's directory and file readable by their owner only.
+
+    An existing file is not opened: closing any descriptor of it would drop
+    every POSIX lock this process holds on it, SQLite's included, and
+    another process would then take itself for the last connection and
+    delete the WAL index under the running gateway.
+    """
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
     os.close(fd)
 
 

@@ -1,20 +1,39 @@
-"""The writer thread: one connection, every batch of queued calls is one commit (group commit)."""
+"""The writer thread: one connection, every batch of queued calls is one commit (group commit).
+
+Checkpoints (copying the WAL into the database file) run in a thread of
+their own, so a commit, and the 250 waiting on it, never includes one: left
+to SQLite's automatic checkpoint, every 4 MB of WAL one commit took 12-20 ms
+longer (200 KB messages arrive at 4 MB every 20 messages). The checkpointer
+copies passively, beside the writer, at most ten times a second; once it has caught up with a WAL past
+WAL_RESET_PAGES, the writer itself restarts the WAL between two batches
+(cheap then: only the frames since are left to copy), so the file does not
+grow while mail keeps coming. Durability is unchanged: each commit is still
+fsynced to the WAL first (synchronous=FULL).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.errors import StoreError, StoreFull
-from gateway.store.base import connect, is_disk_full
+from gateway.store.base import BUSY_TIMEOUT_MS, connect, is_disk_full
+
+log = logging.getLogger("faxgw.store")
 
 T = TypeVar("T")
 BATCH_LIMIT = 512
+CHECKPOINT_INTERVAL = 0.1  # seconds between two checkpoints while mail is coming in
+WAL_RESET_PAGES = 4096  # a WAL this long is restarted once copied (16 MB at 4 KB pages)
+RESET_BUSY_MS = 20  # how long the writer waits for readers when it restarts the WAL; else it tries later
 
 class Writer:
     """One thread owning the write connection; each batch of queued calls is one commit.
@@ -30,15 +49,19 @@ class Writer:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="store-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer = Checkpointer(path)
 
     def start(self) -> None:
         self._conn = connect(self.path, max_size=self.max_size)
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
+        self._checkpointer.start()
         self._thread.start()
 
     def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        self._checkpointer.close()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -64,6 +87,9 @@ class Writer:
                     break
                 batch.append(item)
             self._commit(conn, batch)
+            self._checkpointer.committed()
+            if self._checkpointer.reset_wanted:
+                self._checkpointer.reset(conn)
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
@@ -93,6 +119,60 @@ class Writer:
             outcomes = [(False, _translate(exc))] * len(batch)
         for (ok, value), (_fn, _args, future, loop) in zip(outcomes, batch, strict=True):
             loop.call_soon_threadsafe(_settle, future, ok, value)
+
+
+class Checkpointer:
+    """Copies the WAL into the database file beside the writer (see the module's docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.reset_wanted = False
+        self._due = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="store-checkpoint", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._stopping = True
+            self._due.set()
+            self._thread.join()
+
+    def committed(self) -> None:
+        """Called by the writer after each commit: there is WAL to copy."""
+        self._due.set()
+
+    def reset(self, conn: sqlite3.Connection) -> None:
+        """Restart the WAL from the writer's connection, between two batches; given up if a reader is in it."""
+        self.reset_wanted = False
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {RESET_BUSY_MS}")
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error:
+            pass  # a reader holds the WAL: the next round tries again
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+
+    def _serve(self) -> None:
+        conn = connect(self.path)
+        try:
+            while not self._stopping:
+                self._due.wait()
+                self._due.clear()
+                if self._stopping:
+                    break
+                try:
+                    _busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:
+                    log.warning("checkpoint failed (the writer goes on; it is tried again): %s", exc)
+                    continue
+                if frames >= WAL_RESET_PAGES and copied >= frames:
+                    self.reset_wanted = True
+                time.sleep(CHECKPOINT_INTERVAL)  # copy in larger pieces: fewer fsyncs of the database file
+        finally:
+            conn.close()
 
 
 def _translate(exc: Exception) -> Exception:

@@ -56,6 +56,7 @@ class Forwarder:
         self._wake = asyncio.Event()
         self._queue: asyncio.Queue[ClaimedJob] = asyncio.Queue()
         self._busy = 0
+        self._finishing: set[asyncio.Task[None]] = set()  # outcomes being committed
         self._paused_until = 0.0  # monotonic time: set after a set-up failure
         self._stopping = False
         self._dispatcher_done = asyncio.Event()
@@ -93,6 +94,8 @@ class Forwarder:
         deadline = time.monotonic() + grace
         while self._busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        if self._finishing:  # outcomes of finished sends: quick commits, never cut off
+            await asyncio.gather(*self._finishing, return_exceptions=True)
         self._shutdown_done.set()
 
     async def run(self) -> None:
@@ -109,7 +112,7 @@ class Forwarder:
         finally:
             for task in workers:
                 task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(*workers, *self._finishing, return_exceptions=True)
 
     async def _dispatch(self) -> None:
         while not self._stopping:
@@ -178,11 +181,20 @@ class Forwarder:
         else:
             state, detail = JobState.SUBMITTED, "accepted by the upstream"
             self.last_success = self.clock()
+        ms = round((time.monotonic() - started) * 1000, 1)
+        # The worker takes its next job while the outcome is committed: the
+        # job stays `sending` until then (so `unknown` after a crash, as
+        # before), and shutdown() waits for these commits.
+        task = asyncio.create_task(self._finish(job, state, detail, reply, ms))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _finish(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None, ms: float) -> None:
         await self._record(job, state, detail, reply)
         if self.metrics is not None:
             self.metrics.forwards.labels(state.value).inc()
         log_event(log, "forward", code=job.code, number=job.number, attempt=job.attempts,
-                  result=state.value, reply=reply or detail, ms=round((time.monotonic() - started) * 1000, 1),
+                  result=state.value, reply=reply or detail, ms=ms,
                   level=logging.WARNING if state in (JobState.UNKNOWN, JobState.REJECTED) else logging.INFO)
 
     def _classify(self, job: ClaimedJob, exc: UpstreamError) -> tuple[JobState, str, str | None]:

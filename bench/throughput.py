@@ -838,8 +838,9 @@ class MemorySampler:
 class Profiler:
     """py-spy record of the relay's process tree during the timed phase (optional)."""
 
-    def __init__(self, out: Path | None) -> None:
+    def __init__(self, out: Path | None, *, gil: bool = False) -> None:
         self.out = out
+        self.gil = gil  # sample only the thread holding the GIL: where Python spends CPU, not waits
         self.proc: asyncio.subprocess.Process | None = None
         self.path: Path | None = None
 
@@ -853,7 +854,7 @@ class Profiler:
         self.path = self.out / f"{name}.collapsed"
         self.proc = await spawn(exe, "record", "--pid", str(pids[0]), "--rate", "250", "--format", "raw",
                                 "--threads", "--output", str(self.path), "--nonblocking", "--subprocesses",
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                *(["--gil"] if self.gil else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         await asyncio.sleep(0.3)
 
     async def stop(self) -> dict[str, Any] | None:
@@ -1065,7 +1066,7 @@ async def run_cell(relay_name: str, sink_name: str, size: str, sessions: int, ro
                         message_bytes=round(sum(m.size for m in pool) / len(pool)))
     clients = [ClientSession(0) for _ in range(sessions)]
     sampler: MemorySampler | None = None
-    profiler = Profiler(opts.profile)
+    profiler = Profiler(opts.profile, gil=opts.profile_gil)
     try:
         await sink.start(workdir)
         await relay.start(workdir, sink.port)
@@ -1370,6 +1371,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the throw-away directories (stores, logs)")
     parser.add_argument("--profile", type=Path, metavar="DIR",
                         help="record each gateway cell with py-spy into DIR and print a summary")
+    parser.add_argument("--profile-gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL (CPU spent in Python, not"
+                             " waits for the disk, the network or other processes)")
     opts = parser.parse_args(argv)
     defaults = QUICK if opts.quick else FULL
     opts.messages = opts.messages or defaults["messages"]

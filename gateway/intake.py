@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -174,12 +176,25 @@ class IntakeSMTP(NullSenderSMTP):
         return str(replies.INTERNAL_ERROR)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        # The email package's parser that aiosmtpd uses raises IndexError on "<" or "<@" alone
-        # (MAIL FROM:<, RCPT TO:<): a malformed address, which aiosmtpd then answers with 553 5.1.3.
+        """aiosmtpd's address parsing (the same email-package parser and local-part limit), two fixes on top.
+
+        aiosmtpd's own version defines a typing class on every call, a tenth
+        of a millisecond per MAIL and RCPT. And the parser raises IndexError
+        on "<" or "<@" alone (MAIL FROM:<, RCPT TO:<): a malformed address,
+        answered with 553 5.1.3 like any other.
+        """
+        if not arg:
+            return "", ""
         try:
-            return super()._getaddr(arg)
-        except IndexError:
+            parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+            address, rest = parse(arg)
+        except (HeaderParseError, IndexError):
             return None, None
+        addr: str = address.addr_spec
+        localpart, _at, _domain = addr.rpartition("@")
+        if self.local_part_limit and len(localpart) > self.local_part_limit:
+            return None, None
+        return addr, rest
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         # Each check pushes its own reply: a client that pipelines must get
@@ -276,7 +291,7 @@ class IntakeSMTP(NullSenderSMTP):
             crlf = data.count(b"\r\n")
         if data.count(b"\r") != crlf:
             return data, replies.format_reply(replies.BARE_CR)
-        if len(data) > self.data_line_limit and max(map(len, data.split(b"\r\n"))) > self.data_line_limit:
+        if _has_long_line(data, self.data_line_limit):
             return data, replies.format_reply(replies.LINE_TOO_LONG, limit=self.data_line_limit)
         if not data or data.startswith(b"\r\n"):
             # Nothing, or a body without a header: not a message to fax, even
@@ -534,6 +549,23 @@ class Intake:
                 self.metrics.limit_refusals.labels(refusal.check).inc()
         client = session.peer[0] if session is not None and session.peer else "?"
         log_event(log, "refused", client=client, check=refusal.check, reply=text, **fields)
+
+
+def _has_long_line(data: bytes, limit: int) -> bool:
+    """Whether a line of CRLF-ended `data` has more than `limit` octets before its CRLF.
+
+    Each step looks at the next limit + 2 octets: if no line ends in them,
+    the line starting there is too long; else the next line to look at
+    starts after the last line end among them. So a 200 KB attachment of
+    76-octet lines takes 200 steps, not 2,700 (or a split into 2,700 copies).
+    """
+    start, size = 0, len(data)
+    while size - start > limit:
+        newline = data.rfind(b"\n", start, start + limit + 2)
+        if newline < 0:
+            return True
+        start = newline + 1
+    return False
 
 
 def _address_as_written(raw_arg: str) -> str | None:

@@ -47,7 +47,7 @@ from conftest import ACCOUNT_SENDER, NUMBER, SandboxServer, codes_in, fax_messag
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway import mime, store, tnef
+from gateway import intake, mime, store, tnef
 from gateway.models import FaxNumber, NewMessage, Recipient, Refusal
 from gateway.policy import SUBJECT_MAILBOX, Policy
 from gateway.rules import load_addressing
@@ -755,6 +755,15 @@ def test_inspect_never_raises_and_the_forwarder_unwraps_what_the_intake_accepted
         assert refusal is not None, f"the intake would accept what the forwarder cannot unwrap: {exc}"
     else:
         assert unwrapped is None or unwrapped.documents > 0
+
+
+@FAST
+@given(lines=st.lists(st.binary(max_size=20).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=8),
+       limit=st.integers(1, 16), final_crlf=st.booleans())
+def test_the_long_line_check_finds_exactly_the_lines_over_the_limit(lines, limit, final_crlf):
+    data = b"\r\n".join(lines) + (b"\r\n" if final_crlf and lines else b"")
+    expected = bool(data) and max(map(len, data.split(b"\r\n"))) > limit
+    assert intake._has_long_line(data, limit) == expected
 
 
 def tree(message) -> list[tuple]:

@@ -284,6 +284,19 @@ def test_unwrap_replaces_winmail_dat_by_attachments_and_keeps_every_other_byte()
     assert mime.unwrap_tnef(fax_message()) is None
 
 
+def test_a_winmail_dat_under_an_encoded_name_and_a_generic_type_is_found_and_unwrapped():
+    """The forwarder looks at the parts' types and decoded names, not for "winmail.dat" in the bytes."""
+    data, first, second = two_pdfs()
+    raw = outlook_mail(data, content_type=("application", "octet-stream"))
+    raw = raw.replace(b'"winmail.dat"', b'"=?utf-8?b?d2lubWFpbC5kYXQ=?="')
+    assert b"winmail.dat" not in raw.lower() and b"application/ms-tnef" not in raw.lower()
+    unwrapped = mime.unwrap_tnef(raw)
+    assert unwrapped is not None and unwrapped.documents == 2
+    assert [p.get_payload(decode=True) for p in parts(unwrapped.raw)[1:]] == [first, second]
+    facts = mime.inspect(raw)
+    assert mime.refusal(facts) is None and [a.content_type for a in facts.attachments] == ["application/pdf"] * 2
+
+
 def test_unwrap_finds_winmail_dat_in_nested_parts_and_as_a_whole_message():
     data, first, second = two_pdfs()
     # multipart/mixed > multipart/mixed > winmail.dat, then an attached message whose body is a winmail.dat.

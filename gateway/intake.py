@@ -423,9 +423,10 @@ class Intake:
             return await self._status_mail(session, envelope, raw)
         mail_from = mime.storable(envelope.mail_from)  # aiosmtpd keeps 8-bit bytes as surrogates
         client, sender = self._parties(session, mail_from)
-        # In a worker thread: a hostile message (MIME nested thousands deep)
-        # takes a second to parse and must not stall every other session.
-        facts = await asyncio.to_thread(mime.inspect, raw)
+        # An ordinary fax is read here; anything else in a worker thread: a hostile
+        # message (MIME nested thousands deep) takes a second to parse and must
+        # not stall every other session.
+        facts = mime.inspect_inline(raw) or await asyncio.to_thread(mime.inspect, raw)
         # Every message submitted counts towards the per-minute limits, whatever becomes of it.
         refusal = self.limits.take_message(client, sender)
         refusal = refusal or mime.refusal(facts) or self.policy.check_content(facts)

@@ -159,6 +159,7 @@ def test_the_quick_mime_parse_reads_every_corpus_file_as_the_email_package_does(
         full = email.message_from_bytes(raw, policy=email.policy.compat32)
         assert tree(mime.parse(raw)) == tree(full), path
         assert mime.inspect(raw) == mime.inspect(raw, quick=False), path
+        assert mime.inspect_inline(raw) in (None, mime.inspect(raw)), path
         try:
             mime._quick_entity(raw, 0, len(raw), 0)
             quick += 1

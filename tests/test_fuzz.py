@@ -780,6 +780,7 @@ def test_the_quick_parse_reads_every_message_as_the_email_package_does(raw):
     full = email.message_from_bytes(raw, policy=email.policy.compat32)
     assert tree(mime.parse(raw)) == tree(full)
     assert mime.inspect(raw) == mime.inspect(raw, quick=False)
+    assert mime.inspect_inline(raw) in (None, mime.inspect(raw))
 
 
 def test_the_quick_parse_is_taken_for_an_ordinary_fax_and_not_for_broken_mime():
@@ -788,6 +789,8 @@ def test_the_quick_parse_is_taken_for_an_ordinary_fax_and_not_for_broken_mime():
     quick = mime._quick_entity(ordinary, 0, len(ordinary), 0)
     assert quick.is_multipart() and tree(quick) == tree(email.message_from_bytes(ordinary,
                                                                                  policy=email.policy.compat32))
+    assert mime.inspect_inline(ordinary) == mime.inspect(ordinary, quick=False)
+    assert mime.inspect_inline(b"Subject: x\r\n" * 5000 + b"\r\nbody\r\n") is None  # over its budget: a thread
     unclosed = ordinary[:ordinary.rindex(b"--\r\n")] + b"\r\n"  # no closing delimiter
     with pytest.raises(mime._Unusual):
         mime._quick_entity(unclosed, 0, len(unclosed), 0)

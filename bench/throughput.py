@@ -314,14 +314,15 @@ class FastSink:
 
     name = "fast"
 
-    def __init__(self) -> None:
+    def __init__(self, reply_limit: int = 2**16) -> None:
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
+        self.reply_limit = reply_limit  # the longest control reply read (asyncio's default; `ids` needs more)
         self._lock = asyncio.Lock()
 
     async def start(self, workdir: Path) -> None:
         self.proc = await spawn(sys.executable, str(SINK_SCRIPT), "--listen", f"{HOST}:0",
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=self.reply_limit)
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), 30)
         if not line.startswith(b"ready "):
@@ -338,6 +339,10 @@ class FastSink:
     async def arrivals(self) -> Arrivals:
         stats = await self._ask("stats")
         return Arrivals(stats["count"], stats["last"], stats["unique"])
+
+    async def ids(self) -> list[str]:
+        """Every X-Bench-Id that arrived (one JSON line: give a large enough reply_limit)."""
+        return (await self._ask("ids"))["ids"]
 
     def pids(self) -> list[int]:
         return [self.proc.pid] if self.proc and self.proc.returncode is None else []
@@ -730,22 +735,43 @@ def _tree(pids: list[int]) -> list[psutil.Process]:
     return procs
 
 
-def _pss_and_hwm(pid: int) -> tuple[int, int]:
-    """PSS (from smaps_rollup) and peak RSS (VmHWM) of one process, in bytes."""
-    pss = hwm = 0
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Pss:"):
-                    pss = int(line.split()[1]) * 1024
-                    break
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"VmHWM:"):
-                    hwm = int(line.split()[1]) * 1024
-                    break
-    return pss, hwm
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup as {field: bytes} (Rss, Pss, Pss_Anon, Pss_File, Pss_Shmem...); {} if gone."""
+    fields: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) == 3 and parts[0].endswith(b":") and parts[2] == b"kB":
+                fields[parts[0][:-1].decode()] = int(parts[1]) * 1024
+    return fields
+
+
+def _vm_hwm(pid: int) -> int:
+    """Peak RSS (VmHWM) of one process, in bytes; 0 if gone."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def tree_memory(pids: list[int]) -> dict[str, int]:
+    """The process trees of `pids` as they are now, in bytes: Pss summed (and its Anon, File and Shmem
+    parts, Rss and its Anonymous part), the largest single process's VmHWM, and how many processes
+    (0: none left)."""
+    totals = {"processes": 0, "pss": 0, "pss_anon": 0, "pss_file": 0, "pss_shmem": 0, "rss": 0, "anonymous": 0,
+              "hwm": 0}
+    for proc in _tree(pids):
+        rollup = smaps_rollup(proc.pid)
+        totals["processes"] += 1
+        totals["pss"] += rollup.get("Pss", 0)
+        totals["pss_anon"] += rollup.get("Pss_Anon", 0)
+        totals["pss_file"] += rollup.get("Pss_File", 0)
+        totals["pss_shmem"] += rollup.get("Pss_Shmem", 0)
+        totals["rss"] += rollup.get("Rss", 0)
+        totals["anonymous"] += rollup.get("Anonymous", 0)
+        totals["hwm"] = max(totals["hwm"], _vm_hwm(proc.pid))
+    return totals
 
 
 def thread_seconds(procs: list[psutil.Process]) -> dict[str, float]:
@@ -805,19 +831,17 @@ class MemorySampler:
         self.samples = 0
         self._task: asyncio.Task[None] | None = None
 
-    def sample(self) -> None:
-        procs = _tree(self.pids)
-        if not procs:
-            return
-        pss_total = 0
-        for proc in procs:
-            pss, hwm = _pss_and_hwm(proc.pid)
-            pss_total += pss
-            self.peak_hwm = max(self.peak_hwm, hwm)
+    def sample(self) -> dict[str, int] | None:
+        """Take one sample; returns tree_memory()'s reading (None if the tree is gone)."""
+        now = tree_memory(self.pids)
+        if not now["processes"]:
+            return None
+        self.peak_hwm = max(self.peak_hwm, now["hwm"])
         if self.samples == 0:
-            self.first_pss = pss_total
+            self.first_pss = now["pss"]
         self.samples += 1
-        self.peak_pss = max(self.peak_pss, pss_total)
+        self.peak_pss = max(self.peak_pss, now["pss"])
+        return now
 
     async def _run(self) -> None:
         while True:

@@ -52,7 +52,7 @@ from typing import Any
 import psutil
 import throughput as tp  # bench/throughput.py: this directory is sys.path[0] when run as a script
 
-QUOTA_OVERRIDE = "limits.sender.faxes_per_day=0"
+QUOTA_OVERRIDE = tp.QUOTA_OVERRIDE
 QUOTA_REASON = ("the default daily quota of 1000 faxes per sender would refuse the soak's traffic"
                 " (all from one envelope sender)")
 DEFAULT_POOL = {"2k": 2000, "200k": 200}  # distinct documents built up front (see Template)
@@ -206,8 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < opts.warmup < opts.messages:
         parser.error("--warmup must be between 1 and --messages - 1")
     opts.user_set = list(opts.set)
-    opts.set = [*opts.set, QUOTA_OVERRIDE] if not any(s.startswith("limits.sender.faxes_per_day=")
-                                                      for s in opts.set) else opts.set
+    opts.set = tp.with_quota_off(opts.set)
     return opts
 
 

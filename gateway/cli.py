@@ -6,7 +6,6 @@ neither, the sandbox set-up applies (store under ./var/).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import sys
@@ -16,7 +15,6 @@ import click
 
 from gateway import config as config_module
 from gateway import logs, store
-from gateway.store import reports as reports_db
 from gateway.cli_admin import backup, purge, restore
 from gateway.cli_feed import feed
 from gateway.config import Settings
@@ -81,6 +79,8 @@ def serve(obj: Context) -> None:
 
     settings = obj.settings
     logs.setup(settings.log.level)
+    import asyncio
+
     asyncio.run(Service(settings).run_until_signalled())
 
 
@@ -130,6 +130,8 @@ def sandbox(obj: Context, listen: str | None, fail_auth: str | None, fail_rcpt: 
                    f"accepting mail from <{handler.account_sender}>; nothing is faxed", err=True)
         async with server:
             await server.serve_forever()
+
+    import asyncio
 
     try:
         asyncio.run(run())
@@ -228,9 +230,9 @@ def status(obj: Context, states: tuple[str, ...], number: str | None, sender: st
       faxgw status --number "+1 212 555 0123" --since 2d --json
     """
     from gateway.jobfilter import FilterError, parse_filter
-    from gateway.rules import load_addressing
 
-    region = load_addressing(obj.settings.addressing).numbers.default_region
+    # The addressing rules only say how to read --number; without it they are not even loaded.
+    region = _default_region(obj.settings) if number else "US"
     try:
         query = parse_filter(states=states, number=number, sender=sender, since=since, limit=limit, region=region)
     except FilterError as exc:
@@ -249,6 +251,12 @@ def status(obj: Context, states: tuple[str, ...], number: str | None, sender: st
                              ("age", "AGE"), ("last_result", "LAST RESULT")]))
 
 
+def _default_region(settings: Settings) -> str:
+    from gateway.rules import load_addressing
+
+    return load_addressing(settings.addressing).numbers.default_region
+
+
 @cli.command()
 @click.argument("code")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -260,6 +268,8 @@ def show(obj: Context, code: str, as_json: bool) -> None:
     Example:
       faxgw show FX7K3M9Q
     """
+    from gateway.store import reports as reports_db
+
     conn = obj.read_store()
     job = store.get_job(conn, code)
     job["reports"] = reports_db.reports_for_job(conn, code)
@@ -335,6 +345,8 @@ def unmatched(obj: Context, show_all: bool, limit: int, as_json: bool) -> None:
       faxgw unmatched
       faxgw unmatched --all --json
     """
+    from gateway.store import reports as reports_db
+
     outcomes = ("unmatched", "unrecognised", "contradicting", "flagged") if show_all else ("unmatched",)
     rows = reports_db.list_reports(obj.read_store(), outcomes=outcomes, limit=limit)
     if as_json:

@@ -9,14 +9,11 @@ Context as click's `obj`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import click
-
-from gateway import maintenance
 
 
 @click.command()
@@ -34,6 +31,9 @@ def backup(obj: Any, path: Path, force: bool) -> None:
     Example:
       faxgw --config /etc/faxgw/faxgw.toml backup /var/backups/faxgw/faxgw-2026-11-20.sqlite3
     """
+    # Imported here, not at the top: every faxgw command imports this module.
+    from gateway import maintenance
+
     store = obj.settings.store.path
     made = maintenance.backup(store, path, overwrite=force)
     click.echo(f"{made.path}: backup of {store} taken at {made.taken_at} ({human_size(made.size)}, mode 0600)")
@@ -56,6 +56,8 @@ def restore(obj: Any, source: Path) -> None:
     Example:
       faxgw --config /etc/faxgw/faxgw.toml restore /var/backups/faxgw/faxgw-2026-11-20.sqlite3
     """
+    from gateway import maintenance
+
     store = obj.settings.store.path
     done = maintenance.restore(store, source)
     taken = f"taken at {done.taken_at}" if done.taken_at else "not made by `faxgw backup`: its age is unknown"
@@ -91,10 +93,14 @@ def purge(obj: Any, dry_run: bool, as_json: bool) -> None:
       faxgw purge --dry-run
       faxgw purge
     """
+    from gateway import maintenance
+
     settings = obj.settings
     if dry_run:
         result = maintenance.preview(settings.store.path, settings.retention)
     else:
+        import asyncio
+
         result = asyncio.run(maintenance.purge_now(settings.store.path, settings.retention))
     period = maintenance.describe_period(settings.retention.period)
     done = result.purged

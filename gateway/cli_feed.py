@@ -11,18 +11,20 @@ may be imported first; commands receive cli.py's Context as click's `obj`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gateway import store
 from gateway.config import Settings
 from gateway.errors import ConfigError, GatewayError
-from gateway.status.feedstate import FeedState, PollResult, human_time
-from gateway.store import feed as feed_db
+
+if TYPE_CHECKING:
+    from gateway.status.feedstate import PollResult
+
+# The feed's own modules are imported by the commands that use them: every faxgw command imports this one.
 
 
 class FeedPollRefused(GatewayError):
@@ -58,6 +60,8 @@ def poll(obj: Any) -> None:
     # The result line says what happened; log lines would repeat it on stderr.
     logging.getLogger("faxgw").addHandler(logging.NullHandler())
     logging.getLogger("faxgw").propagate = False
+    import asyncio
+
     result = asyncio.run(_poll_once(settings))
     line = result.describe(store.utcnow())
     if not result.ok:
@@ -88,6 +92,8 @@ def status(obj: Any, as_json: bool) -> None:
     Example:
       faxgw feed status --json
     """
+    from gateway.status.feedstate import FeedState, human_time
+
     settings: Settings = obj.settings
     conn = obj.read_store()
     state = FeedState.from_store(conn, settings.feed.min_interval)
@@ -131,6 +137,8 @@ def foreign(obj: Any, limit: int, as_json: bool) -> None:
     Example:
       faxgw feed foreign --limit 20
     """
+    from gateway.store import feed as feed_db
+
     rows = feed_db.foreign_rows(obj.read_store(), limit=limit)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -10,8 +10,6 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import phonenumbers
-
 from gateway.config import parse_duration
 from gateway.models import JobState
 from gateway.store import iso, utcnow
@@ -74,6 +72,8 @@ def parse_number(value: str | None, region: str) -> str | None:
     """Any common notation of a number, in E.164, without the intake's refusals: past jobs stay findable."""
     if not value:
         return None
+    import phonenumbers  # here: `faxgw status` without --number does without its import time
+
     problem = "expected a fax number such as \"+1 212 555 0123\" or 12125550123"
     if not re.fullmatch(r"\+?[0-9 ()./-]+", value):
         raise FilterError("number", f"{value!r}: {problem}")

@@ -34,6 +34,7 @@ from gateway.jobfilter import FilterError, parse_filter
 from gateway.logs import log_event
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.reload import server_context
+from gateway.status.batches import Batched
 from gateway.status.correlate import CorrelationPolicy, apply_report
 from gateway.status.notify import MissingParameters, notify_report
 from gateway.store import Writer, get_job, iso, list_jobs, utcnow
@@ -45,6 +46,11 @@ _TOKEN_IN_PATH = re.compile(r"(/greenfax/notify/)[^/?]*")
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path with the Notify token masked, status, time; no query string."""
+
+    @property
+    def enabled(self) -> bool:
+        """aiohttp asks once per connection; at [log] level warning it then skips the access log altogether."""
+        return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         path = _TOKEN_IN_PATH.sub(r"\1********", request.path)
@@ -66,6 +72,7 @@ class Web:
         self.runners: list[web.AppRunner] = []
         self.tls_contexts: list[ssl.SSLContext] = []  # kept so SIGHUP can load a renewed certificate into them
         self.addresses: dict[str, list[tuple[str, int]]] = {"http": [], "notify": []}
+        self._reports = Batched(writer, apply_report)  # Notify calls that arrive together share a writer call
         self._tokens = [t.encode() for t in settings.notify.tokens]
         self._networks = settings.notify.allowed_networks
         api_token = settings.http.api_token
@@ -132,7 +139,7 @@ class Web:
             report = notify_report(request.query, trusted=self.settings.notify.trusted)
         except MissingParameters as exc:
             return web.Response(status=400, text=f"{exc}; a Notify call needs result and an identifier\n")
-        outcome = await self.writer.run(apply_report, report, iso(utcnow()), self.policy)
+        outcome = await self._reports.run(report, iso(utcnow()), self.policy)
         self.metrics.report("notify", outcome.kind)
         log_event(log, "status-report", channel="notify", client=request.remote, result=report.result,
                   code=outcome.job_code, outcome=outcome.kind, trusted=report.trusted)

@@ -46,7 +46,8 @@ def is_dsn(mail: ParsedMail) -> bool:
     """
     if mail.content_type == "multipart/report" and "delivery-status" in mail.headers.get("content-type", "").lower():
         return True
-    return _DELIVERY_STATUS_PART.search(mail.raw) is not None
+    # The pattern tries every line start; most mail has no "delivery-status" anywhere (ASCII case, as the pattern's).
+    return b"delivery-status" in mail.raw.lower() and _DELIVERY_STATUS_PART.search(mail.raw) is not None
 
 
 def parse_bounce(mail: ParsedMail, envelope_rcpts: tuple[str, ...] = ()) -> Bounce | None:

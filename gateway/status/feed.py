@@ -60,7 +60,8 @@ from gateway.status.feedxml import (
     FeedRow,
     FeedUnavailable,
     error_text,
-    parse_feed,
+    fax_elements,
+    read_rows,
 )
 from gateway.store import Writer, iso, parse_iso
 from gateway.store import feed as feed_db
@@ -111,6 +112,7 @@ class FeedPoller:
         self._account_sender = (settings.upstream.account_sender or "").lower()
         self._min_interval = timedelta(seconds=self.feed.min_interval)
         self._password = self.feed.password.get_secret_value() if self.feed.password else ""
+        self._scopes: dict[str | None, MatchScope] = {}  # the MatchScope of each row sender (see _scope)
 
     # --- the runner ---------------------------------------------------------------------
 
@@ -166,7 +168,7 @@ class FeedPoller:
         request_at = claim.last_request_at
         try:
             body = await self._fetch(claim.window)
-            rows = await asyncio.to_thread(parse_feed, body, self.zone)
+            rows = await asyncio.to_thread(fax_elements, body)
         except FeedError as exc:
             return await self._failed(claim, exc, manual)
         counts, listed = await self._apply_rows(rows)
@@ -178,20 +180,35 @@ class FeedPoller:
                   by="manual" if manual else "scheduled", backfill="continues" if claim.window.more else None)
         return PollResult(True, claim.next_allowed_at, request_at, claim.window, len(rows), status["outcomes"])
 
-    async def _apply_rows(self, rows: list[FeedRow]) -> tuple[Counter[str], set[str]]:
+    async def _apply_rows(self, elements: list[Any]) -> tuple[Counter[str], set[str]]:
         """Every row through the one correlation path; the codes of the jobs rows were matched to.
 
-        A crash between commits is harmless: the window is asked again, and
-        rows already applied are duplicates.
+        Rows are read (in a worker thread) a chunk at a time, the next chunk
+        while the store writer applies the one before. A crash between
+        commits is harmless: the window is asked again, and rows already
+        applied are duplicates.
         """
         counts: Counter[str] = Counter()
         listed: set[str] = set()
-        for first in range(0, len(rows), ROWS_PER_COMMIT):
-            chunk = rows[first:first + ROWS_PER_COMMIT]
-            chunk_counts, chunk_listed = await self.writer.run(self._apply_chunk, chunk)
-            counts.update(chunk_counts)
-            listed |= chunk_listed
+        writing: asyncio.Future[tuple[Counter[str], set[str]]] | None = None
+        try:
+            for first in range(0, len(elements), ROWS_PER_COMMIT):
+                chunk = await asyncio.to_thread(read_rows, elements[first:first + ROWS_PER_COMMIT], self.zone)
+                if writing is not None:
+                    self._add(await writing, counts, listed)
+                writing = asyncio.ensure_future(self.writer.run(self._apply_chunk, chunk))
+            if writing is not None:
+                self._add(await writing, counts, listed)
+                writing = None
+        finally:
+            if writing is not None:  # reading failed or the poll was cancelled: the chunk in hand still finishes
+                await asyncio.shield(writing)
         return counts, listed
+
+    @staticmethod
+    def _add(done: tuple[Counter[str], set[str]], counts: Counter[str], listed: set[str]) -> None:
+        counts.update(done[0])
+        listed |= done[1]
 
     def _count(self, poll: str, rows: Counter[str] | None = None) -> None:
         """One poll by outcome, and its new rows by correlation outcome (rows seen again are not counted)."""
@@ -249,13 +266,32 @@ class FeedPoller:
             start = date.fromisoformat(feed_db.next_start(conn) or "")
         except ValueError:
             start = today - timedelta(days=self.feed.backfill_days)
-        for job in self._candidates(conn, now):
-            start = min(start, self._local_date(job["created_at"]))
+        earliest = self._candidates(conn, now, limit=1)  # they come oldest first
+        if earliest:
+            start = min(start, self._local_date(earliest[0]["created_at"]))
         start = min(start, today)
         return Window(start, min(today, start + timedelta(days=MAX_RANGE_DAYS - 1)), today)
 
     def _apply_chunk(self, conn: Any, rows: list[FeedRow]) -> tuple[Counter[str], set[str]]:
+        """A chunk of rows, each applied through the correlation path; a row that fails is set aside alone.
+
+        The rows are first applied together under one savepoint (a savepoint
+        per row costs SQLite a copy of every page each row changes). Should
+        one fail, the chunk is undone and applied again row by row, each in a
+        savepoint of its own, so that only the failing row is set aside.
+        """
         now = iso(self.clock())
+        try:
+            with feed_db.savepoint(conn, "feed_chunk"):
+                outcomes = [self._apply_row(conn, row, now) for row in rows]
+        except Exception:
+            if not conn.in_transaction:
+                raise  # SQLite undid the whole transaction (a full disk): the writer fails the call
+            return self._apply_apart(conn, rows, now)
+        counts: Counter[str] = Counter(outcome.kind for outcome in outcomes)
+        return counts, {outcome.job_code for outcome in outcomes if outcome.job_code}
+
+    def _apply_apart(self, conn: Any, rows: list[FeedRow], now: str) -> tuple[Counter[str], set[str]]:
         counts: Counter[str] = Counter()
         listed: set[str] = set()
         for row in rows:
@@ -289,11 +325,18 @@ class FeedPoller:
 
     def _apply_row(self, conn: Any, row: FeedRow, now: str) -> Outcome:
         """Number matching only for rows whose sender is the account's: other senders' faxes are not ours."""
-        scope = MatchScope(by_number=bool(row.sender) and row.sender == self._account_sender,
-                           created_before_report=REPORT_SLACK, no_match="foreign",
-                           not_by_number=f"the row's sender ({row.sender or 'none'}) is not the account sender")
         apply = apply_pending if row.pending else apply_report
-        return apply(conn, row.report, now, self.policy, scope)
+        return apply(conn, row.report, now, self.policy, self._scope(row.sender))
+
+    def _scope(self, sender: str | None) -> MatchScope:
+        scope = self._scopes.get(sender)
+        if scope is None:
+            if len(self._scopes) > 256:
+                self._scopes.clear()  # a feed has a few senders; odd ones must not pile up
+            scope = self._scopes[sender] = MatchScope(
+                by_number=bool(sender) and sender == self._account_sender, created_before_report=REPORT_SLACK,
+                no_match="foreign", not_by_number=f"the row's sender ({sender or 'none'}) is not the account sender")
+        return scope
 
     def _reconcile(self, conn: Any, claim: _Claim, listed: set[str], now: str) -> Counter[str]:
         """Judge each job reconciliation waits for whose date this poll covered and the feed did not resolve.
@@ -328,10 +371,10 @@ class FeedPoller:
                                f" `faxgw retry {job['code']}` or `faxgw cancel {job['code']}`")
         return "waiting"
 
-    def _candidates(self, conn: Any, now: datetime) -> list[Any]:
+    def _candidates(self, conn: Any, now: datetime, limit: int | None = None) -> list[Any]:
         overdue = iso(now - timedelta(seconds=self.settings.reconcile.after))
         ignore = WAITING if self.settings.reconcile.resend_unknown else None
-        return feed_db.reconcile_candidates(conn, overdue_before=overdue, ignore_marker=ignore)
+        return feed_db.reconcile_candidates(conn, overdue_before=overdue, ignore_marker=ignore, limit=limit)
 
     def _record_failure(self, conn: Any, problem: str, claim: _Claim) -> None:
         status = feed_db.load_status(conn)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+from collections import deque
 from dataclasses import dataclass
 
 import dkim
@@ -31,6 +33,11 @@ from gateway.status.report import Channel, StatusReport, dedup_key
 from gateway.store import Writer, iso, utcnow
 
 log = logging.getLogger("faxgw.status")
+
+# Status mails that arrive together are read together (see _Batches).
+BATCH_MAILS = 32  # at most this many mails per thread call...
+BATCH_BYTES = 1 << 20  # ...and about this much mail: a big one is read with few others
+READERS = 2  # batches read at the same time
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class StatusMail:
         self._bounce_prefix, self._bounce_domain = local + "+", "@" + domain
         self._trusted_domains = tuple(d.lower().lstrip("@") for d in settings.status.trusted_sender_domains)
         self._dkim_keys = {k.lower().rstrip("."): v.encode() for k, v in settings.status.dkim_keys.items()}
+        self.batches = _Batches(self)
 
     def is_status_address(self, address: str) -> bool:
         address = address.lower()
@@ -140,21 +148,155 @@ def status_reply(outcome: Outcome, verdict: Verdict) -> Reply:
 async def receive(status: StatusMail, writer: Writer, raw: bytes, *, channel: Channel,
                   envelope_rcpts: tuple[str, ...] = (), client: str = "") -> tuple[Outcome, Verdict]:
     """Understand one status mail and apply it in the store (committed when this returns)."""
-    # In a worker thread: anyone may send status mail, and a hostile one takes long to parse.
-    verdict = await asyncio.to_thread(status.understand, raw, channel=channel, envelope_rcpts=envelope_rcpts)
-    return await apply_verdict(status, writer, verdict, client=client), verdict
+    return await status.batches.submit(_Mail(writer, raw, channel, envelope_rcpts, client))
+
+
+@dataclass(frozen=True, slots=True)
+class _Mail:
+    writer: Writer
+    raw: bytes
+    channel: Channel
+    envelope_rcpts: tuple[str, ...]
+    client: str
+
+
+class _Batches:
+    """Status mails understood in a worker thread a batch at a time, then stored in one writer call per batch.
+
+    Reading happens in a worker thread because anyone may send status mail
+    and a hostile one takes long to parse. Handing each mail to a thread and
+    back costs more than reading a typical status mail (the GIL goes back and
+    forth between the loop, the workers and the store writer each time), so
+    the mails waiting when a reader starts are read in one thread call (at
+    most BATCH_MAILS, about BATCH_BYTES). Up to READERS batches are read at
+    once, so a mail that takes long holds up only its own batch. There is no
+    background task: a reader runs while mails wait and ends when none do.
+    """
+
+    def __init__(self, status: StatusMail) -> None:
+        self.status = status
+        self._waiting: deque[tuple[_Mail, asyncio.Future[tuple[Outcome, Verdict]]]] = deque()
+        self._reading = 0  # readers running; counted by the readers themselves, so none is ever missed
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, mail: _Mail) -> tuple[Outcome, Verdict]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[Outcome, Verdict]] = loop.create_future()
+        self._waiting.append((mail, future))
+        if self._reading < READERS:
+            self._reading += 1
+            task = loop.create_task(self._read())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _read(self) -> None:
+        try:
+            while self._waiting:
+                batch = self._take()
+                try:
+                    await self._read_batch(batch)
+                finally:
+                    for _mail, future in batch:
+                        if not future.done():  # cancelled (the gateway stops): nothing of it was stored
+                            future.cancel()
+        finally:
+            self._reading -= 1
+
+    async def _read_batch(self, batch: list[tuple[_Mail, asyncio.Future[tuple[Outcome, Verdict]]]]) -> None:
+        try:
+            verdicts = await asyncio.to_thread(self._understand, [mail for mail, _future in batch])
+        except Exception as exc:  # the thread could not run it at all
+            for _mail, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        stored = await self._store([mail for mail, _future in batch], verdicts)
+        for (_mail, future), verdict, outcome in zip(batch, verdicts, stored, strict=True):
+            if future.done():
+                continue  # the client went away
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result((outcome, verdict))  # type: ignore[arg-type]
+
+    def _take(self) -> list[tuple[_Mail, asyncio.Future[tuple[Outcome, Verdict]]]]:
+        """The next batch: waiting mails for the same writer, within the batch limits."""
+        batch = [self._waiting.popleft()]
+        size = len(batch[0][0].raw)
+        while self._waiting and len(batch) < BATCH_MAILS and size < BATCH_BYTES:
+            mail, future = self._waiting[0]
+            if mail.writer is not batch[0][0].writer:
+                break
+            if future.done():  # cancelled while waiting
+                self._waiting.popleft()
+                continue
+            size += len(mail.raw)
+            batch.append(self._waiting.popleft())
+        return batch
+
+    def _understand(self, mails: list[_Mail]) -> list[Verdict | Exception]:
+        """In a worker thread: each mail's verdict, or what reading it raised."""
+        results: list[Verdict | Exception] = []
+        for mail in mails:
+            try:
+                results.append(self.status.understand(mail.raw, channel=mail.channel,
+                                                      envelope_rcpts=mail.envelope_rcpts))
+            except Exception as exc:  # understand() is not meant to raise; if it does, it is this mail's error
+                results.append(exc)
+        return results
+
+    async def _store(self, mails: list[_Mail], verdicts: list[Verdict | Exception]) -> list[Outcome | BaseException]:
+        """Each mail's outcome, or the exception that is its own.
+
+        The batch goes to the writer as one call (one savepoint: each further
+        one costs SQLite a copy of every page the mail changes). Should it
+        fail, nothing of it stays, and each mail is stored again in a writer
+        call of its own, so that a failure is only that mail's, as if the
+        batch had never been tried.
+        """
+        outcomes: list[Outcome] | None = None
+        if not any(isinstance(verdict, Exception) for verdict in verdicts):
+            try:
+                outcomes = await mails[0].writer.run(_store_all, verdicts, iso(utcnow()), self.status.policy)
+            except Exception:  # noqa: BLE001 - each mail is tried alone next, and gets its own error
+                outcomes = None
+        if outcomes is not None:
+            for mail, verdict, outcome in zip(mails, verdicts, outcomes, strict=True):
+                _recorded(self.status, verdict, outcome, mail.client)  # type: ignore[arg-type]
+            return list(outcomes)
+        return await asyncio.gather(*(self._store_one(mail, verdict) for mail, verdict in zip(mails, verdicts)),
+                                    return_exceptions=True)
+
+    async def _store_one(self, mail: _Mail, verdict: Verdict | Exception) -> Outcome:
+        if isinstance(verdict, Exception):
+            raise verdict
+        return await apply_verdict(self.status, mail.writer, verdict, client=mail.client)
 
 
 async def apply_verdict(status: StatusMail, writer: Writer, verdict: Verdict, *, client: str = "") -> Outcome:
     """Store an understood status mail: applied through correlation, or kept unrecognised."""
-    report = verdict.report
+    outcome = await writer.run(_store, verdict, iso(utcnow()), status.policy)
+    _recorded(status, verdict, outcome, client)
+    return outcome
+
+
+def _store(conn: sqlite3.Connection, verdict: Verdict, now: str, policy: CorrelationPolicy) -> Outcome:
     if verdict.kind == "unrecognised":
-        outcome = await writer.run(keep_unrecognised, report, iso(utcnow()))
-    else:
-        outcome = await writer.run(apply_report, report, iso(utcnow()), status.policy)
+        return keep_unrecognised(conn, verdict.report, now)
+    return apply_report(conn, verdict.report, now, policy)
+
+
+def _store_all(conn: sqlite3.Connection, verdicts: list[Verdict], now: str, policy: CorrelationPolicy) -> list[Outcome]:
+    """A batch of status mails in one writer call (see _Batches._store)."""
+    return [_store(conn, verdict, now, policy) for verdict in verdicts]
+
+
+def _recorded(status: StatusMail, verdict: Verdict, outcome: Outcome, client: str) -> None:
+    """A stored status mail's metrics and log line."""
+    report = verdict.report
     if status.metrics is not None:
         status.metrics.report(report.channel.value, outcome.kind)
     log_event(log, "status-report", channel=report.channel.value, client=client, kind=verdict.kind,
               rule=report.rule, result=report.result, code=outcome.job_code, outcome=outcome.kind,
               trusted=report.trusted)
-    return outcome

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import tomllib
 from dataclasses import dataclass
-from datetime import datetime
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -124,20 +124,55 @@ class Extraction:
     report: StatusReport
 
 
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """One rule with its patterns compiled, once per rule set, so that reading a mail compiles nothing."""
+
+    rule: MailRule
+    senders: tuple[re.Pattern[str], ...]
+    subject: re.Pattern[str] | None
+    fields: tuple[tuple[str, re.Pattern[str], tuple[Source, ...]], ...]
+    results: tuple[tuple[re.Pattern[str], Result, str | None], ...]
+    time_formats: list[str]
+    zone: ZoneInfo
+
+    @classmethod
+    def of(cls, rule: MailRule) -> Compiled:
+        return cls(
+            rule=rule, senders=tuple(re.compile(p, re.IGNORECASE) for p in rule.senders),
+            subject=re.compile(rule.subject, re.IGNORECASE) if rule.subject is not None else None,
+            fields=tuple((name, re.compile(f.pattern, re.IGNORECASE | re.MULTILINE), tuple(f.sources))
+                         for name, f in rule.fields.items()),
+            results=tuple((re.compile(r.match, re.IGNORECASE), r.result, r.reason) for r in rule.results),
+            time_formats=rule.fields["time"].formats if "time" in rule.fields else [], zone=ZoneInfo(rule.timezone),
+        )
+
+    def recognises(self, mail: ParsedMail) -> bool:
+        """MailRule.recognises(), with the compiled patterns."""
+        if self.senders and not any(p.search(mail.from_addr) for p in self.senders):
+            return False
+        return self.subject is None or self.subject.search(mail.subject) is not None
+
+
 class MailRules:
     """The loaded rule set, in order."""
 
     def __init__(self, rules: list[MailRule]) -> None:
         self.rules = rules
+        self._compiled = [Compiled.of(rule) for rule in rules]
 
     def match(self, mail: ParsedMail) -> MailRule | None:
-        return next((rule for rule in self.rules if rule.recognises(mail)), None)
+        compiled = self._match(mail)
+        return compiled.rule if compiled is not None else None
+
+    def _match(self, mail: ParsedMail) -> Compiled | None:
+        return next((compiled for compiled in self._compiled if compiled.recognises(mail)), None)
 
     def extract(self, mail: ParsedMail, *, channel: Channel, trusted: bool) -> Extraction | None:
-        rule = self.match(mail)
-        if rule is None:
+        compiled = self._match(mail)
+        if compiled is None:
             return None
-        return extract(rule, mail, channel=channel, trusted=trusted)
+        return extract(compiled, mail, channel=channel, trusted=trusted)
 
     def explain(self, mail: ParsedMail) -> list[str]:
         """Why no rule recognised the mail, one line per rule."""
@@ -150,17 +185,18 @@ class MailRules:
         return lines
 
 
-def extract(rule: MailRule, mail: ParsedMail, *, channel: Channel, trusted: bool) -> Extraction:
+def extract(compiled: Compiled, mail: ParsedMail, *, channel: Channel, trusted: bool) -> Extraction:
+    rule = compiled.rule
     texts = {"subject": mail.subject, "text": mail.text, "html": mail.html_text}
     values: dict[str, str] = {}
-    for name, field_rule in rule.fields.items():
-        for source in field_rule.sources:
-            found = re.search(field_rule.pattern, texts[source], re.IGNORECASE | re.MULTILINE)
+    for name, pattern, sources in compiled.fields:
+        for source in sources:
+            found = pattern.search(texts[source])
             if found and found[1] is not None:
                 values[name] = found[1].strip()
                 break
-    result, reason = _result(rule, values.get("result"))
-    reported_at = _time(values.get("time"), rule)
+    result, reason = _result(compiled, values.get("result"))
+    reported_at = parse_time(values.get("time"), compiled.time_formats, compiled.zone)
     report = StatusReport(
         channel=channel, trusted=trusted, raw=mail.raw.decode("utf-8", "replace"), result=result,
         result_text=values.get("result"), reason=reason, fax_number=normalise_number(values.get("fax_number")),
@@ -172,27 +208,66 @@ def extract(rule: MailRule, mail: ParsedMail, *, channel: Channel, trusted: bool
     return Extraction(rule, values, report)
 
 
-def _result(rule: MailRule, text: str | None) -> tuple[Result | None, str | None]:
+def _result(compiled: Compiled, text: str | None) -> tuple[Result | None, str | None]:
     if text is None:
         return None, None
-    for mapping in rule.results:
-        if re.fullmatch(mapping.match, text.strip(), re.IGNORECASE):
-            return mapping.result, mapping.reason
+    for pattern, result, reason in compiled.results:
+        if pattern.fullmatch(text.strip()):
+            return result, reason
     return None, None
 
 
+@lru_cache(maxsize=4096)
 def normalise_number(text: str | None) -> str | None:
-    """GreenFax writes numbers with their country code; store them in E.164."""
+    """GreenFax writes numbers with their country code; store them in E.164.
+
+    Cached: the same numbers come back in every channel's report (and, in an
+    office, fax after fax), and phonenumbers takes a while over each.
+    """
     if not text:
         return None
-    digits = re.sub(r"[^0-9]", "", text)
+    digits = _NOT_DIGIT.sub("", text)
     if not digits:
         return None
+    if _plainly_e164(digits):
+        return "+" + digits
     try:
         parsed = phonenumbers.parse("+" + digits.removeprefix("00"))
     except phonenumbers.NumberParseException:
         return "+" + digits
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+_NOT_DIGIT = re.compile(r"[^0-9]")
+
+
+def _plainly_e164(digits: str) -> bool:
+    """Whether phonenumbers would give "+" + digits back, known without its full parse.
+
+    It gives back something else only for a number it reads (a known country
+    code, then a national number) whose national number starts with that
+    country's national prefix (the 0 of +44 020...), which it removes. Any
+    other number comes back as it is: unchanged when it is read, or as
+    "+" + digits when it cannot be read at all. Numbers starting with 0 (or
+    00) take the full parse.
+    """
+    if digits[0] == "0":
+        return False
+    for length in (1, 2, 3):  # phonenumbers tries the shortest country code first
+        code = int(digits[:length])
+        if code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
+            prefix = _national_prefix(code)
+            return prefix is None or prefix.match(digits[length:]) is None
+    return True  # no country code: phonenumbers cannot read it
+
+
+@cache
+def _national_prefix(code: int) -> re.Pattern[str] | None:
+    """The pattern phonenumbers strips from the start of a national number of this country code, if any."""
+    region = phonenumbers.region_code_for_country_code(code)
+    metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(code, region)
+    prefix = metadata.national_prefix_for_parsing if metadata is not None else None
+    return re.compile(prefix) if prefix else None
 
 
 def _int(text: str | None) -> int | None:
@@ -209,11 +284,6 @@ def _seconds(text: str | None) -> int | None:
         parts = [int(p) for p in clock.groups() if p is not None]
         return parts[0] * 60 + parts[1] if len(parts) == 2 else parts[0] * 3600 + parts[1] * 60 + parts[2]
     return _int(text)
-
-
-def _time(text: str | None, rule: MailRule) -> datetime | None:
-    formats = rule.fields["time"].formats if "time" in rule.fields else []
-    return parse_time(text, formats, ZoneInfo(rule.timezone))
 
 
 # --- loading --------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from urllib.parse import urlencode
+from urllib.parse import quote_plus
 
 from gateway.status.mailrules import normalise_number
 from gateway.status.report import Channel, Result, StatusReport, dedup_key, parse_time
@@ -48,9 +48,9 @@ def notify_report(query: Mapping[str, str], *, trusted: bool) -> StatusReport:
         missing.append("one of " + ", ".join(IDENTIFIERS))
     if missing:
         raise MissingParameters("missing " + " and ".join(missing))
-    result, reason = RESULTS.get(re.sub(r"[^a-z]", "", values["result"].lower()), (None, None))
+    result, reason = RESULTS.get(_NOT_LETTER.sub("", values["result"].lower()), (None, None))
     # The raw call, in a canonical order, is both what is kept and what identifies a repeat.
-    raw = urlencode(sorted((k, v) for k, v in values.items()))
+    raw = _urlencode(sorted((k, v) for k, v in values.items()))
     return StatusReport(
         channel=Channel.NOTIFY, trusted=trusted, raw=raw, result=result, result_text=values["result"],
         reason=reason, fax_number=normalise_number(values.get("destination")), pages=_int(values.get("pages")),
@@ -61,6 +61,19 @@ def notify_report(query: Mapping[str, str], *, trusted: bool) -> StatusReport:
         reported_at_raw=values.get("timestamp") or None, dedup_key=dedup_key("notify", None, raw),
         rule="http-notify",
     )
+
+
+_NOT_LETTER = re.compile(r"[^a-z]")
+_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote_plus leaves as it is (urllib's always-safe characters)
+
+
+def _urlencode(pairs: list[tuple[str, str]]) -> str:
+    """urllib.parse.urlencode(pairs), without quote_plus's cost for the values that need no quoting."""
+    return "&".join(f"{_quote(key)}={_quote(value)}" for key, value in pairs)
+
+
+def _quote(text: str) -> str:
+    return text if _URL_SAFE.fullmatch(text) else quote_plus(text)
 
 
 def _int(text: str | None) -> int | None:

@@ -64,6 +64,9 @@ def dedup_key(kind: str, source_id: str | None, content: bytes | str) -> str:
 
 _GMT_OFFSET = re.compile(r"\(?\b(?:GMT|UTC)\s*([+-])\s*(\d{1,2})(?::?(\d{2}))?\)?", re.IGNORECASE)
 _ZONE_WORD = re.compile(r"\s+[A-Z]{2,5}$")
+# The feed's "2026-11-27 01:02:03": zero-padded fields in strptime's ranges for %m, %d, %H, %M and %S.
+_PLAIN_FORMAT = "%Y-%m-%d %H:%M:%S"
+_PLAIN_TIME = re.compile(r"(\d{4})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01]) ([01]\d|2[0-3]):([0-5]\d):([0-5]\d)")
 
 
 def parse_time(text: str | None, formats: list[str], default_zone: tzinfo = UTC) -> datetime | None:
@@ -89,7 +92,8 @@ def _parse_time(text: str, formats: list[str], default_zone: tzinfo) -> datetime
         text = _ZONE_WORD.sub("", text[: offset.start()].strip())
     for fmt in formats:
         try:
-            moment = datetime.strptime(text.strip(), fmt)
+            moment = _plain(text.strip()) if fmt == _PLAIN_FORMAT else None
+            moment = moment or datetime.strptime(text.strip(), fmt)
         except ValueError:
             continue
         return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
@@ -98,3 +102,15 @@ def _parse_time(text: str, formats: list[str], default_zone: tzinfo) -> datetime
     except (TypeError, ValueError, IndexError):
         return None
     return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
+
+
+def _plain(text: str) -> datetime | None:
+    """datetime.strptime(text, "%Y-%m-%d %H:%M:%S") for text in exactly that shape, without strptime's cost;
+    None for anything else (strptime then decides, as before)."""
+    match = _PLAIN_TIME.fullmatch(text)
+    if match is None:
+        return None
+    try:
+        return datetime(*map(int, match.groups()))  # type: ignore[misc]
+    except ValueError:  # February 30th: strptime says so itself
+        return None

@@ -62,21 +62,22 @@ def save_status(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
     set_meta(conn, STATUS, json.dumps(status, sort_keys=True))
 
 
-def reconcile_candidates(conn: sqlite3.Connection, *, overdue_before: str,
-                         ignore_marker: str | None = None) -> list[sqlite3.Row]:
-    """Jobs the next poll must look up: every `unknown` job, and `submitted` ones without a result
-    since `overdue_before`, unless reconciliation has already judged them in their current state.
+def reconcile_candidates(conn: sqlite3.Connection, *, overdue_before: str, ignore_marker: str | None = None,
+                         limit: int | None = None) -> list[sqlite3.Row]:
+    """Jobs the next poll must look up, oldest first: every `unknown` job, and `submitted` ones without a
+    result since `overdue_before`, unless reconciliation has already judged them in their current state.
 
     `ignore_marker`: verdicts with this detail do not count (the operator has
     since enabled resending, so "waiting for the operator" is no longer the end).
+    `limit`: only the oldest this many (planning a window needs the oldest alone).
     """
     return conn.execute(
         "SELECT j.id, j.code, j.state, j.created_at, j.updated_at FROM jobs j"
         " WHERE (j.state = 'unknown' OR (j.state = 'submitted' AND j.updated_at <= ?))"
         " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.source = ?"
         "  AND e.at >= j.updated_at AND (? IS NULL OR substr(e.detail, 1, length(?)) <> ?))"
-        " ORDER BY j.created_at",
-        (overdue_before, RECONCILE, ignore_marker, ignore_marker, ignore_marker),
+        " ORDER BY j.created_at LIMIT ?",
+        (overdue_before, RECONCILE, ignore_marker, ignore_marker, ignore_marker, -1 if limit is None else limit),
     ).fetchall()
 
 

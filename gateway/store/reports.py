@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from gateway.errors import InvalidTransition, UnknownJob
@@ -50,7 +52,7 @@ def insert_report(conn: sqlite3.Connection, report: StatusReport, now: str, outc
         (now, report.channel.value, int(report.trusted), outcome, job_id,
          report.result.value if report.result else None, report.result_text, report.reason, report.fax_number,
          report.pages, report.duration, report.cost, report.reference_id, report.job_code,
-         iso(report.reported_at) if report.reported_at else None, report.reported_at_raw, report.rule,
+         _stored_time(report.reported_at) if report.reported_at else None, report.reported_at_raw, report.rule,
          note, report.dedup_key, report.raw),
     ).lastrowid
 
@@ -64,9 +66,15 @@ def apply_result(conn: sqlite3.Connection, job_id: int, report: StatusReport, no
         " reference_id = COALESCE(reference_id, ?), reported_at = ?, flagged = MAX(COALESCE(flagged, 0), ?)"
         " WHERE id = ?",
         (report.result.value, report.reason, now, summary, report.pages, report.duration, report.cost,
-         report.reference_id, iso(report.reported_at) if report.reported_at else now, int(flagged), job_id),
+         report.reference_id, _stored_time(report.reported_at) if report.reported_at else now, int(flagged), job_id),
     )
     add_event(conn, job_id, now, source, report.result.value, summary)
+
+
+@lru_cache(maxsize=64)
+def _stored_time(moment: datetime) -> str:
+    """iso(moment), kept for the next call: a report's time is written to its job and then to the report."""
+    return iso(moment)
 
 
 def submit_unknown(conn: sqlite3.Connection, job_id: int, reference_id: str | None, now: str, *,

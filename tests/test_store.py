@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta, timezone
 
 from gateway import store
 
@@ -29,3 +31,15 @@ def test_a_second_connection_in_the_process_keeps_the_first_ones_locks(tmp_path)
     assert reader.execute("SELECT count(*) FROM t").fetchone()[0] == 2
     reader.close()
     writer.close()
+
+
+def test_iso_is_the_fixed_width_form_strftime_gives():
+    """store.iso() uses isoformat() for speed; the text must stay what strftime gave (it sorts as text)."""
+    rng = random.Random(7)
+    zones = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(-timedelta(hours=8))]
+    for _ in range(20_000):
+        moment = datetime(rng.randint(1970, 2200), rng.randint(1, 12), rng.randint(1, 28), rng.randint(0, 23),
+                          rng.randint(0, 59), rng.randint(0, 59), rng.choice([0, rng.randint(0, 999_999)]),
+                          tzinfo=rng.choice(zones))
+        assert store.iso(moment) == moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        assert store.parse_iso(store.iso(moment)) == moment

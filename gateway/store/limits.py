@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Literal
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Literal
 
 from gateway.models import NewMessage
 from gateway.store.jobs import add_event, insert_message
+
+if TYPE_CHECKING:  # imported by schema.migrate() only when a store is opened for writing
+    import sqlite_utils
 
 # Earlier jobs that do not make a later fax a duplicate: they never reached
 # the recipient, so sending the documents again is the sender's retry.

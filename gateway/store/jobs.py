@@ -211,11 +211,13 @@ def list_jobs(
         clauses.append("created_at >= ?")
         params.append(since)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = conn.execute(
+    cursor = conn.execute(
         f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT ?",
         (*params, limit),
-    ).fetchall()
-    return [dict(row) for row in rows]
+    )
+    cursor.row_factory = None  # plain tuples: a Row and then a dict per job cost more than the query
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row)) for row in cursor]
 
 
 def get_job(conn: sqlite3.Connection, code: str) -> dict[str, Any]:

@@ -161,7 +161,10 @@ class Forwarder:
         started = time.monotonic()
         to_address = f"{job.number.lstrip('+')}@{self.settings.domain}"
         try:
-            message, note = self._prepare(job, to_address)
+            if mime.without_winmail(job.raw):  # an ordinary fax: its copy is built here, quickly
+                message, note = self._prepare(job, to_address, unwrap=False)
+            else:  # unusual MIME takes the email package, which must not stall the event loop
+                message, note = await asyncio.to_thread(self._prepare, job, to_address)
             if note is not None:
                 await self._event(job, note)
             reply = await connection.send(
@@ -190,12 +193,16 @@ class Forwarder:
         task.add_done_callback(self._finishing.discard)
 
     async def _finish(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None, ms: float) -> None:
-        await self._record(job, state, detail, reply)
-        if self.metrics is not None:
-            self.metrics.forwards.labels(state.value).inc()
-        log_event(log, "forward", code=job.code, number=job.number, attempt=job.attempts,
-                  result=state.value, reply=reply or detail, ms=ms,
-                  level=logging.WARNING if state in (JobState.UNKNOWN, JobState.REJECTED) else logging.INFO)
+        try:
+            await self._record(job, state, detail, reply)
+            if self.metrics is not None:
+                self.metrics.forwards.labels(state.value).inc()
+            log_event(log, "forward", code=job.code, number=job.number, attempt=job.attempts,
+                      result=state.value, reply=reply or detail, ms=ms,
+                      level=logging.WARNING if state in (JobState.UNKNOWN, JobState.REJECTED) else logging.INFO)
+        except Exception:  # a task of its own: nobody else would see it
+            log.exception("recording the outcome of %s (%s) failed; it stays `sending`, so `unknown` at the"
+                          " next start", job.code, state.value)
 
     def _classify(self, job: ClaimedJob, exc: UpstreamError) -> tuple[JobState, str, str | None]:
         reply = exc.reply if exc.reply != str(exc) else None
@@ -250,14 +257,14 @@ class Forwarder:
         except StoreError as exc:
             log.error("cannot record an event of %s: %s", job.code, exc)
 
-    def _prepare(self, job: ClaimedJob, to_address: str) -> tuple[bytes, str | None]:
+    def _prepare(self, job: ClaimedJob, to_address: str, *, unwrap: bool = True) -> tuple[bytes, str | None]:
         """The copy sent upstream, and the event that records a body rewrite (None: headers only).
 
         The body bytes go out as stored, except that a winmail.dat is
         replaced by the documents inside it (tnef.py says why here).
         """
         raw, note = job.raw, None
-        unwrapped = mime.unwrap_tnef(raw)
+        unwrapped = mime.unwrap_tnef(raw) if unwrap else None
         if unwrapped is not None:
             raw, note = unwrapped.raw, unwrapped.note
         now = self.clock()

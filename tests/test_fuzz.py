@@ -766,6 +766,25 @@ def test_the_long_line_check_finds_exactly_the_lines_over_the_limit(lines, limit
     assert intake._has_long_line(data, limit) == expected
 
 
+@FAST
+@given(raw=st.lists(st.sampled_from([b"-", b"b", b"\r", b"\n", b"x", b" ", b"--b", b"\r\n--b", b"\n--b--", b"\r\n"]),
+                    max_size=16).map(b"".join), cut=st.tuples(st.integers(0, 80), st.integers(0, 80)))
+def test_delimiter_lines_are_found_exactly_where_a_multiline_regex_finds_them(raw, cut):
+    start, end = sorted(min(c, len(raw)) for c in cut)
+    regex = re.compile(rb"(?m)^--b(--)?[ \t]*(?:\r\n|\r|\n|\Z)")
+    expected = [(m.start(), m.end(), bool(m[1])) for m in regex.finditer(raw, start, end)]
+    assert list(mime._delimiters(raw, start, end, b"--b")) == expected
+
+
+def test_a_body_full_of_delimiter_lookalikes_is_not_read_on_the_event_loop():
+    """inspect_inline() and the forwarder's check give up (a worker thread reads it); inspect() still answers."""
+    lookalikes = (b"Content-Type: multipart/mixed; boundary=\"x\"\r\nMIME-Version: 1.0\r\n\r\n"
+                  + b"--xy\r\n" * 5000 + b"--x\r\nContent-Type: text/plain\r\n\r\nhello\r\n--x--\r\n")
+    assert mime.inspect_inline(lookalikes) is None and not mime.without_winmail(lookalikes)
+    assert mime.inspect(lookalikes) == mime.inspect(lookalikes, quick=False)
+    assert mime.without_winmail(fax_message())
+
+
 def tree(message) -> list[tuple]:
     """A message's MIME tree as inspect() reads it: each entity's headers, defects and leaf payload."""
     return [(part.get_content_type(), part.items(), [type(d).__name__ for d in part.defects],

@@ -446,7 +446,8 @@ async def test_a_winmail_dat_that_fails_at_send_time_is_held_never_sent_blank(ga
         raise tnef.TnefError("damaged", "the winmail.dat is damaged (simulated)")
 
     # Only the forwarder's view of mime changes; the intake still unwraps (and so accepts) as always.
-    monkeypatch.setattr(forward, "mime", SimpleNamespace(unwrap_tnef=fails, rewrite_headers=mime.rewrite_headers))
+    monkeypatch.setattr(forward, "mime", SimpleNamespace(unwrap_tnef=fails, rewrite_headers=mime.rewrite_headers,
+                                                         without_winmail=mime.without_winmail))
     data, _first, _second = two_pdfs()
     code, reply = await submit(gw.port, outlook_mail(data))
     assert code == 250, reply

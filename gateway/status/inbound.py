@@ -196,6 +196,11 @@ class _Batches:
                 batch = self._take()
                 try:
                     await self._read_batch(batch)
+                except Exception as exc:  # a bug; the mails still waiting need this reader to go on
+                    log.exception("status mail batch failed")
+                    for _mail, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
                 finally:
                     for _mail, future in batch:
                         if not future.done():  # cancelled (the gateway stops): nothing of it was stored
@@ -263,7 +268,10 @@ class _Batches:
                 outcomes = None
         if outcomes is not None:
             for mail, verdict, outcome in zip(mails, verdicts, outcomes, strict=True):
-                _recorded(self.status, verdict, outcome, mail.client)  # type: ignore[arg-type]
+                try:  # stored already: logging or counting it must not take the reply away
+                    _recorded(self.status, verdict, outcome, mail.client)  # type: ignore[arg-type]
+                except Exception:
+                    log.exception("recording a stored status mail failed")
             return list(outcomes)
         return await asyncio.gather(*(self._store_one(mail, verdict) for mail, verdict in zip(mails, verdicts)),
                                     return_exceptions=True)

@@ -36,6 +36,7 @@ BATCH_LIMIT = 512
 CHECKPOINT_INTERVAL = 0.1  # seconds between two checkpoints while mail is coming in
 WAL_RESET_PAGES = 4096  # a WAL this long is restarted once copied (16 MB at 4 KB pages)
 RESET_BUSY_MS = 20  # how long the writer waits for readers when it restarts the WAL; else it tries later
+FALLBACK_AUTOCHECKPOINT = 1000  # SQLite's default, should the checkpointer thread die
 
 class Writer:
     """One thread owning the write connection; each batch of queued calls is one commit.
@@ -91,9 +92,7 @@ class Writer:
                     break
                 batch.append(item)
             self._commit(conn, batch)
-            self._checkpointer.committed()
-            if self._checkpointer.reset_wanted:
-                self._checkpointer.reset(conn)
+            self._checkpointer.after_commit(conn)
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
@@ -130,7 +129,8 @@ class Checkpointer:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.reset_wanted = False
+        self.reset_wanted = False  # set by this thread, read and cleared by the writer's
+        self.failed = False  # this thread has died; the writer switches SQLite's own checkpoints back on
         self._due = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="store-checkpoint", daemon=True)
@@ -144,22 +144,38 @@ class Checkpointer:
             self._due.set()
             self._thread.join()
 
-    def committed(self) -> None:
-        """Called by the writer after each commit: there is WAL to copy."""
-        self._due.set()
+    def after_commit(self, conn: sqlite3.Connection) -> None:
+        """Called by the writer after each commit, on its connection. Never raises: the writer must go on."""
+        try:
+            if self.failed:
+                # No checkpointer: SQLite's own, inside the commits, so the WAL cannot grow without end.
+                self.failed = False
+                conn.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_AUTOCHECKPOINT}")
+            elif self.reset_wanted:
+                self._reset(conn)
+            self._due.set()
+        except Exception:
+            log.exception("store checkpoint step failed; the writer goes on")
 
-    def reset(self, conn: sqlite3.Connection) -> None:
-        """Restart the WAL from the writer's connection, between two batches; given up if a reader is in it."""
+    def _reset(self, conn: sqlite3.Connection) -> None:
+        """Restart the WAL between two batches; given up if a reader is in it (the next round tries again)."""
         self.reset_wanted = False
         try:
             conn.execute(f"PRAGMA busy_timeout = {RESET_BUSY_MS}")
             conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         except sqlite3.Error:
-            pass  # a reader holds the WAL: the next round tries again
+            pass
         finally:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def _serve(self) -> None:
+        try:
+            self._checkpoint_while_running()
+        except Exception:
+            log.exception("the store's checkpointer stopped; SQLite checkpoints inside the commits from now on")
+            self.failed = True
+
+    def _checkpoint_while_running(self) -> None:
         conn = connect(self.path)
         try:
             while not self._stopping:

@@ -135,5 +135,7 @@ async def test_kill_9_mid_batch_loses_no_acknowledged_fax(tmp_path):
         for p in (proc, restarted):
             if p is not None and p.poll() is None:
                 p.terminate()
-                p.wait(10)
+                # Waited for off the event loop: the sandbox, the gateway's upstream, runs on it and must
+                # answer the sends still in flight, or the gateway's stop waits out its grace for them.
+                await asyncio.to_thread(p.wait, 30)
         await sandbox.stop()

@@ -202,7 +202,10 @@ class FeedPoller:
                 writing = None
         finally:
             if writing is not None:  # reading failed or the poll was cancelled: the chunk in hand still finishes
-                await asyncio.shield(writing)
+                try:
+                    await asyncio.shield(writing)
+                except Exception:  # logged here, so that the failure that brought us here is the one raised
+                    log.exception("a chunk of feed rows could not be stored")
         return counts, listed
 
     @staticmethod

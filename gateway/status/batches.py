@@ -16,51 +16,93 @@ the status-mail path batches on its own (gateway/status/inbound.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from gateway.store import Writer
 
+I = TypeVar("I")
 T = TypeVar("T")
+log = logging.getLogger("faxgw.status")
 # Batches with the writer at once. One: a second would split the calls that arrive during a commit into
 # smaller batches (more commits), and it measured no faster with eight Notify connections.
 IN_FLIGHT = 1
 
 
-class Batched(Generic[T]):
-    """`await batched.run(*args)`: `fn(conn, *args)` committed in the store, like `writer.run(fn, *args)`."""
+class Gathered(Generic[I, T]):
+    """Items that arrive while earlier ones are being worked on wait, and are then taken together.
 
-    def __init__(self, writer: Writer, fn: Callable[..., T]) -> None:
-        self.writer = writer
-        self.fn = fn
-        self._waiting: list[tuple[tuple[Any, ...], asyncio.Future[T]]] = []
-        self._writing = 0  # batches being written; counted by the writing tasks themselves, so none is missed
+    `await gathered.submit(item)` returns the item's result. Up to `limit`
+    batches are worked on at once; a worker task runs while items wait and
+    ends when none do (no background task). `_process(batch)` settles each
+    item's future; whatever it leaves unsettled gets its error, or is
+    cancelled if the gateway stopped under it.
+    """
+
+    limit = 1
+
+    def __init__(self) -> None:
+        self._waiting: deque[tuple[I, asyncio.Future[T]]] = deque()
+        self._running = 0  # workers running; counted by the workers themselves, so none is ever missed
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self, *args: Any) -> T:
+    async def submit(self, item: I) -> T:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._waiting.append((args, future))
-        if self._writing < IN_FLIGHT:
-            self._writing += 1
-            task = loop.create_task(self._write())
+        self._waiting.append((item, future))
+        if self._running < self.limit:
+            self._running += 1
+            task = loop.create_task(self._work())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await future
 
-    async def _write(self) -> None:
+    def _take(self) -> list[tuple[I, asyncio.Future[T]]]:
+        """The next batch: by default everything waiting."""
+        batch = list(self._waiting)
+        self._waiting.clear()
+        return batch
+
+    async def _process(self, batch: list[tuple[I, asyncio.Future[T]]]) -> None:
+        raise NotImplementedError
+
+    async def _work(self) -> None:
         try:
             while self._waiting:
-                batch, self._waiting = self._waiting, []
+                batch = self._take()
                 try:
-                    await self._write_batch(batch)
+                    await self._process(batch)
+                except Exception as exc:  # a bug; the items still waiting need this worker to go on
+                    log.exception("%s: a batch failed", type(self).__name__)
+                    for _item, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
                 finally:
-                    for _args, future in batch:
+                    for _item, future in batch:
                         if not future.done():  # cancelled (the gateway stops)
                             future.cancel()
         finally:
-            self._writing -= 1
+            self._running -= 1
+
+
+class Batched(Gathered[tuple[Any, ...], T]):
+    """`await batched.run(*args)`: `fn(conn, *args)` committed in the store, like `writer.run(fn, *args)`."""
+
+    limit = IN_FLIGHT
+
+    def __init__(self, writer: Writer, fn: Callable[..., T]) -> None:
+        super().__init__()
+        self.writer = writer
+        self.fn = fn
+
+    async def run(self, *args: Any) -> T:
+        return await self.submit(args)
+
+    async def _process(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[T]]]) -> None:
+        await self._write_batch(batch)
 
     async def _write_batch(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[T]]]) -> None:
         results: list[Any] | None = None

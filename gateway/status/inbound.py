@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections import deque
 from dataclasses import dataclass
 
 import dkim
@@ -25,7 +24,13 @@ from gateway.config import Settings
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import Reply
-from gateway.status.correlate import CorrelationPolicy, Outcome, apply_report, keep_unrecognised
+from gateway.status.batches import Gathered
+from gateway.status.correlate import (
+    CorrelationPolicy,
+    Outcome,
+    apply_report,
+    keep_unrecognised,
+)
 from gateway.status.dsn import bounce_report, is_dsn, parse_bounce
 from gateway.status.mailparse import ParsedMail, parse_mail
 from gateway.status.mailrules import MailRules
@@ -160,7 +165,7 @@ class _Mail:
     client: str
 
 
-class _Batches:
+class _Batches(Gathered[_Mail, "tuple[Outcome, Verdict]"]):
     """Status mails understood in a worker thread a batch at a time, then stored in one writer call per batch.
 
     Reading happens in a worker thread because anyone may send status mail
@@ -173,40 +178,14 @@ class _Batches:
     background task: a reader runs while mails wait and ends when none do.
     """
 
+    limit = READERS
+
     def __init__(self, status: StatusMail) -> None:
+        super().__init__()
         self.status = status
-        self._waiting: deque[tuple[_Mail, asyncio.Future[tuple[Outcome, Verdict]]]] = deque()
-        self._reading = 0  # readers running; counted by the readers themselves, so none is ever missed
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, mail: _Mail) -> tuple[Outcome, Verdict]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[Outcome, Verdict]] = loop.create_future()
-        self._waiting.append((mail, future))
-        if self._reading < READERS:
-            self._reading += 1
-            task = loop.create_task(self._read())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return await future
-
-    async def _read(self) -> None:
-        try:
-            while self._waiting:
-                batch = self._take()
-                try:
-                    await self._read_batch(batch)
-                except Exception as exc:  # a bug; the mails still waiting need this reader to go on
-                    log.exception("status mail batch failed")
-                    for _mail, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                finally:
-                    for _mail, future in batch:
-                        if not future.done():  # cancelled (the gateway stops): nothing of it was stored
-                            future.cancel()
-        finally:
-            self._reading -= 1
+    async def _process(self, batch: list[tuple[_Mail, asyncio.Future[tuple[Outcome, Verdict]]]]) -> None:
+        await self._read_batch(batch)
 
     async def _read_batch(self, batch: list[tuple[_Mail, asyncio.Future[tuple[Outcome, Verdict]]]]) -> None:
         try:

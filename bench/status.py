@@ -154,7 +154,9 @@ def settings_for(tmp: Path, port: int, **sections: dict[str, Any]) -> config.Set
         "store": {"path": str(tmp / "store.sqlite3")},
         "upstream": {"host": "127.0.0.1", "port": free_port(), "tls": "none", "account_sender": ACCOUNT_SENDER,
                      "return_path": "bounce@bench.example"},
-        "status": {"listen": [f"127.0.0.1:{port}"], "trusted_sender_domains": ["sandbox.greenfax.localhost"]},
+        # The load generator is GreenFax's MX here: its mail is trusted from loopback (and the rate limit off).
+        "status": {"listen": [f"127.0.0.1:{port}"], "trusted_sender_domains": ["sandbox.greenfax.localhost"],
+                   "require_dkim": False, "trusted_networks": ["127.0.0.0/8"], "max_messages_per_minute": 0},
         "notifications": {"enabled": False},
     }
     for name, values in sections.items():
@@ -223,6 +225,7 @@ def gateway(tmp: Path, settings: config.Settings, extra: str = "", log_level: st
         f'[upstream]\nhost = "127.0.0.1"\nport = {settings.upstream.port}\ntls = "none"\n'
         f'account_sender = "{ACCOUNT_SENDER}"\nreturn_path = "bounce@bench.example"\n'
         f'[status]\nlisten = ["127.0.0.1:{smtp_port}"]\ntrusted_sender_domains = ["sandbox.greenfax.localhost"]\n'
+        'require_dkim = false\ntrusted_networks = ["127.0.0.0/8"]\nmax_messages_per_minute = 0\n'
         f'[notifications]\nenabled = false\n[log]\nlevel = "{log_level}"\n{extra}')
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(cfg), "serve"],
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -288,7 +291,7 @@ async def pipeline(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     writer.start()
     try:
         elapsed, cpu = await closed_loop(mails(jobs), args.concurrency,
-                                         lambda raw: receive(status, writer, raw, channel=Channel.IMAP))
+                                         lambda raw: receive(status, writer, raw, channel=Channel.IMAP, client="127.0.0.1"))
     finally:
         writer.close()
     return result("mails", args.jobs, elapsed, settings.store.path, cpu, concurrency=args.concurrency)

@@ -160,6 +160,8 @@ def check_config(obj: Context) -> None:
     data["addressing"] = rules.model_dump(mode="json")
     click.echo(f"# {settings.source}: OK" + (" (SANDBOX)" if settings.sandbox_mode else ""))
     click.echo(json.dumps(data, indent=2, default=str))
+    for warning in config_module.warnings(settings):
+        click.echo(f"faxgw: warning: {warning}", err=True)
 
 
 @cli.command()
@@ -402,15 +404,21 @@ def rules_test(obj: Context, files: tuple[str, ...]) -> None:
     settings = obj.settings
     load_addressing(settings.addressing)
     status = StatusMail(settings, load_rules(settings.status.rule_files))
+    from gateway.status.mailparse import parse_mail
+
     for name in files:
         with open(name, "rb") as fh:
-            verdict = status.understand(fh.read(), channel=Channel.IMAP)
+            raw = fh.read()
+        verdict = status.understand(raw, channel=Channel.SMTP)
+        trusted, checks = status.trust_checks(parse_mail(raw))
         report = verdict.report
         click.echo(f"{name}: {verdict.kind}: {verdict.explanation}")
         if verdict.kind != "unrecognised":
             for key in ("result", "reason", "fax_number", "pages", "duration", "cost", "reference_id", "job_code",
-                        "reported_at", "reported_at_raw", "trusted"):
+                        "reported_at", "reported_at_raw", "trust"):
                 value = getattr(report, key)
+                if key == "trust":  # as if it came by SMTP; mail read from the IMAP mailbox is trusted
+                    value = f"{'trusted' if trusted else 'untrusted'} ({'; '.join(checks)})"
                 click.echo(f"  {key + ':':16} {value if value is not None else '-'}")
 
 

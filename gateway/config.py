@@ -156,6 +156,17 @@ def check_zone(value: str) -> str:
     return value
 
 
+def in_networks(address: str, networks: list[Any]) -> bool:
+    """Whether an IP address (IPv6 scope and IPv4-mapped forms allowed) lies in one of `networks`."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -167,6 +178,15 @@ def _is_loopback_url(url: str) -> bool:
     from urllib.parse import urlsplit
 
     return _is_loopback(urlsplit(url).hostname or "")
+
+
+def _refuse_cleartext(section: str, host: str, allowed: bool, what: str) -> None:
+    """A secret over an unencrypted connection beyond loopback is refused unless the section says allow_insecure."""
+    if not allowed and not _is_loopback(host):
+        raise ValueError(
+            f"{section}.tls = \"none\" would send {what} in clear to {host}; use TLS, or set"
+            f" {section}.allow_insecure = true if the network between is really private"
+        )
 
 
 def _is_private(host: str) -> bool:
@@ -201,6 +221,14 @@ class SmtpSettings(Section):
     allowed_senders: list[str] = []  # "user@example.org" or "@example.org"; empty = anyone allowed
     users: dict[str, PasswordHash] = {}
     timeout: Duration = 300
+    # A message's top-level header block: at most this many lines and bytes (552 5.3.4 over either), so that
+    # a message of header lines cannot make parsing it take memory out of proportion to its size.
+    max_header_lines: int = Field(default=1000, ge=10)
+    max_header_size: Size = 256 * 1024
+    # NOOP, RSET, VRFY and HELP without a message accepted in between (Postfix's smtpd_junk_command_limit),
+    # and a session's whole life: over either the client gets 421 and the connection is closed.
+    max_junk_commands: int = Field(default=100, ge=1)
+    max_session_time: Duration = 3600
 
     @model_validator(mode="after")
     def _check(self) -> SmtpSettings:
@@ -234,6 +262,7 @@ class UpstreamSettings(Section):
     ca_file: Path | None = None  # extra CA to trust (a private upstream)
     username: str | None = None
     password: Secret = None
+    allow_insecure: bool = False  # let the password cross in clear to a host beyond loopback (tls = "none")
     domain: str = "greenfax.com"
     account_sender: Address | None = None
     return_path: Address | None = None
@@ -254,11 +283,17 @@ class UpstreamSettings(Section):
     def effective_port(self) -> int:
         return self.port or {"none": 25, "starttls": 587, "implicit": 465}[self.tls]
 
-    def return_path_for(self, code: str) -> str:
-        """The envelope sender of one job: the job code as a subaddress of return_path."""
+    @model_validator(mode="after")
+    def _check(self) -> UpstreamSettings:
+        if self.host and self.password is not None and self.tls == "none":
+            _refuse_cleartext("upstream", self.host, self.allow_insecure, "the password")
+        return self
+
+    def return_path_for(self, code: str, secret: str | None = None) -> str:
+        """The envelope sender of one job: the job code and its secret as a subaddress of return_path."""
         assert self.return_path
         local, _, domain = self.return_path.rpartition("@")
-        return f"{local}+{code}@{domain}"
+        return f"{local}+{code}{'.' + secret if secret else ''}@{domain}"
 
 
 class SandboxSettings(Section):
@@ -287,6 +322,7 @@ class ImapSettings(Section):
     ca_file: Path | None = None
     username: str | None = None
     password: Secret = None
+    allow_insecure: bool = False  # let the password cross in clear to a host beyond loopback (tls = "none")
     mailbox: str = "INBOX"
     processed_folder: str = "GreenFax-Processed"  # applied status mails move here; "" = flag them instead
     idle_refresh: Duration = 540  # re-issue IDLE at least this often (routers drop idle connections)
@@ -297,15 +333,31 @@ class ImapSettings(Section):
     def effective_port(self) -> int:
         return self.port or (993 if self.tls == "implicit" else 143)
 
+    @model_validator(mode="after")
+    def _check(self) -> ImapSettings:
+        if self.host and self.tls == "none":
+            _refuse_cleartext("status.imap", self.host, self.allow_insecure, "the password")
+        return self
+
 
 class StatusSettings(Section):
     """Status emails: the inbound SMTP status listener, trust, rules, correlation."""
 
     listen: list[HostPort] = []  # listeners that accept status mail from any client
     addresses: list[str] = []  # more status addresses besides upstream.account_sender and return_path
+    # Status mail counts as trusted (may match a job by number and time window) only with a From domain of
+    # trusted_sender_domains AND every check turned on below, at least one: a From domain alone is forgeable.
     trusted_sender_domains: list[str] = ["greenfax.com"]
-    require_dkim: bool = False  # trusted only with a valid DKIM signature of a trusted domain
+    require_dkim: bool = True  # a valid DKIM signature of a trusted domain, aligned with the From domain
+    trusted_networks: list[Network] = []  # the connection comes from one of these (e.g. the MX relaying it)
     dkim_keys: dict[str, str] = {}  # pinned "selector._domainkey.domain" -> "v=DKIM1; k=rsa; p=..."
+    # The status listener faces the internet: its own limits (the fax listener's are for known clients).
+    max_message_size: Size = 2 * 2**20  # raise it if GreenFax returns your documents with its status mail
+    max_recipients: int = Field(default=10, ge=1)
+    max_connections_per_client: int = Field(default=10, ge=0)  # on status-only listeners; 0 = no limit
+    max_messages_per_minute: int = Field(default=60, ge=0)  # status mails per client address; 0 = no limit
+    # Of status mail that is untrusted or that no rule recognises, only this much is kept for review.
+    review_excerpt: Annotated[int, BeforeValidator(lambda v: 0 if v in (0, "0") else _size(v))] = 16 * 1024
     rule_files: list[Path] = []  # the operator's status-mail rules, after the shipped ones
     match_window: Duration = 3 * 86400
     imap: ImapSettings = Field(default_factory=ImapSettings)
@@ -317,7 +369,13 @@ class HttpSettings(Section):
     listen: list[HostPort] = ["127.0.0.1:8025"]
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    api_token: Secret = None  # bearer token for /api/*; required when a listener is not loopback-only
+    api_token: Secret = None  # bearer token for /api/*: always required when set; required beyond loopback
+    # Each HTTP listener (and the Notify ones) holds at most this many connections, and one client
+    # address at most max_connections_per_client of them; over either, a new connection is closed at once.
+    max_connections: int = Field(default=256, ge=1)
+    max_connections_per_client: int = Field(default=16, ge=1)
+    header_timeout: Duration = 10  # a request's line and headers must arrive within this time
+    idle_timeout: Duration = 15  # a keep-alive connection with no request for this long is closed
 
     @model_validator(mode="after")
     def _check(self) -> HttpSettings:
@@ -361,6 +419,7 @@ class FeedSettings(Section):
     url: str | None = None  # e.g. https://www.greenfax.com/api/xml/outbound.php; None = no polling
     accountid: str | None = None
     password: Secret = None
+    allow_insecure: bool = False  # let an http:// URL beyond loopback carry the account password
     min_interval: Duration = 21 * 60
     interval: Duration = 30 * 60  # how often to poll (never below min_interval)
     ca_file: Path | None = None
@@ -369,6 +428,11 @@ class FeedSettings(Section):
 
     @model_validator(mode="after")
     def _check(self) -> FeedSettings:
+        if self.url and self.url.lower().startswith("http://") and self.password is not None:
+            from urllib.parse import urlsplit
+
+            _refuse_cleartext("feed", urlsplit(self.url).hostname or "", self.allow_insecure,
+                              "the account password (url is http://)")
         if self.url and self.min_interval < 20 * 60 and not _is_loopback_url(self.url):
             raise ValueError(
                 "feed.min_interval below 20 minutes breaks GreenFax's rule; it is accepted only for a"
@@ -551,6 +615,9 @@ def validate(data: dict[str, Any], *, source: str, base: Path) -> Settings:
         status = dict(data.get("status", {}))
         status.setdefault("listen", list(data.get("smtp", {}).get("listen", ["127.0.0.1:2525"])))
         status.setdefault("trusted_sender_domains", ["sandbox.greenfax.localhost"])
+        # The sandbox does not sign its mail; it sends from this machine.
+        status.setdefault("require_dkim", False)
+        status.setdefault("trusted_networks", ["127.0.0.0/8", "::1/128"])
         data["status"] = status
         notify = dict(data.get("notify", {}))
         notify.setdefault("token", "sandbox-notify-token")
@@ -633,6 +700,19 @@ def _known_keys(section: tuple[Any, ...]) -> list[str]:
             return []
         model = field.annotation
     return [name for name in model.model_fields if name != "source"]
+
+
+def warnings(settings: Settings) -> list[str]:
+    """What a valid config still leaves open, for `faxgw check-config` to say (each names its key)."""
+    found = []
+    if settings.http.api_token is None and not settings.sandbox_mode:
+        found.append("http.api_token is not set: any local user can read the fax log (numbers, senders, job"
+                     " codes) at /api/jobs; set one, and give it to the programs that read the API")
+    status = settings.status
+    if status.listen and not status.require_dkim and not status.trusted_networks:
+        found.append("status.require_dkim = false and no status.trusted_networks: no status mail received by SMTP"
+                     " is trusted, so it changes a job only as a bounce with the job's secret")
+    return found
 
 
 def effective(settings: Settings) -> dict[str, Any]:

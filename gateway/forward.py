@@ -1,10 +1,14 @@
 """Forwarder: claims due jobs from the store, sends each upstream, records the outcome.
 
-A dispatcher claims up to as many jobs as there are idle workers (marking
-them `sending` in the store first, so a crash leaves them `unknown`, never
-resent); each worker keeps its own upstream connection open between jobs.
-One bad job never stops the runner: an unexpected error defers that job and
-is logged with its traceback.
+A dispatcher counts the due jobs and hands each idle worker a ticket; a
+worker with a ticket first makes its upstream connection ready (connect,
+STARTTLS, AUTH) and only then claims one job (marking it `sending` in the
+store) and sends it at once. So a job is `sending` only while it is really
+being written: a crash leaves as few jobs `unknown` (never resent) as
+possible. Each worker keeps its connection open between jobs. One bad job
+never stops the runner: an unexpected error defers that job and is logged
+with its traceback. An outcome the store cannot take (a full disk) is
+retried until it can: a running gateway never leaves a job `sending`.
 """
 
 from __future__ import annotations
@@ -32,13 +36,15 @@ from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import ClaimedJob, JobState
 from gateway.rules import JobCodeRules
-from gateway.store import Writer, add_event, backoff, claim_due, iso, parse_iso, record_outcome
+from gateway.store import Writer, add_event, backoff, claim_due, count_due, iso, parse_iso, record_outcome
 from gateway.tnef import TnefError
 from gateway.upstream import Endpoint, UpstreamConnection
 
 log = logging.getLogger("faxgw.forward")
 POLL_INTERVAL = 1.0  # operator actions from other processes are seen within this time
 CLOCK_SLACK = 3600.0  # seconds beyond retry_max before a next attempt counts as a clock jump
+OUTCOME_RETRY_INITIAL = 0.5  # seconds before an outcome the store refused is tried again, doubling...
+OUTCOME_RETRY_MAX = 30.0  # ...up to this
 
 
 class Forwarder:
@@ -54,8 +60,10 @@ class Forwarder:
         self.hostname = hostname
         self.clock = clock
         self._wake = asyncio.Event()
-        self._queue: asyncio.Queue[ClaimedJob] = asyncio.Queue()
-        self._busy = 0
+        self._tickets: asyncio.Queue[None] = asyncio.Queue()  # one per due job a free worker may claim
+        self._busy = 0  # workers holding a ticket
+        self._claiming = 0  # workers holding a ticket that have not claimed their job yet
+        self._unrecorded: dict[int, str] = {}  # job id -> code: outcomes the store has not taken yet
         self._finishing: set[asyncio.Task[None]] = set()  # outcomes being committed
         self._paused_until = 0.0  # monotonic time: set after a set-up failure
         self._stopping = False
@@ -78,25 +86,33 @@ class Forwarder:
         self._wake.set()
 
     async def shutdown(self, grace: float) -> None:
-        """Stop claiming, give back claimed jobs not yet started, let sends in flight finish.
+        """Stop claiming, let sends in flight finish and their outcomes be recorded.
 
         A job cut off mid-send would become `unknown` at the next start; a
-        normal stop or restart must not do that to anyone's fax.
+        normal stop or restart must not do that to anyone's fax. No job is
+        claimed without being sent at once, so none waits to be given back.
         """
         self._stopping = True
         self._wake.set()
-        # A claim in progress finishes first, so every job it marked `sending`
-        # is either in the local queue (given back below) or with a worker.
         await self._dispatcher_done.wait()
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            await self._record(job, JobState.QUEUED, "returned to the queue at shutdown, not sent", None)
+        while not self._tickets.empty():  # tickets no worker took: no job was claimed for them
+            self._tickets.get_nowait()
         deadline = time.monotonic() + grace
         while self._busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self._finishing:  # outcomes of finished sends: quick commits, never cut off
-            await asyncio.gather(*self._finishing, return_exceptions=True)
+        if self._finishing:  # outcomes of finished sends: quick commits, unless the store refuses them
+            _done, pending = await asyncio.wait(set(self._finishing), timeout=max(1.0, deadline - time.monotonic()))
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.error("%d outcomes could not be recorded before the stop; those jobs stay `sending` and"
+                          " become `unknown` at the next start", len(pending))
         self._shutdown_done.set()
+
+    @property
+    def unrecorded(self) -> int:
+        """Outcomes of sends that wait for the store to take them (health reports them)."""
+        return len(self._unrecorded)
 
     async def run(self) -> None:
         workers = [
@@ -112,28 +128,31 @@ class Forwarder:
         finally:
             for task in workers:
                 task.cancel()
-            await asyncio.gather(*workers, *self._finishing, return_exceptions=True)
+            await asyncio.gather(*workers, return_exceptions=True)
+            for task in self._finishing:
+                task.cancel()
+            await asyncio.gather(*self._finishing, return_exceptions=True)
 
     async def _dispatch(self) -> None:
+        """Hand out one ticket per due job, to at most as many workers as are free."""
         while not self._stopping:
-            idle = self.settings.concurrency - self._busy - self._queue.qsize()
-            jobs: list[ClaimedJob] = []
-            if idle > 0 and time.monotonic() >= self._paused_until and not self._stopping:
+            self._wake.clear()  # set again by a commit or a worker finishing while this counts
+            free = self.settings.concurrency - self._busy - self._tickets.qsize()
+            if free > 0 and time.monotonic() >= self._paused_until:
                 try:
                     now = self.clock()
                     horizon = iso(now + timedelta(seconds=self.settings.retry_max + CLOCK_SLACK))
-                    jobs = await self.writer.run(claim_due, iso(now), idle, horizon)
+                    due = await self.writer.run(count_due, iso(now), free + self._claiming, horizon)
                 except StoreError as exc:
-                    log.error("cannot claim jobs: %s", exc)
-            for job in jobs:
-                self._queue.put_nowait(job)
-            if not jobs or idle <= len(jobs):
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(POLL_INTERVAL):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+                    log.error("cannot look for due jobs: %s", exc)
+                    due = 0
+                for _ in range(min(free, due - self._claiming)):
+                    self._tickets.put_nowait(None)
+            try:
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
 
     async def _worker(self, connection: UpstreamConnection) -> None:
         try:
@@ -142,20 +161,53 @@ class Forwarder:
                 # the cancellation that stops this worker.
                 try:
                     async with asyncio.timeout(self.settings.idle_close):
-                        job = await self._queue.get()
+                        await self._tickets.get()
                 except TimeoutError:
                     await connection.close()  # idle: do not hold the upstream's connection slot
                     continue
                 self._busy += 1
                 try:
-                    await self._attempt(job, connection)
-                except Exception:  # the runner goes on; the job stays `sending`, so `unknown` at restart
-                    log.exception("forwarding %s failed unexpectedly", job.code)
+                    await self._take_and_send(connection)
+                except Exception:  # the runner goes on
+                    log.exception("a forwarder worker failed unexpectedly")
                 finally:
                     self._busy -= 1
                     self._wake.set()
         finally:
             connection.abort()
+
+    async def _take_and_send(self, connection: UpstreamConnection) -> None:
+        """With a ticket: get the connection ready, then claim one job and send it."""
+        self._claiming += 1
+        try:
+            if self._stopping:
+                return
+            failure: UpstreamError | None = None
+            try:
+                await connection.ready()
+            except UpstreamError as exc:
+                failure = exc
+            job = await self._claim()
+        finally:
+            self._claiming -= 1
+        if job is None:
+            return
+        if failure is not None:
+            # The connection could not be opened: certainly not sent. The job
+            # still counts an attempt, so that it expires like any other.
+            self._finish_later(job, *self._classify(job, failure), 0.0)
+            return
+        await self._attempt(job, connection)
+
+    async def _claim(self) -> ClaimedJob | None:
+        try:
+            now = self.clock()
+            horizon = iso(now + timedelta(seconds=self.settings.retry_max + CLOCK_SLACK))
+            jobs = await self.writer.run(claim_due, iso(now), 1, horizon)
+        except StoreError as exc:
+            log.error("cannot claim a job: %s", exc)
+            return None
+        return jobs[0] if jobs else None
 
     async def _attempt(self, job: ClaimedJob, connection: UpstreamConnection) -> None:
         started = time.monotonic()
@@ -168,7 +220,7 @@ class Forwarder:
             if note is not None:
                 await self._event(job, note)
             reply = await connection.send(
-                sender=self.settings.return_path_for(job.code), recipient=to_address,
+                sender=self.settings.return_path_for(job.code, job.secret), recipient=to_address,
                 message=message, needs_8bitmime=job.needs_8bitmime, smtputf8=job.smtputf8,
             )
         except TnefError as exc:
@@ -184,17 +236,36 @@ class Forwarder:
         else:
             state, detail = JobState.SUBMITTED, "accepted by the upstream"
             self.last_success = self.clock()
-        ms = round((time.monotonic() - started) * 1000, 1)
-        # The worker takes its next job while the outcome is committed: the
-        # job stays `sending` until then (so `unknown` after a crash, as
-        # before), and shutdown() waits for these commits.
+        self._finish_later(job, state, detail, reply, round((time.monotonic() - started) * 1000, 1))
+
+    def _finish_later(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None, ms: float) -> None:
+        """Record the outcome in a task of its own: the worker takes its next job meanwhile.
+
+        The job stays `sending` until the commit (so `unknown` after a
+        crash), and shutdown() waits for these commits.
+        """
         task = asyncio.create_task(self._finish(job, state, detail, reply, ms))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
 
     async def _finish(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None, ms: float) -> None:
+        """Record an outcome, retrying while the store cannot take it (a full disk), then log it."""
+        delay = OUTCOME_RETRY_INITIAL
         try:
-            await self._record(job, state, detail, reply)
+            while True:
+                try:
+                    await self._record(job, state, detail, reply)
+                    break
+                except StoreError as exc:
+                    if job.id not in self._unrecorded:
+                        log_event(log, "outcome-not-recorded", level=logging.ERROR, code=job.code,
+                                  result=state.value, problem=str(exc),
+                                  action="retrying until the store takes it; free disk space or raise store.max_size")
+                    self._unrecorded[job.id] = job.code
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, OUTCOME_RETRY_MAX)
+            if self._unrecorded.pop(job.id, None) is not None:
+                log_event(log, "outcome-recorded", code=job.code, result=state.value, after="store came back")
             if self.metrics is not None:
                 self.metrics.forwards.labels(state.value).inc()
             log_event(log, "forward", code=job.code, number=job.number, attempt=job.attempts,
@@ -240,16 +311,11 @@ class Forwarder:
             next_at = iso(self.clock() + delay)
             detail = f"{detail}; next attempt {next_at}"
         reason = detail if state is JobState.HELD else None
-        try:
-            notify = state.value in self.notify_states
-            await self.writer.run(partial(record_outcome, detail=detail, reply=reply, next_attempt_at=next_at,
-                                          reason=reason, notify=notify), job.id, iso(self.clock()), state)
-            if notify:
-                self.on_notice()
-        except StoreError as exc:
-            # The job stays `sending` in the store and becomes `unknown` at the
-            # next start: never sent twice without an operator.
-            log.error("cannot record the outcome of %s (%s): %s", job.code, state.value, exc)
+        notify = state.value in self.notify_states
+        await self.writer.run(partial(record_outcome, detail=detail, reply=reply, next_attempt_at=next_at,
+                                      reason=reason, notify=notify), job.id, iso(self.clock()), state)
+        if notify:
+            self.on_notice()
 
     async def _event(self, job: ClaimedJob, detail: str) -> None:
         try:
@@ -274,6 +340,13 @@ class Forwarder:
                     f"\tfor <{to_address}>; {format_datetime(now)}")
         return mime.rewrite_headers(
             raw, code=job.code, to_address=to_address, account_sender=self.settings.account_sender or "",
-            received=received, message_id=f"<{job.code}.{secrets.token_hex(6)}@{self.hostname}>",
+            received=received, message_id=_message_id(job, self.hostname),
             subject_tag=subject_tag, code_header=code_header, date=format_datetime(now),
         ), note
+
+
+def _message_id(job: ClaimedJob, hostname: str) -> str:
+    """<CODE.SECRET.ATTEMPT@host>: a bounce quoting it proves it is ours; the attempt keeps each send's ID unique."""
+    if job.secret is None:  # a job stored before jobs had secrets
+        return f"<{job.code}.{secrets.token_hex(6)}@{hostname}>"
+    return f"<{job.code}.{job.secret}.{job.attempts}@{hostname}>"

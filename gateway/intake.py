@@ -18,6 +18,7 @@ guard and the hold rules in the same transaction as the insert.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
@@ -29,11 +30,11 @@ from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
 from gateway import mime, replies
 from gateway.errors import StoreError, StoreFull
-from gateway.limits import LIMIT_NAMES, IntakeLimits, Party
+from gateway.limits import LIMIT_NAMES, IntakeLimits, Party, span
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import NULL_SENDER, FaxNumber, NewMessage, Recipient, Refusal, Reply
@@ -47,6 +48,7 @@ from gateway.store.limits import Admitted, Duplicate, admit_message
 log = logging.getLogger("faxgw.intake")
 
 END_OF_DATA = b"\r\n.\r\n"
+JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP"})  # as Postfix counts them (ETRN: not offered)
 READ_LIMIT = 64 * 1024  # the stream reader's limit: the largest piece read at once
 
 
@@ -66,6 +68,7 @@ class NullSenderSMTP(SMTP):
     empty mail_from to mean "no MAIL command yet".
     """
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         match = re.match(r"(?i)FROM:\s*<>\s*(.*)$", (arg or "").strip())
         if match is None:
@@ -96,12 +99,22 @@ class IntakeSMTP(NullSenderSMTP):
 
     line_length_limit = READ_LIMIT  # command lines are still held to 512 octets by aiosmtpd
 
-    def __init__(self, handler: Intake, *, line_limit: int, bare_lf: str, role: Role, **kwargs: Any) -> None:
+    def __init__(self, handler: Intake, *, line_limit: int, bare_lf: str, role: Role, header_lines: int,
+                 header_size: int, junk_limit: int, lifetime: float, status_size: int, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.data_line_limit = line_limit
         self.bare_lf = bare_lf
         self.role = role
         self.intake = handler
+        self.header_lines = header_lines
+        self.header_size = header_size
+        self.junk_limit = junk_limit
+        self.lifetime = lifetime
+        self.status_size = status_size
+        self.started = time.monotonic()
+        self.junk_commands = 0
+        # Every command passes the session guard first (aiosmtpd looks its methods up in this table).
+        self._smtp_methods = {name: self._guarded(name, method) for name, method in self._smtp_methods.items()}
         self.connect_refusal: Refusal | None = None
         self.counted_client: str | None = None  # counted in the client's concurrent connections
         self.counted_user: str | None = None  # counted in the AUTH user's concurrent sessions
@@ -118,9 +131,11 @@ class IntakeSMTP(NullSenderSMTP):
         assert self.session is not None
         client = self.session.peer[0] if self.session.peer else "?"
         # The greeting task starts at the loop's next turn, after this is set.
-        self.connect_refusal = self.intake.limits.open_connection(client)
+        self.connect_refusal = self.intake.limits.open_connection(client, status_only=not self.role.fax)
         if self.connect_refusal is None:
             self.counted_client = client
+        self.started = time.monotonic()
+        self.junk_commands = 0
 
     async def _handle_client(self) -> None:
         if self.connect_refusal is None:
@@ -135,7 +150,7 @@ class IntakeSMTP(NullSenderSMTP):
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
         if self.counted_client is not None:
-            self.intake.limits.close_connection(self.counted_client)
+            self.intake.limits.close_connection(self.counted_client, status_only=not self.role.fax)
             self.counted_client = None
         self._release_session()
 
@@ -144,8 +159,43 @@ class IntakeSMTP(NullSenderSMTP):
             self.intake.limits.close_session(self.counted_user)
             self.counted_user = None
 
+    # --- junk commands and the session's lifetime ---
+
+    def _guarded(self, command: str, method: Callable[[str | None], Any]) -> Callable[[str | None], Any]:
+        """`method` behind the checks every command passes: the session's age, and junk commands.
+
+        A client could otherwise hold a connection for ever with a NOOP now
+        and then. QUIT always passes.
+        """
+
+        @functools.wraps(method)
+        async def guarded(arg: str | None) -> None:
+            if command != "QUIT":
+                refusal = self._session_refusal(command)
+                if refusal is not None:
+                    self.intake.log_refusal(self.session, refusal, command=command)
+                    await self.push(str(refusal.reply))
+                    assert self.transport is not None
+                    self.transport.close()
+                    return
+            await method(arg)
+
+        return guarded
+
+    def _session_refusal(self, command: str) -> Refusal | None:
+        if time.monotonic() - self.started > self.lifetime:
+            return Refusal(Reply(421, "4.4.2", replies.SESSION_TOO_LONG.text.format(limit=span(self.lifetime))),
+                           "session-time")
+        if command in JUNK_COMMANDS:
+            self.junk_commands += 1
+            if self.junk_commands > self.junk_limit:
+                return Refusal(Reply(421, "4.7.0", replies.TOO_MANY_JUNK.text.format(limit=self.junk_limit)),
+                               "junk-commands")
+        return None
+
     # --- AUTH ---
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         """aiosmtpd's AUTH, with the password checked here instead of in its synchronous authenticator.
 
@@ -196,6 +246,7 @@ class IntakeSMTP(NullSenderSMTP):
             return None, None
         return addr, rest
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         # Each check pushes its own reply: a client that pipelines must get
         # exactly one reply per command, so aiosmtpd must not check again.
@@ -209,11 +260,21 @@ class IntakeSMTP(NullSenderSMTP):
                 return
         await super().smtp_MAIL(arg)
 
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        """aiosmtpd's VRFY, without echoing an unreadable address (8-bit bytes that are not UTF-8 crash its reply)."""
+        if arg and self._getaddr(arg)[0] is None:
+            await self.push("502 5.5.2 Could not VRFY that address")
+            return
+        await super().smtp_VRFY(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         assert self.session is not None
         self.session.raw_rcpt = arg or ""
         await super().smtp_RCPT(arg)
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
@@ -239,7 +300,7 @@ class IntakeSMTP(NullSenderSMTP):
 
     async def _read_data(self) -> tuple[bytes, str | None]:
         """Read up to CRLF.CRLF in large pieces; an oversized message is read to its end and dropped."""
-        limit = self.data_size_limit or 0
+        limit = self._data_limit()
         # The CRLF that ended the DATA command counts as the line end before
         # the first line, so an empty message (".") is found like any other end.
         buffer = bytearray(b"\r\n")
@@ -269,6 +330,12 @@ class IntakeSMTP(NullSenderSMTP):
             data = data[1:]
         return data.replace(b"\r\n.", b"\r\n"), None
 
+    def _data_limit(self) -> int:
+        """This transaction's size limit: status mail has its own, smaller one."""
+        if getattr(self.envelope, "status_recipients", None):
+            return self.status_size
+        return self.data_size_limit or 0
+
     def _unread(self, pipelined: bytes) -> None:
         """Give back commands a client pipelined after the end of data.
 
@@ -297,7 +364,17 @@ class IntakeSMTP(NullSenderSMTP):
             # Nothing, or a body without a header: not a message to fax, even
             # where the rules let a body alone become a fax.
             return data, replies.format_reply(replies.NO_HEADERS)
-        return data, None
+        return data, self._check_header(data)
+
+    def _check_header(self, data: bytes) -> str | None:
+        """A header block over its limits is refused before anything parses it."""
+        end = data.find(b"\r\n\r\n")
+        size = end + 2 if end >= 0 else len(data)
+        if size > self.header_size:
+            return replies.format_reply(replies.HEADER_TOO_BIG, limit=f"{self.header_size} bytes")
+        if data.count(b"\r\n", 0, size) > self.header_lines:
+            return replies.format_reply(replies.HEADER_TOO_BIG, limit=f"{self.header_lines} lines")
+        return None
 
 
 class Intake:
@@ -382,8 +459,12 @@ class Intake:
                 address=shown(written if written is not None else address),
                 domain=self.policy.settings.upstream.domain)), "address-syntax")
         elif server.role.status and self.status.is_status_address(address):
+            limit = self.policy.settings.status.max_recipients
             if envelope.fax_recipients:
                 refusal = Refusal(replies.MIXED_KINDS, "mixed")
+            elif len(envelope.status_recipients) >= limit:
+                refusal = Refusal(Reply(452, "4.5.3", replies.TOO_MANY_RECIPIENTS.text.format(limit=limit)),
+                                  "recipients")
             else:
                 envelope.rcpt_tos.append(address)
                 envelope.status_recipients.append(address)
@@ -462,6 +543,7 @@ class Intake:
             return str(replies.STORE_FAILED)
         if isinstance(outcome, Admitted):
             self.limits.admitted(admission, len(recipients))
+            server.junk_commands = 0  # as Postfix: junk commands are counted between accepted messages
             return self._accepted(session, envelope, message, outcome)
         if isinstance(outcome, Duplicate):
             refusal = self.limits.duplicate_refusal(outcome)
@@ -488,6 +570,10 @@ class Intake:
 
     async def _status_mail(self, session: Session, envelope: Envelope, raw: bytes) -> str:
         """Mail to a status address: parsed, correlated and stored before the 250, never faxed."""
+        refusal = self.limits.take_status_message(session.peer[0] if session.peer else "?")
+        if refusal is not None:
+            self.log_refusal(session, refusal, sender=shown(envelope.mail_from or ""))
+            return str(refusal.reply)
         try:
             outcome, verdict = await receive(self.status, self.writer, raw, channel=Channel.SMTP,
                                              envelope_rcpts=tuple(envelope.status_recipients), client=session.peer[0])
@@ -517,18 +603,27 @@ class Intake:
         """Check the password off the event loop; the reply, and the user if the session is now logged in.
 
         A wrong password is counted (metrics, and a log line with the user
-        name, never the password) and answered after the client's delay.
+        name, never the password) and answered after the longer of the
+        client's and the user's delays; a user name takes only a few logins
+        at a time (limits.AuthThrottle), so parallel connections do not
+        multiply the guesses.
         """
         client = session.peer[0] if session.peer else "?"
         user = auth_data.login.decode("utf-8", "replace")
-        if not await self.passwords.check(user, auth_data.password):
-            failures, delay = self.limits.auth.failed(client)
-            if self.metrics is not None:
-                self.metrics.auth_failures.labels(mechanism).inc()
-            log_event(log, "auth", level=logging.WARNING, client=client, user=shown(user), mechanism=mechanism,
-                      result="failed", failures=failures, delay=f"{delay:g}s")
-            await asyncio.sleep(delay)
-            return str(replies.AUTH_INVALID), None
+        if not self.limits.auth.begin(user):
+            self.log_refusal(session, Refusal(replies.AUTH_BUSY, "auth-concurrent"), user=shown(user))
+            return str(replies.AUTH_BUSY), None
+        try:
+            if not await self.passwords.check(user, auth_data.password):
+                failures, delay = self.limits.auth.failed(client, user)
+                if self.metrics is not None:
+                    self.metrics.auth_failures.labels(mechanism).inc()
+                log_event(log, "auth", level=logging.WARNING, client=client, user=shown(user), mechanism=mechanism,
+                          result="failed", failures=failures, delay=f"{delay:g}s")
+                await asyncio.sleep(delay)
+                return str(replies.AUTH_INVALID), None
+        finally:
+            self.limits.auth.end(user)
         refusal = self.limits.open_session(user)
         if refusal is not None:
             self.log_refusal(session, refusal, user=shown(user))
@@ -589,6 +684,7 @@ def _login(session: Session) -> str | None:
 def smtp_factory(intake: Intake, *, settings_smtp: Any, tls_context: ssl.SSLContext | None,
                  implicit_tls: bool, plaintext_auth: bool, role: Role) -> Callable[[], IntakeSMTP]:
     """A protocol factory for one listener."""
+    status_size = intake.policy.settings.status.max_message_size
 
     def factory() -> IntakeSMTP:
         return IntakeSMTP(
@@ -596,7 +692,13 @@ def smtp_factory(intake: Intake, *, settings_smtp: Any, tls_context: ssl.SSLCont
             line_limit=settings_smtp.line_length_limit,
             bare_lf=settings_smtp.bare_lf,
             role=role,
-            data_size_limit=settings_smtp.max_message_size,
+            header_lines=settings_smtp.max_header_lines,
+            header_size=settings_smtp.max_header_size,
+            junk_limit=settings_smtp.max_junk_commands,
+            lifetime=settings_smtp.max_session_time,
+            status_size=status_size,
+            # A status-only listener advertises (and checks at MAIL) the status mail's own size limit.
+            data_size_limit=settings_smtp.max_message_size if role.fax else status_size,
             enable_SMTPUTF8=True,
             hostname=settings_smtp.hostname,
             ident="greenfax-gateway",

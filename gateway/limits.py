@@ -2,9 +2,13 @@
 
 Each refusal carries its exact reply, naming the limit and when it resets:
 
-- connect: concurrent connections per client address (421 4.7.0);
+- connect: concurrent connections per client address (421 4.7.0); on a
+  status-only listener, which faces the internet, `[status]
+  max_connections_per_client`, counted apart;
 - AUTH: concurrent sessions per user (421 4.7.0); wrong passwords are
-  answered after a delay that grows per client address (`AuthThrottle`);
+  answered after a delay that grows per client address and per user name,
+  and a user name takes only a few logins at a time (`AuthThrottle`);
+- status mail: messages per minute per client address (451 4.7.1);
 - MAIL, and again at DATA: messages per minute per client and per sender
   (451 4.7.1, with the time the oldest message leaves the minute);
 - RCPT, and again at DATA: faxes and pages per day per client and per
@@ -42,7 +46,7 @@ from PIL import Image
 from pypdf import PdfReader
 
 from gateway import mime, replies
-from gateway.config import LimitSettings, Settings
+from gateway.config import LimitSettings, Settings, in_networks
 from gateway.models import FaxNumber, Recipient, Refusal, Reply
 from gateway.policy import Policy
 from gateway.store import Writer, iso, parse_iso, utcnow
@@ -58,7 +62,8 @@ from gateway.store.limits import (
 KINDS = ("connections", "messages_per_minute", "faxes_per_day", "pages_per_day")
 # The bounded set of limit names: refusal checks, log fields and metric labels.
 LIMIT_NAMES = frozenset(
-    [f"{scope}-{kind.replace('_', '-')}" for scope in ("client", "sender") for kind in KINDS] + ["duplicate"]
+    [f"{scope}-{kind.replace('_', '-')}" for scope in ("client", "sender") for kind in KINDS]
+    + ["duplicate", "status-connections", "status-messages-per-minute", "auth-concurrent"]
 )
 WINDOW = 60.0  # seconds of "messages per minute"
 
@@ -194,9 +199,17 @@ class _Windows:
 
 
 class AuthThrottle:
-    """Failed AUTH attempts per client address; each failure is answered later than the one before."""
+    """Failed AUTH attempts per client address and per user name; each failure is answered later than the last.
 
-    MAX_CLIENTS = 10_000
+    Counting per address alone lets an attacker guess one user's password
+    from many connections in parallel, each waiting out its own delay. So
+    failures are counted per user name too (the longer delay of the two
+    applies), and a user name takes at most CONCURRENT logins at a time:
+    further ones are answered 454 at once, without checking the password.
+    """
+
+    MAX_KEYS = 10_000
+    CONCURRENT = 2
 
     def __init__(self, settings: LimitSettings, *, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.delay = settings.auth_failure_delay
@@ -204,18 +217,33 @@ class AuthThrottle:
         self.memory = settings.auth_failure_memory
         self.monotonic = monotonic
         self._failures: dict[str, tuple[int, float]] = {}
+        self._checking: Counter[str] = Counter()
 
-    def failed(self, client: str) -> tuple[int, float]:
-        """Count a failure; return the client's failures in a row and how long to wait before answering."""
+    def begin(self, user: str) -> bool:
+        """A login for `user` starts; False when it already has CONCURRENT of them in progress."""
+        if self._checking[user] >= self.CONCURRENT:
+            return False
+        self._checking[user] += 1
+        return True
+
+    def end(self, user: str) -> None:
+        _release(self._checking, user)
+
+    def failed(self, client: str, user: str | None = None) -> tuple[int, float]:
+        """Count a failure; return the failures in a row (of the client or the user, the more) and the delay."""
+        count = max(self._count(f"client:{client}"), self._count(f"user:{user}") if user is not None else 0)
+        return count, min(self.maximum, self.delay * 2 ** min(count - 1, 32))
+
+    def _count(self, key: str) -> int:
         now = self.monotonic()
-        count, last = self._failures.pop(client, (0, now))
+        count, last = self._failures.pop(key, (0, now))
         count = 1 if now - last > self.memory else count + 1
-        self._failures[client] = (count, now)
-        if len(self._failures) > self.MAX_CLIENTS:
-            # Oldest first (dicts keep insertion order, and a failure re-inserts its client).
+        self._failures[key] = (count, now)
+        if len(self._failures) > self.MAX_KEYS:
+            # Oldest first (dicts keep insertion order, and a failure re-inserts its key).
             for stale in list(self._failures)[: len(self._failures) // 2]:
                 del self._failures[stale]
-        return count, min(self.maximum, self.delay * 2 ** min(count - 1, 32))
+        return count
 
 
 # --- the limits intake asks about ----------------------------------------------------------------
@@ -227,6 +255,7 @@ class IntakeLimits:
     def __init__(self, settings: Settings, policy: Policy, *, writer: Writer,
                  clock: Callable[[], datetime] = utcnow, monotonic: Callable[[], float] = time.monotonic) -> None:
         self.limits = settings.limits
+        self.status = settings.status
         self.duplicates = settings.duplicates
         self.hold = settings.hold
         self.policy = policy
@@ -236,6 +265,7 @@ class IntakeLimits:
         self.clock = clock
         self.monotonic = monotonic
         self.connections: Counter[str] = Counter()
+        self.status_connections: Counter[str] = Counter()  # on status-only listeners
         self.sessions: Counter[str] = Counter()
         self.windows = _Windows()
         self.auth = AuthThrottle(self.limits, monotonic=monotonic)
@@ -254,11 +284,36 @@ class IntakeLimits:
 
     # --- concurrent connections and sessions ---
 
-    def open_connection(self, client: str) -> Refusal | None:
+    def open_connection(self, client: str, *, status_only: bool = False) -> Refusal | None:
+        if status_only:
+            limit = self.status.max_connections_per_client
+            if limit and self.status_connections[client] >= limit and not in_networks(
+                    client, self.status.trusted_networks):
+                return _refusal(replies.CONNECTION_LIMIT, "status-connections",
+                                limit=counted(limit, "concurrent connections"), who=f"client {client}")
+            self.status_connections[client] += 1
+            return None
         return self._open(self.connections, Party.client(client), replies.CONNECTION_LIMIT, "concurrent connections")
 
-    def close_connection(self, client: str) -> None:
-        _release(self.connections, client)
+    def close_connection(self, client: str, *, status_only: bool = False) -> None:
+        _release(self.status_connections if status_only else self.connections, client)
+
+    def take_status_message(self, client: str) -> Refusal | None:
+        """At DATA of a status mail: count it, or refuse it over `[status] max_messages_per_minute`."""
+        limit = self.status.max_messages_per_minute
+        if not limit or in_networks(client, self.status.trusted_networks):
+            return None  # the MX that relays GreenFax's mail carries everyone's: not held to a stranger's rate
+        now = self.monotonic()
+        key = f"status:{client}"
+        count, frees_at = self.windows.count(key, now)
+        if count >= limit:
+            reset = self.clock() + timedelta(seconds=frees_at - now)
+            return _refusal(replies.MESSAGE_RATE_LIMIT, "status-messages-per-minute",
+                            limit=counted(limit, "status mails"), who=f"client {client}",
+                            at=reset.astimezone(self.zone).strftime("%H:%M:%S"), zone=self.zone_name,
+                            seconds=max(1, math.ceil(frees_at - now)))
+        self.windows.add(key, now)
+        return None
 
     def open_session(self, user: str) -> Refusal | None:
         return self._open(self.sessions, Party.sender(user, ""), replies.SESSION_LIMIT, "concurrent sessions")

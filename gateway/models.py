@@ -120,6 +120,7 @@ class ClaimedJob:
 
     id: int
     code: str
+    secret: str | None  # None for a job stored before jobs had secrets
     number: str
     attempts: int
     created_at: str

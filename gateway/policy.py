@@ -7,7 +7,6 @@ addressing rules.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -15,7 +14,7 @@ import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType
 
 from gateway import replies
-from gateway.config import Settings
+from gateway.config import Settings, in_networks
 from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal, Reply
 from gateway.rules import AddressingRules
 
@@ -46,15 +45,7 @@ class Policy:
 
     def check_client(self, client_ip: str, *, authenticated: bool) -> Refusal | None:
         """Clients from the allowed networks, or authenticated users, may send faxes."""
-        if authenticated:
-            return None
-        try:
-            ip = ipaddress.ip_address(client_ip.split("%")[0])
-        except ValueError:
-            return refuse(replies.CLIENT_NOT_ALLOWED, "client", client=client_ip)
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        if any(ip in net for net in self.settings.smtp.allowed_networks if net.version == ip.version):
+        if authenticated or in_networks(client_ip, self.settings.smtp.allowed_networks):
             return None
         return refuse(replies.CLIENT_NOT_ALLOWED, "client", client=client_ip)
 

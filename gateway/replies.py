@@ -78,6 +78,16 @@ DUPLICATE_FAX = Reply(
     " {window} ago; not sent again"
 )
 
+# --- the session ---
+
+SESSION_TOO_LONG = Reply(421, "4.4.2", "Session longer than {limit}; closing, connect again to go on")
+TOO_MANY_JUNK = Reply(
+    421, "4.7.0", "Too many NOOP, RSET, VRFY or HELP commands ({limit}) without a message; closing"
+)
+AUTH_BUSY = Reply(
+    454, "4.7.0", "Too many logins for this user at the same time; try again in a minute"
+)
+
 # --- AUTH ---
 
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
@@ -94,6 +104,7 @@ BARE_LF = Reply(
     550, "5.6.0", "Message has bare LF line endings; SMTP requires CRLF (configure the program to use CRLF, or ask the administrator to set smtp.bare_lf = \"normalize\")"
 )
 BARE_CR = Reply(550, "5.6.0", "Message has a bare CR (carriage return without line feed); SMTP requires CRLF line endings")
+HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header exceeds the limit of {limit}; send a shorter header")
 NO_HEADERS = Reply(550, "5.6.0", "Message has no header section; send a complete RFC 5322 message")
 
 # --- content ---

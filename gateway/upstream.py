@@ -120,12 +120,16 @@ class UpstreamConnection:
         smtp.timeout = ep.timeout
         return smtp
 
-    async def send(self, *, sender: str, recipient: str, message: bytes,
-                   needs_8bitmime: bool, smtputf8: bool) -> str:
-        """Send one message to one recipient; return the upstream's reply to the data."""
+    async def ready(self) -> None:
+        """Open the session (connect, EHLO, STARTTLS, AUTH) unless it is open already."""
         if not self.connected:
             self.abort()
             self._smtp = await self._open()
+
+    async def send(self, *, sender: str, recipient: str, message: bytes,
+                   needs_8bitmime: bool, smtputf8: bool) -> str:
+        """Send one message to one recipient; return the upstream's reply to the data."""
+        await self.ready()
         smtp = self._smtp
         assert smtp is not None
         options = []

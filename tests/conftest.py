@@ -157,6 +157,14 @@ class RunningGateway:
     async def send(self, message: bytes | None = None, **kwargs: Any) -> aiosmtplib.SMTPResponse:
         return await send(self.port, message or fax_message(), **kwargs)
 
+    def secret(self, code: str) -> str:
+        """The job's secret, which nothing the gateway prints shows: read from the store itself."""
+        conn = store.connect(self.store_path, readonly=True)
+        try:
+            return conn.execute("SELECT secret FROM jobs WHERE code = ?", (code,)).fetchone()[0]
+        finally:
+            conn.close()
+
     def job(self, code: str) -> dict[str, Any]:
         conn = store.connect(self.store_path, readonly=True)
         try:

@@ -145,6 +145,32 @@ def test_contradictory_or_incomplete_setups_are_refused(tmp_path, text, keys):
         assert all(key in line for key in keys), line
 
 
+CLEARTEXT = {
+    "upstream": (PRODUCTION + f'tls = "none"\nusername = "fax"\npassword = "{SECRET}"\n', "upstream"),
+    "imap": (PRODUCTION + f'[status.imap]\nhost = "imap.example.org"\ntls = "none"\nusername = "fax"\n'
+             f'password = "{SECRET}"\n', "status.imap"),
+    "feed": (PRODUCTION + f'[feed]\nurl = "http://www.greenfax.example/api/xml/outbound.php"\naccountid = "1"\n'
+             f'password = "{SECRET}"\n', "feed"),
+}
+
+
+@pytest.mark.parametrize("name", CLEARTEXT)
+def test_a_password_in_clear_beyond_loopback_is_refused_unless_allowed(tmp_path, name):
+    text, section = CLEARTEXT[name]
+    path = write_config(tmp_path / "faxgw.toml", text)
+    line = one_line_error(faxgw("check-config", cwd=tmp_path, config=path, timeout=30))
+    assert "in clear to" in line and f"{section}.allow_insecure = true" in line and SECRET not in line, line
+    # Said explicitly: accepted.
+    allowed = text.replace(f'password = "{SECRET}"\n', f'password = "{SECRET}"\nallow_insecure = true\n')
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "ok.toml", allowed), timeout=30)
+    assert result.returncode == 0, result.stderr
+    # To loopback (a local relay, the sandbox's feed): no question asked.
+    local = text.replace("imap.example.org", "127.0.0.1").replace("www.greenfax.example", "127.0.0.1")
+    local = local.replace('host = "smtp.example.org"', 'host = "127.0.0.1"')
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "local.toml", local), timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
 # --- secrets -------------------------------------------------------------------------------
 
 SECRET_FORMS = {
@@ -222,3 +248,14 @@ def test_passwd_prints_a_snippet_whose_hash_verifies_and_configures(tmp_path):
 def test_passwd_refuses_a_short_password(tmp_path):
     line = one_line_error(faxgw("passwd", "scanner", "--stdin", cwd=tmp_path, stdin="short\n"))
     assert "8 characters" in line
+
+
+def test_check_config_warns_of_an_open_api_and_of_status_mail_nothing_trusts(tmp_path):
+    text = PRODUCTION + '[status]\nlisten = ["127.0.0.1:2525"]\nrequire_dkim = false\n'
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "faxgw: warning: http.api_token is not set: any local user can read the fax log" in result.stderr
+    assert "faxgw: warning: status.require_dkim = false and no status.trusted_networks" in result.stderr
+    quiet = PRODUCTION.replace("[upstream]", f'[http]\napi_token = "{SECRET}"\n[upstream]')
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "quiet.toml", quiet), timeout=30)
+    assert result.returncode == 0 and "warning" not in result.stderr and SECRET not in result.stdout

@@ -11,7 +11,7 @@ import pytest
 from gateway import store
 from gateway.models import FaxNumber, JobState, NewMessage, Recipient
 from gateway.status.correlate import CorrelationPolicy, apply_report, match_by_hand
-from gateway.status.report import Channel, Result, StatusReport, dedup_key
+from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key
 from gateway.store import reports as reports_db
 
 POLICY = CorrelationPolicy()
@@ -39,7 +39,7 @@ def make_job(conn, number="+12125551234", state=JobState.SUBMITTED) -> str:
 
 
 def report(n: int = 0, **fields) -> StatusReport:
-    values = dict(channel=Channel.IMAP, trusted=True, raw=f"report {n} {sorted(fields.items())}",
+    values = dict(channel=Channel.IMAP, trust=Trust.TRUSTED, raw=f"report {n} {sorted(fields.items())}",
                   result=Result.FAILED, reason="busy", pages=0, reported_at=NOW)
     values.update(fields)
     values.setdefault("dedup_key", dedup_key("mail", f"<{n}@x>", values["raw"]))
@@ -74,7 +74,7 @@ def test_match_by_linked_reference_id(conn):
 
 def test_match_by_number_and_window_only_for_trusted_sources(conn):
     code = make_job(conn, "+13125550123")
-    untrusted = apply(conn, report(1, trusted=False, fax_number="+13125550123"))
+    untrusted = apply(conn, report(1, trust=Trust.UNTRUSTED, fax_number="+13125550123"))
     assert untrusted.kind == "unmatched" and state_of(conn, code) == "submitted"
     trusted = apply(conn, report(2, fax_number="+13125550123"))
     assert trusted.kind == "applied" and state_of(conn, code) == "failed"
@@ -142,9 +142,36 @@ def test_delivered_with_zero_pages_is_applied_but_flagged(conn):
     assert "impossible" in outcome.detail
 
 
+def secret_of(conn, code: str) -> str:
+    return conn.execute("SELECT secret FROM jobs WHERE code = ?", (code,)).fetchone()[0]
+
+
+def test_an_untrusted_report_matches_only_with_the_jobs_secret(conn):
+    code = make_job(conn)
+    conn.execute("UPDATE jobs SET reference_id = '778' WHERE code = ?", (code,))
+    untrusted = dict(trust=Trust.UNTRUSTED, channel=Channel.BOUNCE)
+    for n, fields in enumerate([{"job_code": code}, {"reference_id": "778"}, {"fax_number": "+12125551234"},
+                                {"job_code": code, "job_secret": "a" * 16}], start=1):
+        outcome = apply(conn, report(n, **untrusted, **fields))
+        assert outcome.kind == "unmatched" and state_of(conn, code) == "submitted", fields
+    outcome = apply(conn, report(9, **untrusted, job_code=code, job_secret=secret_of(conn, code)))
+    assert (outcome.kind, state_of(conn, code)) == ("applied", "failed")
+
+
+def test_an_authentic_report_matches_by_code_or_reference_but_never_by_number(conn):
+    code, other = make_job(conn, "+13125550127"), make_job(conn, "+13125550128")
+    conn.execute("UPDATE jobs SET reference_id = '779' WHERE code = ?", (other,))
+    authentic = dict(trust=Trust.AUTHENTIC, channel=Channel.NOTIFY)
+    assert apply(conn, report(1, **authentic, fax_number="+13125550127")).kind == "unmatched"
+    assert apply(conn, report(2, **authentic, job_code=code)).kind == "applied"
+    assert apply(conn, report(3, **authentic, reference_id="779")).kind == "applied"
+    assert (state_of(conn, code), state_of(conn, other)) == ("failed", "failed")
+
+
 def test_untrusted_report_naming_a_final_job_changes_nothing(conn):
     code = make_job(conn, state=JobState.REJECTED)
-    outcome = apply(conn, report(trusted=False, job_code=code, result=Result.DELIVERED, reason=None, pages=1))
+    outcome = apply(conn, report(trust=Trust.UNTRUSTED, job_code=code, job_secret=secret_of(conn, code),
+                                 result=Result.DELIVERED, reason=None, pages=1))
     job = store.get_job(conn, code)
     assert outcome.kind == "unmatched" and job["state"] == "rejected" and not job["flagged"]
 
@@ -160,7 +187,7 @@ def test_failure_enqueues_a_sender_notification(conn):
 
 def test_operator_links_an_unmatched_report(conn):
     code = make_job(conn, "+13125550125")
-    apply(conn, report(1, trusted=False, fax_number="+13125550125"))
+    apply(conn, report(1, trust=Trust.UNTRUSTED, fax_number="+13125550125"))
     (row,) = reports_db.list_reports(conn)
     outcome = match_by_hand(conn, row["id"], code, store.iso(store.utcnow()), POLICY)
     assert outcome.kind == "applied" and state_of(conn, code) == "failed"
@@ -170,10 +197,10 @@ def test_operator_links_an_unmatched_report(conn):
 
 def test_an_unmatched_copy_is_matched_when_a_trusted_copy_arrives(conn):
     code = make_job(conn, "+13125550126")
-    untrusted = report(1, trusted=False, fax_number="+13125550126", channel=Channel.SMTP)
+    untrusted = report(1, trust=Trust.UNTRUSTED, fax_number="+13125550126", channel=Channel.SMTP)
     assert apply(conn, untrusted).kind == "unmatched"
     # The same mail read from the IMAP mailbox (trusted): same dedup key, now applied.
-    trusted = dataclasses.replace(untrusted, trusted=True, channel=Channel.IMAP)
+    trusted = dataclasses.replace(untrusted, trust=Trust.TRUSTED, channel=Channel.IMAP)
     outcome = apply(conn, trusted)
     assert outcome.kind == "applied" and state_of(conn, code) == "failed"
     assert reports_db.list_reports(conn) == []  # the stored copy is no longer unmatched

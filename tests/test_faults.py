@@ -8,6 +8,8 @@ for a while, a storm of status mail.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import time
 from datetime import timedelta
 
@@ -27,8 +29,9 @@ pytestmark = pytest.mark.timeout(120)
 class FlakyUpstream:
     """A minimal SMTP server whose transactions follow a script: drop mid-DATA, 4xx, slow, then accept."""
 
-    def __init__(self, script: list[str]) -> None:
+    def __init__(self, script: list[str], *, greeting_delay: float = 0) -> None:
         self.script = list(script)
+        self.greeting_delay = greeting_delay  # seconds before the 220: an upstream slow to take connections
         self.accepted: list[bytes] = []
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -43,6 +46,7 @@ class FlakyUpstream:
         await self.server.wait_closed()
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(self.greeting_delay)
         writer.write(b"220 flaky.test ESMTP\r\n")
         try:
             while line := await reader.readline():
@@ -109,6 +113,59 @@ async def test_flapping_upstream_loses_nothing_and_sends_nothing_twice(gateway):
         assert (await gw.send()).code == 250  # still serving
     finally:
         await flaky.stop()
+
+
+async def test_no_job_is_sending_while_the_upstream_connection_is_not_ready(gateway):
+    """A job is claimed only when its connection is ready, so a crash meanwhile leaves nothing `unknown`."""
+    slow = FlakyUpstream([], greeting_delay=2.0)
+    await slow.start()
+    try:
+        gw = await gateway(upstream_port=slow.port, upstream={"connect_timeout": 10})
+        codes = [code for _ in range(10) for code in codes_in((await gw.send()).message)]
+        deadline = time.monotonic() + 1.5  # within the upstream's greeting delay
+        while time.monotonic() < deadline:
+            states = {gw.job(code)["state"] for code in codes}
+            assert states == {"queued"}, states
+            await asyncio.sleep(0.05)
+        for code in codes:
+            job = await gw.wait_state(code, "submitted", timeout=30)
+            assert [e["state"] for e in job["events"]] == ["queued", "sending", "submitted"]
+        assert len(slow.accepted) == 10
+    finally:
+        await slow.stop()
+
+
+async def test_an_outcome_the_store_refuses_is_recorded_when_it_takes_writes_again(gateway, caplog):
+    """The upstream has the fax, the store refuses the write (here: another connection holds it locked, as a
+    full disk refuses it): the job does not stay `sending` behind the running gateway."""
+    caplog.set_level(logging.INFO, logger="faxgw")
+    slow = FlakyUpstream(["slow"])
+    await slow.start()
+    try:
+        gw = await gateway(upstream_port=slow.port, upstream={"concurrency": 1})
+        (code,) = codes_in((await gw.send()).message)
+        await gw.wait_state(code, "sending")
+        blocker = sqlite3.connect(gw.store_path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        try:
+            while not slow.accepted:
+                await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while "event=outcome-not-recorded" not in caplog.text:
+                assert time.monotonic() < deadline, "the refused write was not reported"
+                await asyncio.sleep(0.1)
+            assert gw.job(code)["state"] == "sending"
+            assert gw.service.forwarder.unrecorded == 1
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        job = await gw.wait_state(code, "submitted", timeout=45)
+        assert job["upstream_reply"] == "250 2.0.0 accepted slowly"
+        assert gw.service.forwarder.unrecorded == 0
+        assert f"event=outcome-recorded code={code}" in caplog.text
+        assert len(slow.accepted) == 1  # recorded, never sent again
+    finally:
+        await slow.stop()
 
 
 async def test_full_store_answers_452_keeps_serving_and_loses_nothing(tmp_path, sandbox):
@@ -219,8 +276,10 @@ async def test_imap_server_gone_for_a_while(gateway, sandbox, tmp_path):
 
 
 async def test_status_storm_is_absorbed(gateway, sandbox):
-    gw = await gateway(smtp={"listen": ["127.0.0.1:0"]}, status={"listen": ["127.0.0.1:0"]},
-                       notifications={"enabled": False})
+    # The storm comes from a trusted network (the site's MX, which carries everyone's mail: no rate limit).
+    gw = await gateway(smtp={"listen": ["127.0.0.1:0"]}, notifications={"enabled": False},
+                       status={"listen": ["127.0.0.1:0"], "trusted_sender_domains": ["sandbox.greenfax.localhost"],
+                               "require_dkim": False, "trusted_networks": ["127.0.0.0/8"]})
     codes = []
     for _ in range(5):
         codes += codes_in((await gw.send()).message)

@@ -21,8 +21,9 @@ async def test_pdf_fax_is_forwarded_with_body_bytes_unchanged(gateway, sandbox):
     job = await gw.wait_state(code, "submitted")
     assert fax.code == code
     assert fax.pages == 3 and fax.result == "delivered"
-    # Envelope: the return path carries the job code; the recipient is the one number.
-    assert fax.envelope_sender == f"fax-bounce+{code}@gw.office.example"
+    # Envelope: the return path carries the job code and its secret; the recipient is the one number.
+    secret = gw.secret(code)
+    assert len(secret) == 16 and fax.envelope_sender == f"fax-bounce+{code}.{secret}@gw.office.example"
     assert fax.number == NUMBER
     # Body bytes as received, headers rewritten as DESIGN.md says.
     assert mime.split(fax.raw)[1] == mime.split(original)[1]
@@ -32,7 +33,7 @@ async def test_pdf_fax_is_forwarded_with_body_bytes_unchanged(gateway, sandbox):
     assert forwarded["To"] == f"{NUMBER}@greenfax.com"
     assert forwarded["Subject"] == f"[{code}] Invoice 4711"
     assert forwarded["Cc"] is None and forwarded["Bcc"] is None
-    assert forwarded["Message-ID"] != "<orig@x>" and code in forwarded["Message-ID"]
+    assert forwarded["Message-ID"] == f"<{code}.{secret}.1@gw.test>"  # the secret proves a bounce quoting it ours
     assert forwarded.get_all("Received")[0].startswith("by gw.test (greenfax-gateway) with ESMTP id " + code)
     assert job["upstream_reply"].startswith("250 2.0.0 Ok: queued as")
     assert [e["state"] for e in job["events"]] == ["queued", "sending", "submitted"]

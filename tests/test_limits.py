@@ -655,3 +655,31 @@ async def test_wrong_passwords_are_answered_later_each_time_without_stalling_oth
     assert sum("result=failed" in line for line in lines) == 5
     assert any("user=scanner" in line and "failures=4" in line and "delay=0.8s" in line for line in lines), lines
     assert not [r for r in caplog.records if "Tr0ub4dor" in r.getMessage() or "guess" in r.getMessage()]
+
+
+def test_wrong_passwords_are_counted_per_user_name_too_and_logins_per_user_are_few_at_a_time():
+    clock = Clock()
+    settings = config.LimitSettings(auth_failure_delay=1, auth_failure_delay_max=30, auth_failure_memory=900)
+    throttle = AuthThrottle(settings, monotonic=clock.monotonic)
+    # Guesses for one user from ever new addresses: the user's count grows all the same.
+    assert [throttle.failed(f"10.0.0.{n}", "scanner") for n in range(1, 5)] == [(1, 1), (2, 2), (3, 4), (4, 8)]
+    assert throttle.failed("10.0.0.9", "copier") == (1, 1)
+    assert [throttle.begin("scanner") for _ in range(3)] == [True, True, False]
+    throttle.end("scanner")
+    assert throttle.begin("scanner") and throttle.begin("copier")
+
+
+async def test_parallel_guesses_for_one_user_get_454_beyond_two_at_a_time(gateway, connect, users, caplog):
+    caplog.set_level(logging.INFO, logger="faxgw")
+    gw = await gateway(smtp={**AUTH_LISTENER, "users": users},
+                       limits={"auth_failure_delay": 1, "auth_failure_delay_max": 1})
+    clients = [await connect(gw.port) for _ in range(6)]
+    answers = await asyncio.gather(*(client.command(auth_plain(password=f"guess-{n}"))
+                                     for n, client in enumerate(clients)))
+    codes = sorted(answer.code for answer in answers)
+    assert codes == [454, 454, 454, 454, 535, 535], answers
+    busy = next(answer for answer in answers if answer.code == 454)
+    assert_refused(busy, 454, "4.7.0", "Too many logins for this user at the same time")
+    assert sum("check=auth-concurrent" in r.getMessage() for r in caplog.records) == 4
+    # When the guesses are answered, the user logs in as ever.
+    assert_reply(await clients[0].command(auth_plain()), 235, "2.7.0")

@@ -84,27 +84,28 @@ EXPECTED = {
         "result": "failed", "reason": "busy", "fax_number": "+12125551234", "pages": "0", "duration": "0",
         "cost": "0.00 USD", "reference_id": "8591334", "job_code": "FXAAAA22",
         "reported_at": "2026-11-27 01:02:03+00:00", "reported_at_raw": "2026-11-27 01:02:03 UTC",
-        "trusted": "False",  # the sandbox's domain is not trusted in this (production) config
+        # the sandbox's domain is not trusted in this (production) config
+        "trust": "untrusted (From domain sandbox.greenfax.localhost is not in status.trusted_sender_domains)",
     }),
     "plaintext-success.eml": ("greenfax-plaintext", {
         "result": "delivered", "reason": "-", "fax_number": "+12157018714", "pages": "2", "duration": "78",
         "cost": "0.20 USD", "reference_id": "8591400", "job_code": "FXBBBB33",
         # "EST (GMT-5)": the explicit offset wins over the zone abbreviation
         "reported_at": "2005-01-10 19:10:25+00:00", "reported_at_raw": "01/10/2005 02:10:25 PM EST (GMT-5)",
-        "trusted": "True",
+        "trust": "untrusted (dkim=fail: no valid signature aligned with greenfax.com)",  # a From alone: never
     }),
     "plaintext-busy-local-time.eml": ("greenfax-plaintext", {
         "result": "failed", "reason": "busy", "fax_number": "+13125550123", "pages": "0", "duration": "78",
         "cost": "0.00 USD", "reference_id": "8591401", "job_code": "FXDDDD55",
         # no zone written: the rule's America/New_York, summer time in July (UTC-4)
         "reported_at": "2026-07-04 13:00:00+00:00", "reported_at_raw": "07/04/2026 09:00:00 AM",
-        "trusted": "True",
+        "trust": "untrusted (dkim=fail: no valid signature aligned with greenfax.com)",  # a From alone: never
     }),
     "htmltable-busy.eml": ("greenfax-html-table", {
         "result": "failed", "reason": "busy", "fax_number": "+12157018714", "pages": "0", "duration": "0",
         "cost": "$0.00", "reference_id": "8591500", "job_code": "FXCCCC44",
         "reported_at": "2026-11-27 14:15:00+00:00", "reported_at_raw": "2026-11-27 09:15:00 -0500",
-        "trusted": "True",
+        "trust": "untrusted (dkim=fail: no valid signature aligned with greenfax.com)",  # a From alone: never
     }),
 }
 
@@ -137,7 +138,7 @@ def test_sandbox_layout_reads_every_outcome_the_sandbox_reports(result, reason):
                      envelope_sender="x", raw=b"", result=result, reason=reason, pages=3 if reason is None else 0,
                      received_at=datetime(2026, 11, 27, 1, 2, 3, tzinfo=UTC))
 
-    verdict = status.understand(status_email(fax, ACCOUNT_SENDER), channel=Channel.SMTP)
+    verdict = status.understand(status_email(fax, ACCOUNT_SENDER), channel=Channel.SMTP, client="127.0.0.1")
 
     report = verdict.report
     assert (verdict.kind, report.rule, report.trusted) == ("rule", "greenfax-sandbox", True)

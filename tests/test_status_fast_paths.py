@@ -42,7 +42,7 @@ from gateway.status.feedxml import _raw, parse_feed, read_tree
 from gateway.status.inbound import StatusMail, receive
 from gateway.status.mailrules import load_rules
 from gateway.status.notify import _urlencode
-from gateway.status.report import Channel, Result, StatusReport, _plain, dedup_key
+from gateway.status.report import Channel, Result, StatusReport, Trust, _plain, dedup_key
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 SAMPLES = Path(__file__).parent / "data" / "status"
@@ -249,7 +249,7 @@ def stored(path: Path, sql: str) -> list[tuple]:
 
 def notify_report(code: str, n: int) -> StatusReport:
     raw = f"result=success&userjobcode={code}"
-    return StatusReport(channel=Channel.NOTIFY, trusted=False, raw=raw, result=Result.DELIVERED, job_code=code,
+    return StatusReport(channel=Channel.NOTIFY, trust=Trust.AUTHENTIC, raw=raw, result=Result.DELIVERED, job_code=code,
                         dedup_key=dedup_key("notify", None, raw), rule="http-notify", pages=n)
 
 
@@ -278,7 +278,8 @@ async def test_batched_writes_fail_one_by_one(tmp_path):
 
 
 def status_mails(tmp_path: Path, codes: list[str]) -> tuple[StatusMail, list[bytes]]:
-    status = StatusMail(settings_for(tmp_path, 9, status={"trusted_sender_domains": ["sandbox.greenfax.localhost"]}),
+    status = StatusMail(settings_for(tmp_path, 9, status={"trusted_sender_domains": ["sandbox.greenfax.localhost"],
+                                                          "require_dkim": False, "trusted_networks": ["127.0.0.0/8"]}),
                         load_rules())
     return status, [status_email(SandboxFax(reference_id=1, number=f"1212555{1000 + n}", code=code,
                                             sender=ACCOUNT_SENDER, envelope_sender="", raw=b"", result="delivered",
@@ -291,7 +292,8 @@ async def receive_all(path: Path, status: StatusMail, mails: list[bytes]) -> lis
     writer = store.Writer(path)
     writer.start()
     try:
-        return await asyncio.gather(*(receive(status, writer, raw, channel=Channel.SMTP) for raw in mails),
+        return await asyncio.gather(*(receive(status, writer, raw, channel=Channel.SMTP, client="127.0.0.1")
+                                      for raw in mails),
                                     return_exceptions=True)
     finally:
         writer.close()

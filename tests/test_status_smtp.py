@@ -4,10 +4,11 @@ A fax is sent through the gateway and forwarded to the sandbox; then a
 status mail is delivered over SMTP to the gateway's status listener, as
 GreenFax's servers (or a bouncing MTA) would, and the job's state, its
 events, the stored reports and `faxgw show` / `unmatched` / `match` are
-checked. Trust (DESIGN.md, "Correlation and trust"): in these gateways only
-greenfax.com is a trusted sender domain, so the sandbox's own status mail
-(from sandbox.greenfax.localhost) is untrusted and may only name a job by
-its code; number-and-window matching is reserved for trusted mail.
+checked. Trust (DESIGN.md, "Correlation and trust"): these gateways trust
+status mail from greenfax.com and from the sandbox's domain when it comes
+from this machine (as a site trusts the MX that relays GreenFax's mail to
+it: `trusted_networks`); mail with any other From is untrusted and changes
+nothing. tests/test_trust.py tries the trust rules themselves as an attacker.
 
 The status listener is the fax listener itself (`[status] listen` equal to
 `[smtp] listen`, both 127.0.0.1:0), unless a test needs a status-only one.
@@ -32,6 +33,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import dkim
 import pytest
 from conftest import (
@@ -53,7 +55,11 @@ from gateway.service import Service
 
 DATA = Path(__file__).parent / "data" / "status"
 SENDER = "erp@legacy.example"
-STATUS = {"listen": ["127.0.0.1:0"]}  # the fax listener takes status mail too
+# The fax listener takes status mail too, and trusts it from loopback with a trusted From domain.
+STATUS = {"listen": ["127.0.0.1:0"], "trusted_sender_domains": ["greenfax.com", "sandbox.greenfax.localhost"],
+          "require_dkim": False, "trusted_networks": ["127.0.0.0/8"]}
+# GreenFax's mail comes in from elsewhere, so mail from this machine is anyone's: untrusted, whatever its From.
+UNTRUSTING = {**STATUS, "trusted_networks": ["192.0.2.0/24"]}
 BUSY_NUMBER = "12125550000"  # the sandbox reports busy for numbers ending in 0000
 OTHER_NUMBER = "12157018714"  # +1 215 701 8714, the number in the shipped samples
 
@@ -258,8 +264,8 @@ async def test_sandbox_status_mail_over_smtp_takes_the_job_to_its_final_state(
     assert shown["channel"] == "email-smtp" and shown["outcome"] == "applied"
     assert shown["rule"] == "greenfax-sandbox" and shown["result"] == state and shown["reason"] == reason
     assert shown["reference_id"] == str(fax.reference_id) and shown["job_code"] == code
-    # The sandbox's sender is not a trusted domain here: the job code alone matched it.
-    assert shown["trusted"] == 0 and "by job code" in shown["note"]
+    # Trusted (a trusted From domain, from a trusted network), and matched by its job code.
+    assert shown["trusted"] == 2 and "by job code" in shown["note"]
     # A failure queues a notification to the fax's sender; a delivery does not (the default).
     assert notifications(gw, code) == (1 if state == "failed" else 0)
 
@@ -331,7 +337,7 @@ async def test_bare_sandbox_gateway_takes_faxes_to_final_states_by_itself(tmp_pa
         for code, report in by_code.items():
             # The sandbox's sender is trusted in sandbox mode; the mail agrees with what the job became
             # (a duplicate when the sandbox's HTTP Notify call came first).
-            assert (report["rule"], report["trusted"]) == ("greenfax-sandbox", 1)
+            assert (report["rule"], report["trusted"]) == ("greenfax-sandbox", 2)
             assert report["outcome"] in (("applied",) if sandbox_options else ("applied", "duplicate")), report
             if report["outcome"] == "applied":
                 # The mail set the final state; a Notify call after it adds only an "also reported" event.
@@ -345,10 +351,10 @@ async def test_bare_sandbox_gateway_takes_faxes_to_final_states_by_itself(tmp_pa
 
 
 async def test_forged_status_mail_naming_no_job_code_changes_nothing(gateway, sandbox, tmp_path):
-    gw = await gateway(status=STATUS)
+    gw = await gateway(status=UNTRUSTING)
     code, fax = await submitted_fax(gw, sandbox)
     events = job_events(gw, code)
-    # Anyone can write the sandbox's From; this one names the right number but no job code.
+    # A mail in the sandbox's layout from an untrusted From; it names the right number but no job code.
     forged = status_email(dataclasses.replace(fax, code=None, reference_id=4242), ACCOUNT_SENDER)
     assert b"FX" not in forged
 
@@ -358,20 +364,17 @@ async def test_forged_status_mail_naming_no_job_code_changes_nothing(gateway, sa
     assert gw.job(code)["state"] == "submitted" and job_events(gw, code) == events
     (report,) = reports(gw)
     assert (report["outcome"], report["trusted"], report["number"]) == ("unmatched", 0, "+" + NUMBER)
-    assert report["note"] == "untrusted report names no job code of ours"
+    assert report["note"] == "untrusted report carries no job secret (kept for review: `faxgw match`)"
     assert notifications(gw, code) == 0
-    # The same report from a trusted sender domain (greenfax.com) is matched by its number.
-    trusted = plaintext_report(status="FAILED - LINE BUSY", number=NUMBER, code=None, reference="4243")
-    assert await deliver(status_port(gw), trusted, sender="noreply@greenfax.com") == (
-        f"250 2.0.0 Status report applied for {code}")
-    assert gw.job(code)["state"] == "failed"
 
 
 async def test_forged_status_mail_naming_a_final_job_changes_nothing(gateway, sandbox):
-    gw = await gateway(status=STATUS)
+    gw = await gateway(status=UNTRUSTING, notify={"token": "n0tify"})
     code, fax = await submitted_fax(gw, sandbox)
-    assert await deliver(status_port(gw), status_email(fax, ACCOUNT_SENDER)) == (
-        f"250 2.0.0 Status report applied for {code}")
+    host, port = gw.service.web.addresses["http"][0]
+    async with aiohttp.ClientSession() as http, http.get(  # GreenFax's Notify call: authentic by its token
+            f"http://{host}:{port}/greenfax/notify/n0tify", params={"result": "success", "userjobcode": code}) as r:
+        assert r.status == 200
     before = gw.job(code)
     assert before["state"] == "delivered"
     forged = status_email(dataclasses.replace(fax, result="failed", reason="busy", pages=0), ACCOUNT_SENDER)
@@ -381,7 +384,8 @@ async def test_forged_status_mail_naming_a_final_job_changes_nothing(gateway, sa
     assert reply == "250 2.0.0 Status report unmatched"
     after = gw.job(code)
     assert after == before and not after["flagged"]
-    assert reports(gw)[-1]["note"] == f"untrusted report names {code}, which is not waiting for a result"
+    assert reports(gw)[-1]["note"] == (f"untrusted report names {code} but carries no job secret"
+                                       " (kept for review: `faxgw match`)")
 
 
 def rsa_key() -> tuple[bytes, str]:
@@ -403,7 +407,7 @@ def signed(message: bytes, private_key: bytes, domain: str = "greenfax.com") -> 
 async def test_with_require_dkim_only_a_valid_signature_makes_status_mail_trusted(gateway, sandbox):
     key, record = rsa_key()
     other_key, _ = rsa_key()
-    gw = await gateway(status={**STATUS, "require_dkim": True,
+    gw = await gateway(status={"listen": STATUS["listen"], "require_dkim": True,
                                "dkim_keys": {"fax2024._domainkey.greenfax.com": record}})
     code, _fax = await submitted_fax(gw, sandbox)
 
@@ -424,7 +428,7 @@ async def test_with_require_dkim_only_a_valid_signature_makes_status_mail_truste
     assert reply == f"250 2.0.0 Status report applied for {code}"
     job = gw.job(code)
     assert (job["state"], job["reference_id"]) == ("delivered", "915")
-    assert [(r["trusted"], r["outcome"]) for r in reports(gw)] == [(0, "unmatched")] * 4 + [(1, "applied")]
+    assert [(r["trusted"], r["outcome"]) for r in reports(gw)] == [(0, "unmatched")] * 4 + [(2, "applied")]
 
 
 # --- duplicates and contradictions -------------------------------------------------------
@@ -457,7 +461,8 @@ async def test_same_status_mail_twice_is_a_duplicate_and_a_contradiction_is_flag
 
 
 def dsn(*, to: str, action: str = "failed", status: str = "5.1.1", layout: str = "rfc3464",
-        returned_subject: str = "Invoice 4711", number: str = NUMBER, message_id: bool = True) -> bytes:
+        returned_subject: str = "Invoice 4711", number: str = NUMBER, message_id: bool = True,
+        returned_message_id: str | None = None) -> bytes:
     """A delivery status notification for a forwarded fax, as an upstream MTA returns it (RFC 3464).
 
     `layout` imitates MTAs seen in the corpus: "merged" puts the per-recipient
@@ -509,14 +514,18 @@ def dsn(*, to: str, action: str = "failed", status: str = "5.1.1", layout: str =
         f"From: {ACCOUNT_SENDER}\r\n"
         f"To: {number}@greenfax.com\r\n"
         f"Subject: {returned_subject}\r\n"
+        + (f"Message-ID: {returned_message_id}\r\n" if returned_message_id else "")
+        + 
         "\r\n"
         "--BOUNDARY--\r\n"
     ).encode()
 
 
-def bounce_address(code: str) -> str:
+def bounce_address(code: str, gw: RunningGateway | None = None) -> str:
+    """The job's VERP address: with the job's secret when `gw` has the job (only the upstream saw it)."""
     local, _, domain = RETURN_PATH.partition("@")
-    return f"{local}+{code}@{domain}"
+    return f"{local}+{code}{'.' + gw.secret(code) if gw else ''}@{domain}"
+
 
 
 @pytest.mark.parametrize("layout", ["rfc3464", "merged", "unfolded", "two-parts", "mixed"])
@@ -524,8 +533,8 @@ async def test_failed_dsn_to_the_return_path_fails_the_job(gateway, sandbox, tmp
     gw = await gateway(status=STATUS)
     code, _fax = await submitted_fax(gw, sandbox)
 
-    reply = await deliver(status_port(gw), dsn(to=bounce_address(code), layout=layout), sender="",
-                          rcpt=bounce_address(code))
+    reply = await deliver(status_port(gw), dsn(to=bounce_address(code, gw), layout=layout), sender="",
+                          rcpt=bounce_address(code, gw))
 
     assert reply == f"250 2.0.0 Status report applied for {code}"
     job = gw.job(code)
@@ -540,18 +549,20 @@ async def test_bounces_without_message_id_for_two_jobs_to_one_number_fail_both(g
     gw = await gateway(status=STATUS)
     codes = [(await submitted_fax(gw, sandbox))[0] for _ in range(2)]
     for code in codes:
-        message = dsn(to=bounce_address(code), message_id=False)
-        assert await deliver(status_port(gw), message, sender="", rcpt=bounce_address(code)) == (
+        message = dsn(to=bounce_address(code, gw), message_id=False)
+        assert await deliver(status_port(gw), message, sender="", rcpt=bounce_address(code, gw)) == (
             f"250 2.0.0 Status report applied for {code}")
     assert [gw.job(code)["state"] for code in codes] == ["failed", "failed"]
 
 
 @pytest.mark.parametrize("layout", ["rfc3464", "mixed"])
-async def test_failed_dsn_to_the_account_sender_names_its_job_by_the_returned_subject(gateway, sandbox, layout):
+async def test_failed_dsn_to_the_account_sender_names_its_job_by_the_returned_message_id(gateway, sandbox, layout):
     """Some MTAs answer the From address (the account sender) instead of the return path."""
     gw = await gateway(status=STATUS)
-    code, _fax = await submitted_fax(gw, sandbox)
-    message = dsn(to=ACCOUNT_SENDER, returned_subject=f"[{code}] Invoice 4711", layout=layout)
+    code, fax = await submitted_fax(gw, sandbox)
+    message_id = re.search(rb"(?mi)^Message-ID: (.*)\r$", fax.raw)[1].decode()
+    message = dsn(to=ACCOUNT_SENDER, returned_subject=f"[{code}] Invoice 4711", layout=layout,
+                  returned_message_id=message_id)
 
     assert await deliver(status_port(gw), message, sender="") == f"250 2.0.0 Status report applied for {code}"
     assert (gw.job(code)["state"], gw.job(code)["reason"]) == ("failed", "bounced")
@@ -564,8 +575,8 @@ async def test_dsn_that_is_not_a_failure_changes_nothing(gateway, sandbox, actio
     code, _fax = await submitted_fax(gw, sandbox)
     events = job_events(gw, code)
 
-    reply = await deliver(status_port(gw), dsn(to=bounce_address(code), action=action, status=status), sender="",
-                          rcpt=bounce_address(code))
+    reply = await deliver(status_port(gw), dsn(to=bounce_address(code, gw), action=action, status=status),
+                          sender="", rcpt=bounce_address(code, gw))
 
     assert reply == f"250 2.0.0 Status report informational for {code}", reply
     job = gw.job(code)
@@ -640,7 +651,7 @@ async def test_fax_and_status_recipients_in_one_message_are_refused(gateway, con
 
 async def test_unrecognised_mail_is_kept_for_review_and_unmatched_reports_can_be_linked_by_hand(
         gateway, sandbox, tmp_path):
-    gw = await gateway(status=STATUS)
+    gw = await gateway(status=UNTRUSTING)
     code, fax = await submitted_fax(gw, sandbox, BUSY_NUMBER)
     person = (b"From: Alice <alice@customer.example>\r\nTo: " + ACCOUNT_SENDER.encode() + b"\r\n"
               b"Subject: Did you get my fax?\r\nMessage-ID: <q1@customer.example>\r\n\r\nPlease call me.\r\n")

@@ -3,12 +3,14 @@
 `apply_report()` runs inside the store writer's transaction. In order:
 
 1. The same report seen before (same dedup key) changes nothing.
-2. Match a job: by our job code; by GreenFax's reference id already linked to
-   a job; and, for trusted sources only, by fax number within the time
-   window of jobs still waiting for a result (exactly one, or no match).
+2. Match a job, as far as the report's trust allows (status/report.py,
+   Trust): an untrusted report only the waiting job whose secret it
+   presents; an authentic one by our job code or by GreenFax's reference id
+   already linked to a job; a trusted one also by fax number within the
+   time window of jobs still waiting for a result (exactly one, or none).
 3. No job, an ambiguous match, or a result we do not understand: the report
-   is kept as `unmatched`, raw content included, for `faxgw unmatched`.
-   An untrusted report that names no waiting job changes nothing.
+   is kept as `unmatched`, raw content (or its excerpt) included, for
+   `faxgw unmatched`. An untrusted report without its job's secret changes nothing.
 4. A job already final: the same result again (another channel) is a
    `duplicate`; a different one is recorded as an event and flagged
    (`contradicting`), never silently applied. A result for a job that was
@@ -24,6 +26,7 @@ rows, which are not results, go through `apply_pending`.
 
 from __future__ import annotations
 
+import hmac
 import sqlite3
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,7 +34,7 @@ from datetime import timedelta
 from gateway.config import Settings
 from gateway.errors import InvalidTransition, UnknownJob
 from gateway.models import FINAL_STATES, JobState
-from gateway.status.report import Result, StatusReport
+from gateway.status.report import Result, StatusReport, Trust
 from gateway.store import enqueue_notification, iso, parse_iso
 from gateway.store import reports as db
 
@@ -205,20 +208,23 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
 
 def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPolicy, now: str,
            scope: MatchScope = DEFAULT_SCOPE) -> tuple[sqlite3.Row | None, str, bool]:
-    """(job, how or why not, True when no job matched by any key: not ambiguous, not refused)."""
+    """(job, how or why not, True when no job matched by any key: not ambiguous, not refused).
+
+    What a report may match depends on its trust (gateway.status.report.Trust):
+    an untrusted one only the job whose secret it presents.
+    """
+    if report.trust is Trust.UNTRUSTED:
+        return _match_untrusted(conn, report)
     if report.job_code:
         job = db.job_by(conn, code=report.job_code)
         if job is not None:
-            if not report.trusted and job["state"] not in db.WAITING and job["state"] != (
-                    report.result.value if report.result else None):
-                return None, f"untrusted report names {report.job_code}, which is not waiting for a result", False
             return job, "by job code", False
     if report.reference_id:
         job = db.job_by(conn, reference_id=report.reference_id)
         if job is not None:
             return job, "by GreenFax reference id", False
     if not report.trusted:
-        return None, "untrusted report names no job code of ours", True
+        return None, "names no job of ours (matching by number is for trusted sources only)", True
     if scope.by_number is False:
         return None, f"no job has this reference id, and {scope.not_by_number}", True
     if not report.fax_number:
@@ -231,6 +237,23 @@ def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPo
     if not candidates:
         return None, f"no job to {report.fax_number} waiting for a result", True
     return None, f"ambiguous: several jobs to {report.fax_number} wait for a result", False
+
+
+def _match_untrusted(conn: sqlite3.Connection, report: StatusReport) -> tuple[sqlite3.Row | None, str, bool]:
+    """An untrusted report matches the job whose secret it presents, and only while that job waits.
+
+    Job codes are short and GreenFax's reference ids sequential: either can
+    be guessed, so neither alone lets mail from anyone change a fax.
+    """
+    named = f" names {report.job_code} but" if report.job_code else ""
+    if not report.job_code or not report.job_secret:
+        return None, f"untrusted report{named} carries no job secret (kept for review: `faxgw match`)", False
+    job = db.job_by(conn, code=report.job_code)
+    if job is None or not job["secret"] or not hmac.compare_digest(job["secret"], report.job_secret):
+        return None, f"untrusted report{named} carries a wrong job secret (kept for review)", False
+    if job["state"] not in db.WAITING and job["state"] != (report.result.value if report.result else None):
+        return None, f"untrusted report names {report.job_code}, which is not waiting for a result", False
+    return job, "by job code and the job's secret", False
 
 
 def keep_unrecognised(conn: sqlite3.Connection, report: StatusReport, now: str) -> Outcome:

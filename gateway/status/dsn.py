@@ -1,9 +1,12 @@
 """Bounces of forwarded faxes: delivery status notifications (RFC 3464) into status reports.
 
-A bounce comes back to the return path, which carries the job code
-(`fax-bounce+FX7K3M9Q@...`), so it names its job without guessing. The code
-is also looked for in the returned headers (our Message-ID and subject tag).
-Only `Action: failed` changes a job; delays and relays are informational.
+A bounce comes back to the return path, which carries the job code and the
+job's secret (`fax-bounce+FX7K3M9Q.<secret>@...`), so it names its job
+without guessing. Both are also looked for in the returned headers (our
+Message-ID carries them too; the subject tag has the code alone). Anyone can
+send a DSN, so a bounce is only taken as ours when it presents the job's
+secret (gateway/status/correlate.py checks it); without it, it is kept for
+review. Only `Action: failed` changes a job; delays and relays are informational.
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from dataclasses import dataclass
 from email.message import Message
 
 from gateway.status.mailparse import ParsedMail
-from gateway.status.report import Channel, Result, StatusReport, dedup_key
+from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key
 
 CODE = re.compile(r"\b(FX[0-9A-Z]{6})\b")
-RETURN_CODE = re.compile(r"\+(FX[0-9A-Z]{6})@", re.IGNORECASE)
+# The return path's subaddress: the job code, and after a dot the job's secret (older jobs had none).
+RETURN_CODE = re.compile(r"\+(FX[0-9A-Z]{6})(?:\.([a-z2-7]{16}))?@", re.IGNORECASE)
+# Our Message-ID, <CODE.SECRET.ATTEMPT@host>, or a subject tag [CODE], among the returned headers.
+RETURNED_CODE = re.compile(r"^(?:Message-ID:\s*<(FX[0-9A-Z]{6})\.([a-z2-7]{16})\b|Subject:.*?\[(FX[0-9A-Z]{6})\])",
+                           re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class Bounce:
     diagnostic: str
     recipient: str
     job_code: str | None
+    job_secret: str | None = None  # as the bounce presents it; correlation compares it with the job's
 
 
 # A part header, at the start of a line (CRLF, LF or a classic Mac's CR), maybe folded.
@@ -70,12 +78,13 @@ def parse_bounce(mail: ParsedMail, envelope_rcpts: tuple[str, ...] = ()) -> Boun
     first = next((b for b in blocks if b.get("action")), None) or next((b for b in blocks if b.get("status")), None)
     if first is None:
         return None
+    code, secret = _job_code(message, mail, envelope_rcpts)
     return Bounce(
         action=first.get("action", "").split()[0].lower() if first.get("action", "").split() else "",
         status=first.get("status", "").split()[0] if first.get("status", "").split() else "",
         diagnostic=" ".join(first.get("diagnostic-code", "").split()),
         recipient=first.get("final-recipient", first.get("original-recipient", "")).split(";")[-1].strip(" <>"),
-        job_code=_job_code(message, mail, envelope_rcpts),
+        job_code=code, job_secret=secret,
     )
 
 
@@ -124,21 +133,29 @@ def _blocks(part: Message) -> list[dict[str, str]]:
     return blocks
 
 
-def _job_code(message: Message, mail: ParsedMail, envelope_rcpts: tuple[str, ...]) -> str | None:
-    """Where the code is: the return path it was sent to, else the returned message's headers."""
+def _job_code(message: Message, mail: ParsedMail, envelope_rcpts: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """(code, secret) where the bounce names them: the return path it was sent to, else the returned headers.
+
+    A code with its secret wins over a code alone, wherever each is found.
+    """
+    found: tuple[str | None, str | None] = (None, None)
     for address in (*envelope_rcpts, *mail.to_addrs, mail.headers.get("delivered-to", ""),
                     mail.headers.get("x-original-to", "")):
         match = RETURN_CODE.search(address or "")
-        if match:
-            return match[1].upper()
+        if match and match[2]:
+            return match[1].upper(), match[2].lower()
+        if match and found[0] is None:
+            found = (match[1].upper(), None)
     for part in message.walk():
         if part.get_content_type() in ("text/rfc822-headers", "message/rfc822"):
             payload = part.get_payload(decode=False)
             text = payload if isinstance(payload, str) else "".join(str(p) for p in payload or [])
-            found = re.search(r"^(?:Message-ID:\s*<|Subject:.*?\[)(FX[0-9A-Z]{6})", text, re.IGNORECASE | re.MULTILINE)
-            if found:
-                return found[1].upper()
-    return None
+            for match in RETURNED_CODE.finditer(text):
+                if match[1]:
+                    return match[1].upper(), match[2].lower()
+                if found[0] is None:
+                    found = (match[3].upper(), None)
+    return found
 
 
 def bounce_report(mail: ParsedMail, bounce: Bounce) -> StatusReport:
@@ -146,8 +163,8 @@ def bounce_report(mail: ParsedMail, bounce: Bounce) -> StatusReport:
     failed = bounce.action == "failed"
     detail = " ".join(part for part in (bounce.action, bounce.status, bounce.diagnostic) if part)
     return StatusReport(
-        channel=Channel.BOUNCE, trusted=False, raw=mail.raw.decode("utf-8", "replace"),
+        channel=Channel.BOUNCE, trust=Trust.UNTRUSTED, raw=mail.raw.decode("utf-8", "replace"),
         result=Result.FAILED if failed else None, result_text=detail, reason="bounced" if failed else None,
-        job_code=bounce.job_code, dedup_key=dedup_key("mail", *mail.identity()), rule="dsn",
+        job_code=bounce.job_code, job_secret=bounce.job_secret, dedup_key=dedup_key("mail", *mail.identity()), rule="dsn",
         notes=() if failed else (f"informational DSN: {detail}",),
     )

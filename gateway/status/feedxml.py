@@ -41,7 +41,7 @@ import defusedxml
 
 from gateway.errors import GatewayError
 from gateway.status.mailrules import normalise_number
-from gateway.status.report import Channel, Result, StatusReport, dedup_key, parse_time
+from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key, parse_time
 
 # status text (lower case, without spaces, "_" or "-") -> (result, reason); Pending is not a result.
 STATUSES: dict[str, tuple[Result, str | None]] = {
@@ -169,7 +169,7 @@ def row_report(fields: dict[str, str], raw: str, zone: tzinfo) -> FeedRow:
     sender = _address(fields.get("sender") or "")
     stamp = fields.get("timestamp") or None
     report = StatusReport(
-        channel=Channel.FEED, trusted=True, raw=raw, result=result, result_text=status, reason=reason,
+        channel=Channel.FEED, trust=Trust.TRUSTED, raw=raw, result=result, result_text=status, reason=reason,
         fax_number=normalise_number(fields.get("faxnumber")), pages=_int(fields.get("pages")),
         duration=_seconds(fields.get("duration")), cost=fields.get("cost") or None, reference_id=jobid,
         reported_at=parse_time(stamp, TIME_FORMATS, zone), reported_at_raw=stamp,

@@ -6,9 +6,16 @@ a StatusReport (by the status-mail rules, or as a DSN bounce), applied
 through the one correlation path, and stored before the 250. Mail that no
 rule recognises is kept too (as `unrecognised`, raw), never dropped silently.
 
-Trust (DESIGN.md, "Correlation and trust"): mail counts as trusted when its
-From domain is one of `status.trusted_sender_domains` and, if
-`status.require_dkim`, it carries a valid DKIM signature of such a domain.
+Trust (DESIGN.md, "Correlation and trust"): a From domain alone never makes
+mail trusted, since anyone can write any From. Mail counts as trusted when
+its From domain is one of `status.trusted_sender_domains` and it passes every
+check the config turns on, at least one of them: `status.require_dkim` (a
+valid DKIM signature of a trusted domain that aligns with the From) and
+`status.trusted_networks` (the connection comes from one of them). Mail read
+from the configured IMAP mailbox is trusted as a source. Anything else is
+untrusted: it changes a job only where it carries that job's secret (a
+bounce to the job's VERP address, or quoting our Message-ID), and is
+otherwise kept for review with a bounded excerpt of its text.
 """
 
 from __future__ import annotations
@@ -16,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dkim
 
-from gateway.config import Settings
+from gateway.config import Settings, in_networks
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import Reply
@@ -34,7 +41,7 @@ from gateway.status.correlate import (
 from gateway.status.dsn import bounce_report, is_dsn, parse_bounce
 from gateway.status.mailparse import ParsedMail, parse_mail
 from gateway.status.mailrules import MailRules
-from gateway.status.report import Channel, StatusReport, dedup_key
+from gateway.status.report import Channel, StatusReport, Trust, dedup_key
 from gateway.store import Writer, iso, utcnow
 
 log = logging.getLogger("faxgw.status")
@@ -78,60 +85,97 @@ class StatusMail:
         return address.startswith(self._bounce_prefix) and address.endswith(self._bounce_domain)
 
     def understand(self, raw: bytes, *, channel: Channel, envelope_rcpts: tuple[str, ...] = (),
-                   trusted_source: bool = False) -> Verdict:
+                   trusted_source: bool = False, client: str = "") -> Verdict:
         """Parse one status mail into a report; never raises.
 
         `trusted_source`: the mail comes from a place only GreenFax writes to
         (the configured IMAP mailbox), so it is trusted whatever its sender.
+        `client`: the address of the SMTP client that delivered it.
         """
         mail = parse_mail(raw)
-        trusted = trusted_source or self.trusted(mail)
+        trust = Trust.TRUSTED if trusted_source or self.trusted(mail, client) else Trust.UNTRUSTED
         if is_dsn(mail) or any(self._is_bounce_address(a) for a in envelope_rcpts):
             bounce = parse_bounce(mail, envelope_rcpts)
             if bounce is not None:
-                report = bounce_report(mail, bounce)
-                return Verdict(report, "bounce", f"DSN: {bounce.action} {bounce.status} for {bounce.recipient}")
-        extraction = self.rules.extract(mail, channel=channel, trusted=trusted)
+                report = self._bounded(bounce_report(mail, bounce))
+                proof = "with the job's secret" if bounce.job_secret else "without the job's secret (not ours?)"
+                return Verdict(report, "bounce", f"DSN: {bounce.action} {bounce.status} for {bounce.recipient},"
+                                                 f" {proof}")
+        extraction = self.rules.extract(mail, channel=channel, trust=trust)
         if extraction is not None:
             fields = ", ".join(f"{k}={v!r}" for k, v in extraction.values.items())
-            return Verdict(extraction.report, "rule", f"{extraction.rule.name}: {fields}")
+            return Verdict(self._bounded(extraction.report), "rule", f"{extraction.rule.name}: {fields}")
         reasons = "; ".join(self.rules.explain(mail)) or "no rules loaded"
-        report = StatusReport(channel=channel, trusted=trusted, raw=raw.decode("utf-8", "replace"),
+        report = StatusReport(channel=channel, trust=trust, raw=self._excerpt(raw),
                               dedup_key=dedup_key("mail", *mail.identity()), rule=None,
                               notes=("not recognised as a status mail",))
         return Verdict(report, "unrecognised", f"no rule recognised it ({reasons})")
 
-    def trusted(self, mail: ParsedMail) -> bool:
-        domain = mail.from_addr.rpartition("@")[2]
+    def _bounded(self, report: StatusReport) -> StatusReport:
+        """An untrusted report keeps only an excerpt of the mail: anyone may send it, as often as the limits let."""
+        if report.trust is not Trust.UNTRUSTED:
+            return report
+        return replace(report, raw=self._excerpt(report.raw.encode("utf-8", "surrogateescape")))
+
+    def _excerpt(self, raw: bytes) -> str:
+        keep = self.settings.status.review_excerpt
+        if len(raw) <= keep:
+            return raw.decode("utf-8", "replace")
+        # Cut at a line end where one is near, and never inside a UTF-8 sequence ("replace" mends the rest).
+        cut = raw.rfind(b"\n", 0, keep) + 1 or keep
+        return raw[:cut].decode("utf-8", "replace") + f"\n[{len(raw) - cut} more bytes not kept: status.review_excerpt]\n"
+
+    def trusted(self, mail: ParsedMail, client: str = "") -> bool:
+        """Whether mail delivered by SMTP from `client` counts as coming from GreenFax."""
+        return self.trust_checks(mail, client)[0]
+
+    def trust_checks(self, mail: ParsedMail, client: str = "") -> tuple[bool, list[str]]:
+        """Trusted or not, and each check's result in words (for logs and `faxgw rules test`)."""
+        status = self.settings.status
+        domain = mail.from_addr.rpartition("@")[2].lower()
+        checks = []
         if not self._trusted_domain(domain):
-            return False
-        if not self.settings.status.require_dkim:
-            return True
-        return self._dkim_valid(mail.raw)
+            return False, [f"From domain {domain or '(none)'} is not in status.trusted_sender_domains"]
+        ok = status.require_dkim or bool(status.trusted_networks)
+        if not ok:
+            checks.append("neither status.require_dkim nor status.trusted_networks is set: no mail is trusted")
+        if status.require_dkim:
+            signer = self._dkim_signer(mail.raw, domain)
+            ok = ok and signer is not None
+            checks.append(f"dkim=pass (d={signer})" if signer else f"dkim=fail: no valid signature aligned with {domain}")
+        if status.trusted_networks:
+            inside = in_networks(client, status.trusted_networks)
+            ok = ok and inside
+            checks.append(f"client {client or '(none)'} {'is' if inside else 'is not'} in status.trusted_networks")
+        return ok, checks
 
     def _trusted_domain(self, domain: str) -> bool:
-        return any(domain == d or domain.endswith("." + d) for d in self._trusted_domains)
+        return any(_within(domain, d) for d in self._trusted_domains)
 
-    def _dkim_valid(self, raw: bytes) -> bool:
-        """A valid DKIM signature by a trusted domain (pinned keys first, then DNS).
+    def _dkim_signer(self, raw: bytes, from_domain: str) -> str | None:
+        """The domain of a valid DKIM signature that is trusted and aligns with the From domain, or None.
 
-        Signatures of other domains are not verified at all: they could not
-        make the mail trusted, and verifying them would cost a DNS lookup.
+        Aligned as DMARC's relaxed mode has it, with the configured trusted
+        domain as the organisational domain: the signer and the From are
+        that domain or subdomains of it. Other signatures are not verified
+        at all: they could not make the mail trusted, and verifying them
+        would cost a DNS lookup each.
         """
         try:
             verifier = dkim.DKIM(raw)
             signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
         except Exception as exc:  # dkimpy raises on some malformed mail
             log.debug("DKIM: cannot read the mail: %s", exc)
-            return False
+            return None
         for index, value in enumerate(signatures):
             try:
-                signer = dkim.util.parse_tag_value(value).get(b"d", b"").decode("ascii").strip().lower()
-                if self._trusted_domain(signer.rstrip(".")) and verifier.verify(idx=index, dnsfunc=self._dns):
-                    return True
+                signer = dkim.util.parse_tag_value(value).get(b"d", b"").decode("ascii").strip().lower().rstrip(".")
+                aligned = any(_within(from_domain, d) and _within(signer, d) for d in self._trusted_domains)
+                if aligned and verifier.verify(idx=index, dnsfunc=self._dns):
+                    return signer
             except Exception as exc:  # a malformed signature is simply not valid
                 log.debug("DKIM signature %d not valid: %s", index + 1, exc)
-        return False
+        return None
 
     def _dns(self, name: bytes, timeout: int = 5) -> bytes | None:
         key = name.decode().lower().rstrip(".")
@@ -142,6 +186,10 @@ class StatusMail:
     def _is_bounce_address(self, address: str) -> bool:
         address = address.lower()
         return address.startswith(self._bounce_prefix) and address.endswith(self._bounce_domain)
+
+
+def _within(domain: str, parent: str) -> bool:
+    return domain == parent or domain.endswith("." + parent)
 
 
 def status_reply(outcome: Outcome, verdict: Verdict) -> Reply:
@@ -225,7 +273,7 @@ class _Batches(Gathered[_Mail, "tuple[Outcome, Verdict]"]):
         for mail in mails:
             try:
                 results.append(self.status.understand(mail.raw, channel=mail.channel,
-                                                      envelope_rcpts=mail.envelope_rcpts))
+                                                      envelope_rcpts=mail.envelope_rcpts, client=mail.client))
             except Exception as exc:  # understand() is not meant to raise; if it does, it is this mail's error
                 results.append(exc)
         return results
@@ -286,4 +334,4 @@ def _recorded(status: StatusMail, verdict: Verdict, outcome: Outcome, client: st
         status.metrics.report(report.channel.value, outcome.kind)
     log_event(log, "status-report", channel=report.channel.value, client=client, kind=verdict.kind,
               rule=report.rule, result=report.result, code=outcome.job_code, outcome=outcome.kind,
-              trusted=report.trusted)
+              trust=report.trust.name.lower())

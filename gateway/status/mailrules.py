@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway.config import check_zone
 from gateway.errors import ConfigError
 from gateway.status.mailparse import ParsedMail
-from gateway.status.report import REASONS, Channel, Result, StatusReport, dedup_key, parse_time
+from gateway.status.report import REASONS, Channel, Result, StatusReport, Trust, dedup_key, parse_time
 
 Source = Literal["subject", "text", "html"]
 FIELDS = ("job_code", "fax_number", "result", "pages", "duration", "cost", "reference_id", "time")
@@ -168,11 +168,11 @@ class MailRules:
     def _match(self, mail: ParsedMail) -> Compiled | None:
         return next((compiled for compiled in self._compiled if compiled.recognises(mail)), None)
 
-    def extract(self, mail: ParsedMail, *, channel: Channel, trusted: bool) -> Extraction | None:
+    def extract(self, mail: ParsedMail, *, channel: Channel, trust: Trust) -> Extraction | None:
         compiled = self._match(mail)
         if compiled is None:
             return None
-        return extract(compiled, mail, channel=channel, trusted=trusted)
+        return extract(compiled, mail, channel=channel, trust=trust)
 
     def explain(self, mail: ParsedMail) -> list[str]:
         """Why no rule recognised the mail, one line per rule."""
@@ -185,7 +185,7 @@ class MailRules:
         return lines
 
 
-def extract(compiled: Compiled, mail: ParsedMail, *, channel: Channel, trusted: bool) -> Extraction:
+def extract(compiled: Compiled, mail: ParsedMail, *, channel: Channel, trust: Trust) -> Extraction:
     rule = compiled.rule
     texts = {"subject": mail.subject, "text": mail.text, "html": mail.html_text}
     values: dict[str, str] = {}
@@ -198,7 +198,7 @@ def extract(compiled: Compiled, mail: ParsedMail, *, channel: Channel, trusted: 
     result, reason = _result(compiled, values.get("result"))
     reported_at = parse_time(values.get("time"), compiled.time_formats, compiled.zone)
     report = StatusReport(
-        channel=channel, trusted=trusted, raw=mail.raw.decode("utf-8", "replace"), result=result,
+        channel=channel, trust=trust, raw=mail.raw.decode("utf-8", "replace"), result=result,
         result_text=values.get("result"), reason=reason, fax_number=normalise_number(values.get("fax_number")),
         pages=_int(values.get("pages")), duration=_seconds(values.get("duration")), cost=values.get("cost"),
         reference_id=values.get("reference_id"), job_code=(values.get("job_code") or "").upper() or None,

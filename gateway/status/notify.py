@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from urllib.parse import quote_plus
 
 from gateway.status.mailrules import normalise_number
-from gateway.status.report import Channel, Result, StatusReport, dedup_key, parse_time
+from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key, parse_time
 
 IDENTIFIERS = ("userjobcode", "greenfaxreferenceid", "destination")
 PARAMETERS = ("result", "timestamp", "destination", "pages", "duration", "userjobcode", "greenfaxreferenceid",
@@ -52,7 +52,7 @@ def notify_report(query: Mapping[str, str], *, trusted: bool) -> StatusReport:
     # The raw call, in a canonical order, is both what is kept and what identifies a repeat.
     raw = _urlencode(sorted((k, v) for k, v in values.items()))
     return StatusReport(
-        channel=Channel.NOTIFY, trusted=trusted, raw=raw, result=result, result_text=values["result"],
+        channel=Channel.NOTIFY, trust=Trust.TRUSTED if trusted else Trust.AUTHENTIC, raw=raw, result=result, result_text=values["result"],
         reason=reason, fax_number=normalise_number(values.get("destination")), pages=_int(values.get("pages")),
         duration=_int(values.get("duration")), cost=values.get("cost") or None,
         reference_id=values.get("greenfaxreferenceid") or None,

@@ -24,6 +24,25 @@ class Result(enum.StrEnum):
     FAILED = "failed"
 
 
+class Trust(enum.IntEnum):
+    """How far a report may be believed, which decides what it may match (DESIGN.md, "Correlation and trust").
+
+    UNTRUSTED: anyone could have sent it (status mail that is neither DKIM-
+    signed by a trusted domain nor from a trusted network, any bounce). It
+    changes a job only when it carries that job's secret (the VERP tag or our
+    Message-ID, which only the upstream saw); job codes and GreenFax's
+    reference ids are guessable, so alone they never suffice.
+    AUTHENTIC: the sender is proven (the Notify URL's secret token): it may
+    match by job code and by reference id, not by number.
+    TRUSTED: from a trusted source (the IMAP mailbox, the XML feed, status
+    mail that passed the configured checks): also by number and time window.
+    """
+
+    UNTRUSTED = 0
+    AUTHENTIC = 1
+    TRUSTED = 2
+
+
 # Reasons a fax failed, a bounded set (also metric labels).
 REASONS = ("busy", "no_answer", "invalid_number", "refused_by_service", "bounced", "other")
 
@@ -33,7 +52,7 @@ class StatusReport:
     """What one channel knows of one fax's outcome. Unknown fields are None."""
 
     channel: Channel
-    trusted: bool
+    trust: Trust
     raw: str  # the raw text of the report (mail source, query string, XML row)
     result: Result | None = None  # None: the report's result text was not understood
     result_text: str | None = None  # the result as the source wrote it
@@ -49,6 +68,11 @@ class StatusReport:
     dedup_key: str = ""  # equal for the same report received twice, by any channel (see dedup_key())
     rule: str | None = None  # the status-mail rule that matched
     notes: tuple[str, ...] = field(default=())
+    job_secret: str | None = None  # the job's secret as the report presents it (a bounce's VERP tag)
+
+    @property
+    def trusted(self) -> bool:
+        return self.trust is Trust.TRUSTED
 
 
 

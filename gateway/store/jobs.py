@@ -6,6 +6,7 @@ or the CLI's own short transaction for operator actions).
 
 from __future__ import annotations
 
+import base64
 import secrets
 import sqlite3
 from collections.abc import Iterable
@@ -20,6 +21,16 @@ CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"  # no 0/O, 1/I/L, U: read aloud
 
 def new_code() -> str:
     return "FX" + "".join(secrets.choice(CODE_ALPHABET) for _ in range(6))
+
+
+def new_secret() -> str:
+    """A job's secret: 80 random bits as 16 lower-case base32 letters, safe in a local part and a Message-ID.
+
+    The job code is short enough to read aloud, and so guessable; the
+    secret goes only to the upstream (VERP address, Message-ID), so a
+    bounce that presents it is a bounce of ours.
+    """
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
 
 
 def add_event(conn: sqlite3.Connection, job_id: int, now: str, source: str, state: str | None, detail: str) -> None:
@@ -45,9 +56,10 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: str) -> list[
             code = new_code()
             try:
                 job = conn.execute(
-                    "INSERT INTO jobs (code, message_id, recipient, number, sender, state,"
-                    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-                    (code, message_id, recipient.address, recipient.number.e164, sender, now, now, now),
+                    "INSERT INTO jobs (code, secret, message_id, recipient, number, sender, state,"
+                    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    (code, new_secret(), message_id, recipient.address, recipient.number.e164, sender, now, now,
+                     now),
                 )
                 break
             except sqlite3.IntegrityError:
@@ -56,6 +68,16 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: str) -> list[
                   f"accepted from {msg.client} for {recipient.address}")
         codes.append(code)
     return codes
+
+
+def count_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | None = None) -> int:
+    """How many jobs claim_due() would find now, counting at most `limit` (the same index ranges)."""
+    due = "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_due WHERE state IN ('queued', 'deferred')" \
+          " AND next_attempt_at {} ? LIMIT ?)"
+    count = conn.execute(due.format("<="), (now, limit)).fetchone()[0]
+    if horizon and count < limit:
+        count += conn.execute(due.format(">"), (horizon, limit - count)).fetchone()[0]
+    return count
 
 
 def claim_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | None = None) -> list[ClaimedJob]:
@@ -74,7 +96,7 @@ def claim_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | Non
     if not ids:
         return []
     rows = conn.execute(
-        "SELECT j.id, j.code, j.number, j.attempts, j.created_at, m.raw, m.mail_from, m.header_from, m.smtputf8,"
+        "SELECT j.id, j.code, j.secret, j.number, j.attempts, j.created_at, m.raw, m.mail_from, m.header_from, m.smtputf8,"
         f" m.needs_8bitmime FROM jobs j JOIN messages m ON m.id = j.message_id WHERE j.id IN ({','.join('?' * len(ids))})"
         " ORDER BY j.next_attempt_at",
         ids,
@@ -88,7 +110,7 @@ def claim_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | Non
         )
         add_event(conn, row["id"], now, "forwarder", "sending", f"attempt {attempt}")
         claimed.append(ClaimedJob(
-            id=row["id"], code=row["code"], number=row["number"], attempts=attempt,
+            id=row["id"], code=row["code"], secret=row["secret"], number=row["number"], attempts=attempt,
             created_at=row["created_at"], raw=row["raw"], mail_from=row["mail_from"] or "",
             header_from=row["header_from"] or "", smtputf8=bool(row["smtputf8"]),
             needs_8bitmime=bool(row["needs_8bitmime"]),

@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 from gateway.errors import InvalidTransition, UnknownJob
-from gateway.status.report import Channel, Result, StatusReport
+from gateway.status.report import Channel, Result, StatusReport, Trust
 from gateway.store.base import iso, parse_iso
 from gateway.store.jobs import add_event
 
@@ -24,10 +24,10 @@ def report_seen(conn: sqlite3.Connection, dedup_key: str) -> sqlite3.Row | None:
 
 def job_by(conn: sqlite3.Connection, *, code: str | None = None, reference_id: str | None = None) -> sqlite3.Row | None:
     if code:
-        return conn.execute("SELECT id, code, state, number, message_id FROM jobs WHERE code = ?", (code,)).fetchone()
+        return conn.execute("SELECT id, code, secret, state, number, message_id FROM jobs WHERE code = ?", (code,)).fetchone()
     if reference_id:
         rows = conn.execute(
-            "SELECT id, code, state, number, message_id FROM jobs WHERE reference_id = ? LIMIT 2", (reference_id,)
+            "SELECT id, code, secret, state, number, message_id FROM jobs WHERE reference_id = ? LIMIT 2", (reference_id,)
         ).fetchall()
         return rows[0] if len(rows) == 1 else None
     return None
@@ -37,7 +37,7 @@ def waiting_by_number(conn: sqlite3.Connection, number: str, since: str,
                       until: str | None = None) -> list[sqlite3.Row]:
     """Jobs to `number` still waiting for a result, created since `since` (and not after `until`)."""
     return conn.execute(
-        "SELECT id, code, state, number, message_id FROM jobs WHERE number = ? AND created_at >= ?"
+        "SELECT id, code, secret, state, number, message_id FROM jobs WHERE number = ? AND created_at >= ?"
         " AND (? IS NULL OR created_at <= ?) AND state IN ('submitted', 'unknown') LIMIT 3",
         (number, since, until, until),
     ).fetchall()
@@ -49,7 +49,7 @@ def insert_report(conn: sqlite3.Connection, report: StatusReport, now: str, outc
         "INSERT INTO reports (received_at, channel, trusted, outcome, job_id, result, result_text, reason,"
         " number, pages, duration, cost, reference_id, job_code, reported_at, reported_at_raw, rule, note,"
         " dedup_key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (now, report.channel.value, int(report.trusted), outcome, job_id,
+        (now, report.channel.value, int(report.trust), outcome, job_id,
          report.result.value if report.result else None, report.result_text, report.reason, report.fax_number,
          report.pages, report.duration, report.cost, report.reference_id, report.job_code,
          _stored_time(report.reported_at) if report.reported_at else None, report.reported_at_raw, report.rule,
@@ -147,7 +147,7 @@ def mark_matched(conn: sqlite3.Connection, report_id: int, job_id: int, outcome:
 def report_from_row(row: sqlite3.Row) -> StatusReport:
     """A stored report as a StatusReport again (for `faxgw match`)."""
     return StatusReport(
-        channel=Channel(row["channel"]), trusted=bool(row["trusted"]), raw=row["raw"] or "",
+        channel=Channel(row["channel"]), trust=Trust(row["trusted"]), raw=row["raw"] or "",
         result=Result(row["result"]) if row["result"] else None, result_text=row["result_text"],
         reason=row["reason"], fax_number=row["number"], pages=row["pages"], duration=row["duration"],
         cost=row["cost"], reference_id=row["reference_id"], job_code=row["job_code"],

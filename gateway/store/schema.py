@@ -94,8 +94,15 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX jobs_created_sender ON jobs (created_at, id, sender)")
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """Trust made real: each job's secret (in its VERP address and Message-ID, so that only a bounce of ours
+    can change it), and a report's trust as a level (0 untrusted, 1 authentic, 2 trusted) where it was a flag."""
+    db["jobs"].add_column("secret", str)
+    db.execute("UPDATE reports SET trusted = 2 WHERE trusted = 1")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3,
-                                                              migration_intake_facts, _migration_5]
+                                                              migration_intake_facts, _migration_5, _migration_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -56,8 +56,11 @@ def parse_since(value: str | None) -> str | None:
     """A duration back from now ("2h", "3d") or a date/time ("2026-11-20"), as store time."""
     if not value:
         return None
+    # A moment outside the calendar (years 1 to 9999, in UTC too) is an OverflowError, not a ValueError.
     try:
         return iso(utcnow() - timedelta(seconds=parse_duration(value)))
+    except OverflowError:
+        raise _outside_calendar(value) from None
     except ValueError:
         pass
     try:
@@ -65,7 +68,15 @@ def parse_since(value: str | None) -> str | None:
     except ValueError:
         raise FilterError("since", f"{value!r}: expected a duration (\"2h\", \"3d\") or a date (\"2026-11-20\")")\
             from None
-    return iso(moment if moment.tzinfo else moment.astimezone())
+    try:
+        return iso(moment if moment.tzinfo else moment.astimezone())
+    except OverflowError:
+        raise _outside_calendar(value) from None
+
+
+def _outside_calendar(value: str) -> FilterError:
+    return FilterError("since", f"{value!r} is outside the calendar (years 1 to 9999); expected a duration such as"
+                                " \"3d\" or a date such as \"2026-11-20\"")
 
 
 def parse_number(value: str | None, region: str) -> str | None:

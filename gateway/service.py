@@ -22,6 +22,7 @@ from gateway import maintenance, store
 from gateway.config import SANDBOX_FEED_ACCOUNT, Settings
 from gateway.errors import ConfigError, StoreError
 from gateway.forward import Forwarder
+from gateway.httpguard import DescriptorBudget, raise_descriptor_limit
 from gateway.intake import Intake, Role, smtp_factory
 from gateway.logs import log_event
 from gateway.metrics import Metrics
@@ -73,6 +74,10 @@ class Service:
 
     async def start(self) -> None:
         self.lock.acquire()
+        # Before any listener: HTTP may hold half the descriptors, the rest stay for intake and the store.
+        self.nofile, problem = raise_descriptor_limit()
+        log_event(log, "fd-limit", level=logging.WARNING if problem else logging.INFO, nofile=self.nofile,
+                  http_connections=DescriptorBudget.of(self.nofile).limit, problem=problem)
         try:
             self._prepare_store()
             self.writer.start()
@@ -231,7 +236,7 @@ class Service:
     async def _start_web(self) -> None:
         self.web = Web(self.settings, writer=self.writer, policy=self.status_mail.policy, metrics=self.metrics,
                        read_store=self.read_store, health=self.health,
-                       region=self.rules.numbers.default_region)
+                       region=self.rules.numbers.default_region, nofile=self.nofile)
         await self.web.start()
 
     def _start_imap(self) -> None:

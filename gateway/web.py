@@ -6,18 +6,21 @@
   committed before its 200. Notify may have listeners of its own (it faces
   the internet; the API and metrics need not).
 - `GET /api/jobs`, `GET /api/jobs/<code>`: what `faxgw status` and `faxgw
-  show` print, as JSON; a bearer token is required when the listener is not
-  loopback-only.
+  show` print, as JSON; the bearer token `[http] api_token` is required
+  whenever it is set (loopback too), and it must be set beyond loopback.
 - `GET /healthz` (200 or 503 naming the failing part), `GET /metrics`.
 
-Access logs never carry the Notify token or query strings.
+Every connection goes through gateway/httpguard.py (caps, head and idle
+timeouts, a share of the descriptors). Logs never carry the Notify token or
+query strings: the access log masks everything after `/notify/`, and a
+request head aiohttp cannot parse is answered without logging it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
-import ipaddress
 import logging
 import re
 import sqlite3
@@ -28,8 +31,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from gateway.config import Settings
+from gateway.config import Settings, in_networks
 from gateway.errors import ConfigError, UnknownJob
+from gateway.httpguard import (MAX_HEADER_LINE, MAX_REQUEST_LINE, ConnectionMetrics, DescriptorBudget, Gate,
+                               GuardedHandler, mark_requests)
 from gateway.jobfilter import FilterError, parse_filter
 from gateway.logs import log_event
 from gateway.metrics import CONTENT_TYPE, Metrics
@@ -41,7 +46,9 @@ from gateway.store import Writer, get_job, iso, list_jobs, utcnow
 from gateway.store import reports as reports_db
 
 log = logging.getLogger("faxgw.http")
-_TOKEN_IN_PATH = re.compile(r"(/greenfax/notify/)[^/?]*")
+# Everything after "/notify/", however the path is spelt: a token may hold an
+# encoded slash, and a misspelt route (/GreenFax/Notify/, //notify/) is still a token.
+_TOKEN_IN_PATH = re.compile(r"(/notify/?).*", re.IGNORECASE | re.DOTALL)
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -61,7 +68,7 @@ class AccessLogger(AbstractAccessLogger):
 class Web:
     def __init__(self, settings: Settings, *, writer: Writer, policy: CorrelationPolicy, metrics: Metrics,
                  read_store: Callable[[], sqlite3.Connection], health: Callable[[], Awaitable[dict[str, Any]]],
-                 region: str) -> None:
+                 region: str, nofile: int) -> None:
         self.settings = settings
         self.writer = writer
         self.policy = policy
@@ -69,7 +76,11 @@ class Web:
         self.read_store = read_store
         self.health = health
         self.region = region
+        self.nofile = nofile  # the process's descriptor limit: HTTP may hold half of it (httpguard.DescriptorBudget)
         self.runners: list[web.AppRunner] = []
+        self.servers: list[asyncio.Server] = []
+        self.connections = ConnectionMetrics(metrics.registry)
+        self._budget: DescriptorBudget | None = None  # set at start, from the descriptor limit
         self.tls_contexts: list[ssl.SSLContext] = []  # kept so SIGHUP can load a renewed certificate into them
         self.addresses: dict[str, list[tuple[str, int]]] = {"http": [], "notify": []}
         self._reports = Batched(writer, apply_report)  # Notify calls that arrive together share a writer call
@@ -81,6 +92,7 @@ class Web:
     # --- listeners ------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._budget = DescriptorBudget.of(self.nofile)
         http, notify = self.settings.http, self.settings.notify
         own_notify = bool(notify.listen)
         await self._serve("http", self._app(api=True, notify=not own_notify), http.listen)
@@ -88,23 +100,40 @@ class Web:
             await self._serve("notify", self._app(api=False, notify=True), notify.listen)
 
     async def stop(self) -> None:
+        for server in self.servers:
+            server.close()  # no new connections
         for runner in self.runners:
-            await runner.cleanup()
+            await runner.cleanup()  # closes the open ones
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
         self.runners.clear()
 
     async def _serve(self, name: str, app: web.Application, listen: list[tuple[str, int]]) -> None:
-        runner = web.AppRunner(app, access_log_class=AccessLogger, access_log=log, handle_signals=False)
+        """Listen on each address with a gate of its own; aiohttp's runner holds the app and its connections."""
+        http = self.settings.http
+        runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         self.runners.append(runner)
         context = self._tls_context()
+        loop = asyncio.get_running_loop()
+        assert self._budget is not None
         for host, port in listen:
-            site = web.TCPSite(runner, host, port, ssl_context=context, reuse_address=True)
+            gate = Gate(name, max_connections=http.max_connections, max_per_client=http.max_connections_per_client,
+                        header_timeout=http.header_timeout, budget=self._budget, metrics=self.connections)
+            handler = functools.partial(GuardedHandler, gate, runner.server, loop=loop,
+                                        keepalive_timeout=http.idle_timeout, access_log_class=AccessLogger,
+                                        access_log=log, max_line_size=MAX_REQUEST_LINE,
+                                        max_field_size=MAX_HEADER_LINE)
             try:
-                await site.start()
+                server = await loop.create_server(
+                    handler, host, port, ssl=context, reuse_address=True, backlog=128,
+                    # A TLS handshake is part of the head: it gets no longer than the head itself.
+                    ssl_handshake_timeout=(http.header_timeout or None) if context else None)
             except OSError as exc:
                 raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
-            server = site._server  # aiohttp exposes the bound port only here
-            self.addresses[name].append(server.sockets[0].getsockname()[:2])  # type: ignore[union-attr]
+            self.servers.append(server)
+            self.addresses[name].append(server.sockets[0].getsockname()[:2])
 
     def _tls_context(self) -> ssl.SSLContext | None:
         http = self.settings.http
@@ -115,10 +144,11 @@ class Web:
         return context
 
     def _app(self, *, api: bool, notify: bool) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=64 * 1024, middlewares=[mark_requests])
         if notify:
-            app.router.add_get("/greenfax/notify/{token}", self.notify)
-            app.router.add_get("/greenfax/notify/", self.notify)
+            # GET only: add_get would add HEAD too, and a HEAD must not apply a report.
+            app.router.add_get("/greenfax/notify/{token}", self.notify, allow_head=False)
+            app.router.add_get("/greenfax/notify/", self.notify, allow_head=False)
         if api:
             app.router.add_get("/api/jobs", self.jobs)
             app.router.add_get("/api/jobs/{code}", self.job)
@@ -146,18 +176,13 @@ class Web:
         return web.Response(text="OK\n")
 
     def _source_allowed(self, remote: str | None) -> bool:
-        if not self._networks:
-            return True
-        try:
-            ip = ipaddress.ip_address((remote or "").split("%")[0])
-        except ValueError:
-            return False
-        return any(ip in net for net in self._networks if net.version == ip.version)
+        return not self._networks or in_networks(remote or "", self._networks)
 
     # --- API, health, metrics -------------------------------------------------------------------------
 
     def _authorised(self, request: web.Request) -> None:
-        if self.settings.http.loopback_only:
+        """A token, once set, is always required; without one the API is open on a loopback-only listener."""
+        if self._api_token is None and self.settings.http.loopback_only:
             return
         header = request.headers.get("Authorization", "")
         given = header.removeprefix("Bearer ").encode() if header.startswith("Bearer ") else b""

@@ -388,38 +388,67 @@ def rules() -> None:
 
 @rules.command("test")
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per file.")
 @pass_context
-def rules_test(obj: Context, files: tuple[str, ...]) -> None:
-    """Show, for each mail file, which rule matched and every field it extracted, or why none did.
+def rules_test(obj: Context, files: tuple[str, ...], as_json: bool) -> None:
+    """Show, for each mail file, every rule that recognised it, what each found, and which was used and why.
+
+    Trust is shown as if the mail came by SMTP (mail read from the IMAP
+    mailbox is trusted). Exits 1 when a file is recognised by no rule.
 
     \b
     Example:
       faxgw rules test status-mail.eml
     """
-    from gateway.rules import load_addressing
     from gateway.status.inbound import StatusMail
+    from gateway.status.mailparse import parse_mail
     from gateway.status.mailrules import load_rules
-    from gateway.status.report import Channel
+    from gateway.status.report import Channel, Trust
 
     settings = obj.settings
-    load_addressing(settings.addressing)
     status = StatusMail(settings, load_rules(settings.status.rule_files))
-    from gateway.status.mailparse import parse_mail
-
+    results = []
     for name in files:
         with open(name, "rb") as fh:
             raw = fh.read()
+        mail = parse_mail(raw)
         verdict = status.understand(raw, channel=Channel.SMTP)
-        trusted, checks = status.trust_checks(parse_mail(raw))
+        trusted, checks = status.trust_checks(mail)
         report = verdict.report
-        click.echo(f"{name}: {verdict.kind}: {verdict.explanation}")
-        if verdict.kind != "unrecognised":
-            for key in ("result", "reason", "fax_number", "pages", "duration", "cost", "reference_id", "job_code",
-                        "reported_at", "reported_at_raw", "trust"):
-                value = getattr(report, key)
-                if key == "trust":  # as if it came by SMTP; mail read from the IMAP mailbox is trusted
-                    value = f"{'trusted' if trusted else 'untrusted'} ({'; '.join(checks)})"
-                click.echo(f"  {key + ':':16} {value if value is not None else '-'}")
+        fields = {key: getattr(report, key) for key in RULE_TEST_FIELDS} if verdict.kind != "unrecognised" else {}
+        if "reported_at" in fields and fields["reported_at"] is not None:
+            fields["reported_at"] = str(fields["reported_at"])
+        attempts = status.rules.attempts(mail, channel=Channel.SMTP, trust=Trust.UNTRUSTED)
+        results.append({
+            "file": name, "kind": verdict.kind, "explanation": verdict.explanation, "fields": fields,
+            "trust": {"trusted": trusted, "checks": checks},
+            "rules": [{"name": a.rule.name, "recognised": a.extraction is not None, "used": a.why.startswith("used"),
+                       "why": a.why, "found": a.extraction.values if a.extraction else {}} for a in attempts],
+        })
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            _print_rule_test(result)
+    if any(result["kind"] == "unrecognised" for result in results):
+        sys.exit(1)
+
+
+RULE_TEST_FIELDS = ("result", "reason", "fax_number", "pages", "duration", "cost", "reference_id", "job_code",
+                    "reported_at", "reported_at_raw")
+
+
+def _print_rule_test(result: dict[str, Any]) -> None:
+    click.echo(f"{result['file']}: {result['kind']}: {result['explanation']}")
+    for key, value in result["fields"].items():
+        click.echo(f"  {key + ':':16} {value if value is not None else '-'}")
+    trust = result["trust"]
+    click.echo(f"  {'trust:':16} {'trusted' if trust['trusted'] else 'untrusted'} ({'; '.join(trust['checks'])})")
+    click.echo("  rules tried, in order:")
+    for rule in result["rules"]:
+        click.echo(f"    {rule['name']}: {rule['why']}")
+        if rule["found"]:
+            click.echo("      found: " + ", ".join(f"{k}={v!r}" for k, v in rule["found"].items()))
 
 
 cli.add_command(feed)

@@ -8,6 +8,7 @@ time has no zone, read in the rule's time zone).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -58,18 +59,24 @@ def faxgw(config_path: Path, *args: str, timeout: float = 30) -> subprocess.Comp
                           check=False)
 
 
-def rules_test(config_path: Path, *files: Path) -> dict[str, tuple[str, dict[str, str]]]:
-    """`faxgw rules test FILE...`: per file, its headline and the fields printed under it."""
+def rules_test(config_path: Path, *files: Path, code: int = 0) -> dict[str, tuple[str, dict[str, str]]]:
+    """`faxgw rules test FILE...`: per file, its headline and the fields printed under it (the rules tried
+    are left out: `rules_tried` reads them)."""
     result = faxgw(config_path, "rules", "test", *map(str, files))
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == code, result.stderr
     assert result.stderr == ""
     shown: dict[str, tuple[str, dict[str, str]]] = {}
     current: dict[str, str] = {}
+    in_rules = False
     for line in result.stdout.splitlines():
-        if line.startswith("  "):
-            key, _, value = line.strip().partition(":")
-            current[key] = value.strip()
+        if line.startswith("  rules tried"):
+            in_rules = True
+        elif line.startswith("  "):
+            if not in_rules:
+                key, _, value = line.strip().partition(":")
+                current[key] = value.strip()
         else:
+            in_rules = False
             name, _, headline = line.partition(": ")
             current = {}
             shown[name] = (headline, current)
@@ -153,10 +160,10 @@ def test_rules_test_says_why_no_rule_recognised_a_mail(tmp_path):
     invoice.write_bytes(b"From: GreenFax Billing <billing@greenfax.com>\r\nTo: faxes@office.example\r\n"
                         b"Subject: Your invoice for November\r\n\r\nAmount due: 12.00 USD\r\n")
 
-    shown = rules_test(write_config(tmp_path), invoice)
+    shown = rules_test(write_config(tmp_path), invoice, code=1)  # recognised by no rule: exit 1
 
     headline, fields = shown[str(invoice)]
-    assert fields == {}
+    assert list(fields) == ["trust"]
     assert headline == (
         "unrecognised: no rule recognised it ("
         "greenfax-sandbox: sender 'billing@greenfax.com' matches none of ['^status@sandbox\\\\.greenfax\\\\.localhost$']; "
@@ -213,7 +220,8 @@ def test_an_operator_rule_adds_a_layout_and_one_of_the_same_name_replaces_the_sh
     replaced = tmp_path / "replaced.eml"
     replaced.write_bytes(GERMAN_REPORT.format(sender="status@sandbox.greenfax.localhost").encode())
 
-    shown = rules_test(write_config(tmp_path, rule_files=[own]), german, replaced, DATA / "sandbox-busy.eml")
+    shown = rules_test(write_config(tmp_path, rule_files=[own]), german, replaced, DATA / "sandbox-busy.eml",
+                       code=1)  # the last is recognised by no rule any more
 
     for path, rule in ((german, "office-german"), (replaced, "greenfax-sandbox")):
         headline, fields = shown[str(path)]
@@ -236,15 +244,25 @@ BROKEN = [
     (GOOD_RULE.format(name="r2", sender="x").replace("(FX[0-9A-Z]{6})", "FX[0-9A-Z]{6}"),
      "rule r2: fields.job_code.pattern: the pattern '^Auftrag:\\\\s*FX[0-9A-Z]{6}' needs one capturing group"),
     (GOOD_RULE.format(name="r3", sender="x").replace("fax_number =", "fax_numbr ="),
-     ("rule r3: fields: unknown field(s) fax_numbr; known: job_code, fax_number, result, pages, duration, cost,"
-      " reference_id, time")),
+     ("rule r3: fields: unknown field(s) fax_numbr; known: job_code, fax_number, result, reason, pages, duration,"
+      " cost, reference_id, time")),
     (GOOD_RULE.format(name="r4", sender="x").replace('reason = "busy"', 'reason = "line_busy"'),
      ("rule r4: results.1.reason: reason 'line_busy' is not one of busy, no_answer, invalid_number,"
       " refused_by_service, bounced, other")),
     (GOOD_RULE.format(name="r5", sender="x").replace("result = {", "outcome = {"),
      "rule r5: fields: unknown field(s) outcome"),
     (GOOD_RULE.format(name="r6", sender="x").replace("senders =", "sender ="),
-     "rule r6: sender: Extra inputs are not permitted"),
+     "rule r6: sender: unknown key; allowed: name, description, senders, subject, timezone, required, fields,"
+     " results, reasons"),
+    (GOOD_RULE.format(name="r9", sender="x").replace("(FX[0-9A-Z]{6})", "(FX)([0-9A-Z]{6})"),
+     "rule r9: fields.job_code.pattern: the pattern '^Auftrag:\\\\s*(FX)([0-9A-Z]{6})' has 2 capturing groups: keep"
+     " one, make the others (?:...), or name the one to take (?P<value>...)"),
+    (GOOD_RULE.format(name="r10", sender="x").replace("job_code = {{ pattern", "job_code = {{ sorces = [], pattern")
+     .replace("job_code = { pattern", "job_code = { sorces = [], pattern"),
+     "rule r10: fields.job_code.sorces: unknown key; allowed: pattern, sources, formats"),
+    (GOOD_RULE.format(name="r11", sender="x").replace("^Ergebnis:\\s*(.+?)\\s*$' }",
+                                                       "^Ergebnis:\\s*(.+?)\\s*$', sources = ['body'] }"),
+     "rule r11: fields.result.sources: unknown source 'body'; expected subject, text, html, original.subject,"),
     (GOOD_RULE.format(name="r7", sender="x").replace("subject =", "timezone = 'Mars/Olympus'\nsubject ="),
      "rule r7: timezone: 'Mars/Olympus' is not an IANA time zone"),
     (GOOD_RULE.format(name="r8", sender="x").replace('result = "delivered"', 'result = "sent"'),
@@ -286,3 +304,89 @@ def test_load_rules_reports_the_first_broken_rule_of_several_files(tmp_path):
     assert re.fullmatch(rf"{re.escape(str(bad))}: rule bad: results\.1\.match: not a valid regular expression"
                         r" '\(besetzt': .*", str(caught.value))
     assert [rule.name for rule in load_rules([good]).rules][-1] == "fine"
+
+
+# --- what an operator can teach ---------------------------------------------------------------------
+
+RETURNS_ORIGINAL = """
+[[rule]]
+name = "returns-original"
+senders = ['@greenfax\\.com$']
+subject = '^fax status\\b'
+
+[rule.fields]
+job_code = { pattern = '\\[(FX[0-9A-Z]{6})\\]', sources = ["original.subject"] }
+reference_id = { pattern = '^(\\d+)$', sources = ["header.X-GreenFax-Job"] }
+result = { pattern = '^(?:status|result):\\s*(?P<value>\\w+)\\s*$' }
+reason = { pattern = '^reason\\s*\\n\\s*(.+?)\\s*$', sources = ["text"] }
+
+[[rule.results]]
+match = 'delivered'
+result = "delivered"
+
+[[rule.results]]
+match = 'failed'
+result = "failed"
+reason = "other"
+
+[[rule.reasons]]
+match = 'line busy.*'
+reason = "busy"
+"""
+
+# A layout the shipped greenfax-html-table rule recognises (sender and subject) but cannot read: no table.
+ORIGINAL_ATTACHED = (
+    "From: GreenFax <notifications@greenfax.com>\r\nTo: faxes@office.example\r\nSubject: Fax status\r\n"
+    "X-GreenFax-Job: 8591777\r\nMessage-ID: <s1@greenfax.com>\r\nMIME-Version: 1.0\r\n"
+    'Content-Type: multipart/mixed; boundary="B"\r\n\r\n'
+    "--B\r\nContent-Type: text/plain\r\n\r\nResult: FAILED\r\n\r\nReason\r\n   Line busy, tried 3 times\r\n\r\n"
+    "--B\r\nContent-Type: message/rfc822\r\n\r\n"
+    "From: faxes@office.example\r\nTo: 12125551234@greenfax.com\r\nSubject: [FX7K3M9Q] Invoice 4711\r\n"
+    "Message-ID: <FX7K3M9Q.abc@gw.test>\r\n\r\nPlease find the invoice attached.\r\n--B--\r\n").encode()
+
+
+def test_a_rule_reads_the_returned_original_a_header_and_a_reason_written_apart(tmp_path):
+    own = tmp_path / "own.toml"
+    own.write_text(RETURNS_ORIGINAL)
+    settings = config.validate({"sandbox": {"enabled": True}, "status": {"rule_files": [str(own)]}},
+                               source="test", base=tmp_path)
+    verdict = StatusMail(settings, load_rules(settings.status.rule_files)).understand(
+        ORIGINAL_ATTACHED, channel=Channel.SMTP)
+
+    assert (verdict.kind, verdict.report.rule) == ("rule", "returns-original")
+    report = verdict.report
+    assert (report.job_code, report.reference_id, report.result, report.reason) == (
+        "FX7K3M9Q", "8591777", Result.FAILED, "busy")
+
+
+def test_a_rule_that_recognises_but_reads_nothing_lets_the_next_rule_try_and_rules_test_shows_both(tmp_path):
+    own = tmp_path / "own.toml"
+    own.write_text(RETURNS_ORIGINAL)
+    mail = tmp_path / "original.eml"
+    mail.write_bytes(ORIGINAL_ATTACHED)
+
+    result = faxgw(write_config(tmp_path, rule_files=[own]), "rules", "test", "--json", str(mail))
+
+    assert result.returncode == 0, result.stderr
+    (shown,) = json.loads(result.stdout)
+    assert shown["kind"] == "rule" and shown["fields"]["job_code"] == "FX7K3M9Q"
+    by_rule = {rule["name"]: rule for rule in shown["rules"]}
+    assert by_rule["greenfax-html-table"] == {
+        "name": "greenfax-html-table", "recognised": True, "used": False, "found": {},
+        "why": "recognised, but found no result: the next rule tries"}
+    assert by_rule["returns-original"]["used"] and by_rule["returns-original"]["found"]["reason"] == (
+        "Line busy, tried 3 times")
+    assert not by_rule["greenfax-sandbox"]["recognised"]
+    text = faxgw(write_config(tmp_path, rule_files=[own]), "rules", "test", str(mail)).stdout
+    assert "    greenfax-html-table: recognised, but found no result: the next rule tries\n" in text
+    assert "    returns-original: used: the first rule that recognised the mail and found every required field" \
+        in text
+
+
+def test_rules_test_exits_1_when_no_rule_recognises_a_mail(tmp_path):
+    stranger = tmp_path / "stranger.eml"
+    stranger.write_bytes(b"From: a@b.example\r\nSubject: hello\r\n\r\nhi\r\n")
+    result = faxgw(write_config(tmp_path), "rules", "test", "--json", str(DATA / "plaintext-success.eml"),
+                   str(stranger))
+    assert result.returncode == 1
+    assert [entry["kind"] for entry in json.loads(result.stdout)] == ["rule", "unrecognised"]

@@ -3,32 +3,48 @@
 GreenFax does not document its status email, so the wording lives in
 rules/status/*.toml (and the operator's own files), not in code. A rule says
 how to recognise a status mail (sender and subject patterns) and where each
-field is (a pattern with one group, searched in the subject, the plain-text
-body and/or the HTML body turned into text), and maps result texts to
-delivered/failed and a reason. The first rule that recognises a mail wins.
+field is (a pattern searched in one or more sources: the subject, the plain-
+text body, the HTML body turned into text, a header of the mail, or a header
+of the original message it returns), and maps result texts (and, where the
+mail writes the reason apart, reason texts) to delivered/failed and a reason.
+Every pattern is case-insensitive; field patterns are multi-line (^ and $
+match at each line). A field takes the pattern's one capturing group, or the
+group named `value` where it has more.
+
+Rules are tried in order (the shipped ones, then the operator's): the first
+that recognises a mail AND extracts every field it requires (`required`,
+by default `result`) is used; one that recognises it but extracts too little
+lets the next rule try, so that a broad rule cannot swallow a layout a later
+rule reads completely.
 """
 
 from __future__ import annotations
 
+import email
+import email.policy
 import re
 import tomllib
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import phonenumbers
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway import mime
 from gateway.config import check_zone
 from gateway.errors import ConfigError
 from gateway.status.mailparse import ParsedMail
 from gateway.status.report import REASONS, Channel, Result, StatusReport, Trust, dedup_key, parse_time
 
-Source = Literal["subject", "text", "html"]
-FIELDS = ("job_code", "fax_number", "result", "pages", "duration", "cost", "reference_id", "time")
+FIELDS = ("job_code", "fax_number", "result", "reason", "pages", "duration", "cost", "reference_id", "time")
+BODY_SOURCES = ("subject", "text", "html")
+ORIGINAL_SOURCES = ("original.subject", "original.message_id", "original.to", "original.from")
+SOURCES_HELP = ("subject, text, html, original.subject, original.message_id, original.to, original.from,"
+                " or header.<Name>")
 
 
 def _regex(value: str) -> str:
@@ -45,15 +61,27 @@ class _Model(BaseModel):
 
 class FieldRule(_Model):
     pattern: str
-    sources: list[Source] = ["text", "html"]
+    sources: list[str] = ["text", "html"]
     formats: list[str] = []  # for `time`: strptime formats tried in order
 
     @field_validator("pattern")
     @classmethod
     def _one_group(cls, value: str) -> str:
         _regex(value)
-        if re.compile(value).groups < 1:
+        compiled = re.compile(value)
+        if compiled.groups < 1:
             raise ValueError(f"the pattern {value!r} needs one capturing group")
+        if compiled.groups > 1 and "value" not in compiled.groupindex:
+            raise ValueError(f"the pattern {value!r} has {compiled.groups} capturing groups: keep one, make the"
+                             " others (?:...), or name the one to take (?P<value>...)")
+        return value
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        for source in value:
+            if source not in BODY_SOURCES + ORIGINAL_SOURCES and not re.fullmatch(r"header\.[!-9;-~]+", source):
+                raise ValueError(f"unknown source {source!r}; expected {SOURCES_HELP}")
         return value
 
 
@@ -70,9 +98,28 @@ class ResultRule(_Model):
     @field_validator("reason")
     @classmethod
     def _known_reason(cls, value: str | None) -> str | None:
-        if value is not None and value not in REASONS:
-            raise ValueError(f"reason {value!r} is not one of {', '.join(REASONS)}")
-        return value
+        return _known_reason(value)
+
+
+class ReasonRule(_Model):
+    match: str  # a pattern for the whole text of the `reason` field, case-insensitive
+    reason: str
+
+    @field_validator("match")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        return _regex(value)
+
+    @field_validator("reason")
+    @classmethod
+    def _known_reason(cls, value: str) -> str:
+        return _known_reason(value) or value
+
+
+def _known_reason(value: str | None) -> str | None:
+    if value is not None and value not in REASONS:
+        raise ValueError(f"reason {value!r} is not one of {', '.join(REASONS)}")
+    return value
 
 
 class MailRule(_Model):
@@ -81,8 +128,10 @@ class MailRule(_Model):
     senders: list[str] = []  # patterns for the From address; empty = any sender
     subject: str | None = None  # pattern the subject must match
     timezone: str = "UTC"  # for times written without a zone
+    required: list[str] = ["result"]  # fields the rule must find, else the next rule tries
     fields: dict[str, FieldRule]
     results: list[ResultRule] = Field(min_length=1)
+    reasons: list[ReasonRule] = []  # for a reason written apart from the result (the `reason` field)
 
     @field_validator("senders")
     @classmethod
@@ -109,10 +158,14 @@ class MailRule(_Model):
             raise ValueError("a rule must extract `result`")
         return value
 
-    def recognises(self, mail: ParsedMail) -> bool:
-        if self.senders and not any(re.search(p, mail.from_addr, re.IGNORECASE) for p in self.senders):
-            return False
-        return self.subject is None or re.search(self.subject, mail.subject, re.IGNORECASE) is not None
+    @model_validator(mode="after")
+    def _required_fields(self) -> MailRule:
+        missing = [name for name in self.required if name not in self.fields]
+        if missing:
+            raise ValueError(f"required: {', '.join(missing)} is not among the rule's fields")
+        if self.reasons and "reason" not in self.fields:
+            raise ValueError("reasons: the rule has no `reason` field for them to read")
+        return self
 
 
 @dataclass(frozen=True)
@@ -123,6 +176,20 @@ class Extraction:
     values: dict[str, str]  # field -> the text the pattern captured
     report: StatusReport
 
+    @property
+    def missing(self) -> list[str]:
+        """The required fields the rule did not find: with any, the next rule tries."""
+        return [name for name in self.rule.required if name not in self.values]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One rule against one mail, for `faxgw rules test`: whether it recognised it, what it found, why."""
+
+    rule: MailRule
+    extraction: Extraction | None  # None: not recognised
+    why: str
+
 
 @dataclass(frozen=True, slots=True)
 class Compiled:
@@ -131,8 +198,9 @@ class Compiled:
     rule: MailRule
     senders: tuple[re.Pattern[str], ...]
     subject: re.Pattern[str] | None
-    fields: tuple[tuple[str, re.Pattern[str], tuple[Source, ...]], ...]
+    fields: tuple[tuple[str, re.Pattern[str], tuple[str, ...]], ...]
     results: tuple[tuple[re.Pattern[str], Result, str | None], ...]
+    reasons: tuple[tuple[re.Pattern[str], str], ...]
     time_formats: list[str]
     zone: ZoneInfo
 
@@ -144,14 +212,20 @@ class Compiled:
             fields=tuple((name, re.compile(f.pattern, re.IGNORECASE | re.MULTILINE), tuple(f.sources))
                          for name, f in rule.fields.items()),
             results=tuple((re.compile(r.match, re.IGNORECASE), r.result, r.reason) for r in rule.results),
+            reasons=tuple((re.compile(r.match, re.IGNORECASE), r.reason) for r in rule.reasons),
             time_formats=rule.fields["time"].formats if "time" in rule.fields else [], zone=ZoneInfo(rule.timezone),
         )
 
     def recognises(self, mail: ParsedMail) -> bool:
-        """MailRule.recognises(), with the compiled patterns."""
+        return self.refusal(mail) is None
+
+    def refusal(self, mail: ParsedMail) -> str | None:
+        """Why the rule does not recognise the mail, or None when it does."""
         if self.senders and not any(p.search(mail.from_addr) for p in self.senders):
-            return False
-        return self.subject is None or self.subject.search(mail.subject) is not None
+            return f"sender {mail.from_addr or '(none)'!r} matches none of {self.rule.senders}"
+        if self.subject is not None and self.subject.search(mail.subject) is None:
+            return f"subject {mail.subject!r} does not match {self.rule.subject!r}"
+        return None
 
 
 class MailRules:
@@ -161,41 +235,99 @@ class MailRules:
         self.rules = rules
         self._compiled = [Compiled.of(rule) for rule in rules]
 
-    def match(self, mail: ParsedMail) -> MailRule | None:
-        compiled = self._match(mail)
-        return compiled.rule if compiled is not None else None
-
-    def _match(self, mail: ParsedMail) -> Compiled | None:
-        return next((compiled for compiled in self._compiled if compiled.recognises(mail)), None)
-
     def extract(self, mail: ParsedMail, *, channel: Channel, trust: Trust) -> Extraction | None:
-        compiled = self._match(mail)
-        if compiled is None:
-            return None
-        return extract(compiled, mail, channel=channel, trust=trust)
+        """The first rule that recognises the mail and finds every field it requires; None if none does."""
+        sources = _Sources(mail)
+        for compiled in self._compiled:
+            if compiled.recognises(mail):
+                extraction = extract(compiled, mail, sources, channel=channel, trust=trust)
+                if not extraction.missing:
+                    return extraction
+        return None
+
+    def attempts(self, mail: ParsedMail, *, channel: Channel, trust: Trust) -> list[Attempt]:
+        """Every rule against the mail, in order, and why each was or was not used (`faxgw rules test`)."""
+        sources = _Sources(mail)
+        found: list[Attempt] = []
+        used = False
+        for compiled in self._compiled:
+            refusal = compiled.refusal(mail)
+            if refusal is not None:
+                found.append(Attempt(compiled.rule, None, f"not recognised: {refusal}"))
+                continue
+            extraction = extract(compiled, mail, sources, channel=channel, trust=trust)
+            if extraction.missing:
+                why = f"recognised, but found no {', '.join(extraction.missing)}: the next rule tries"
+            elif used:
+                why = "recognised and complete, but an earlier rule was used"
+            else:
+                why, used = "used: the first rule that recognised the mail and found every required field", True
+            found.append(Attempt(compiled.rule, extraction, why))
+        return found
 
     def explain(self, mail: ParsedMail) -> list[str]:
-        """Why no rule recognised the mail, one line per rule."""
-        lines = []
-        for rule in self.rules:
-            if rule.senders and not any(re.search(p, mail.from_addr, re.IGNORECASE) for p in rule.senders):
-                lines.append(f"{rule.name}: sender {mail.from_addr or '(none)'!r} matches none of {rule.senders}")
-            elif rule.subject is not None:
-                lines.append(f"{rule.name}: subject {mail.subject!r} does not match {rule.subject!r}")
-        return lines
+        """Why no rule was used, one line per rule."""
+        return [f"{attempt.rule.name}: {attempt.why.removeprefix('not recognised: ')}"
+                for attempt in self.attempts(mail, channel=Channel.SMTP, trust=Trust.UNTRUSTED)]
 
 
-def extract(compiled: Compiled, mail: ParsedMail, *, channel: Channel, trust: Trust) -> Extraction:
+class _Sources:
+    """The texts a rule's patterns search, each made once per mail and only when a rule asks for it."""
+
+    def __init__(self, mail: ParsedMail) -> None:
+        self.mail = mail
+        self._original: dict[str, str] | None = None
+
+    def text(self, source: str) -> str:
+        mail = self.mail
+        if source == "subject":
+            return mail.subject
+        if source == "text":
+            return mail.text
+        if source == "html":
+            return mail.html_text
+        if source.startswith("header."):
+            return mail.headers.get(source.removeprefix("header.").lower(), "")
+        if self._original is None:
+            self._original = original_headers(mail.raw)
+        return self._original.get(source.removeprefix("original.").replace("_", "-"), "")
+
+
+def original_headers(raw: bytes) -> dict[str, str]:
+    """The headers of the original message a status mail returns (a message/rfc822 or text/rfc822-headers
+    part), names in lower case, encoded words decoded; empty when it returns none. Never raises."""
+    try:
+        message = email.message_from_bytes(raw, policy=email.policy.compat32)
+        for part in message.walk():
+            kind = part.get_content_type()
+            if kind == "message/rfc822" and isinstance(part.get_payload(), list) and part.get_payload():
+                original = part.get_payload()[0]
+            elif kind == "text/rfc822-headers":
+                payload = part.get_payload(decode=True) or b""
+                original = email.message_from_bytes(payload, policy=email.policy.compat32)
+            else:
+                continue
+            return {name.lower(): mime.decoded(str(value)) for name, value in original.items()}
+    except Exception:  # noqa: BLE001 - a status mail must never be lost to this
+        pass
+    return {}
+
+
+def extract(compiled: Compiled, mail: ParsedMail, sources: _Sources | None = None, *, channel: Channel,
+            trust: Trust) -> Extraction:
     rule = compiled.rule
-    texts = {"subject": mail.subject, "text": mail.text, "html": mail.html_text}
+    sources = sources or _Sources(mail)
     values: dict[str, str] = {}
-    for name, pattern, sources in compiled.fields:
-        for source in sources:
-            found = pattern.search(texts[source])
-            if found and found[1] is not None:
-                values[name] = found[1].strip()
+    for name, pattern, places in compiled.fields:
+        for source in places:
+            found = pattern.search(sources.text(source))
+            value = found and (found["value"] if "value" in pattern.groupindex else found[1])
+            if value is not None and value is not False and value.strip():
+                values[name] = value.strip()
                 break
     result, reason = _result(compiled, values.get("result"))
+    if result is Result.FAILED and "reason" in values:
+        reason = _reason(compiled, values["reason"]) or reason
     reported_at = parse_time(values.get("time"), compiled.time_formats, compiled.zone)
     report = StatusReport(
         channel=channel, trust=trust, raw=mail.raw.decode("utf-8", "replace"), result=result,
@@ -215,6 +347,10 @@ def _result(compiled: Compiled, text: str | None) -> tuple[Result | None, str | 
         if pattern.fullmatch(text.strip()):
             return result, reason
     return None, None
+
+
+def _reason(compiled: Compiled, text: str) -> str | None:
+    return next((reason for pattern, reason in compiled.reasons if pattern.fullmatch(text.strip())), None)
 
 
 @lru_cache(maxsize=4096)
@@ -320,10 +456,24 @@ def _parse_file(name: str, text: str) -> list[MailRule]:
         try:
             parsed.append(MailRule.model_validate(entry))
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'rule'}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
-            )
+            problems = "; ".join(_problem(error) for error in exc.errors())
             raise ConfigError(f"{name}: rule {label}: {problems}") from None
     if set(data) - {"rule"}:
         raise ConfigError(f"{name}: unknown top-level key(s) {sorted(set(data) - {'rule'})}; rules go in [[rule]] tables")
     return parsed
+
+
+def _problem(error: Any) -> str:
+    """One validation error as "where: what"; an unknown key lists the keys allowed there."""
+    where = ".".join(map(str, error["loc"])) or "rule"
+    if error["type"] != "extra_forbidden":
+        return f"{where}: {error['msg'].removeprefix('Value error, ')}"
+    model: type[BaseModel] = MailRule
+    for part in error["loc"][:-1]:
+        if part == "fields":
+            model = FieldRule
+        elif part == "results":
+            model = ResultRule
+        elif part == "reasons":
+            model = ReasonRule
+    return f"{where}: unknown key; allowed: {', '.join(model.model_fields)}"

@@ -216,3 +216,25 @@ def test_informational_dsn_is_an_event_not_unmatched(conn):
     assert outcome.kind == "informational" and job["state"] == "submitted"
     assert job["events"][-1]["detail"].startswith("informational DSN")
     assert reports_db.list_reports(conn) == []
+
+
+def test_a_report_contradicting_the_jobs_reference_id_never_matches_it_by_number(conn):
+    code = make_job(conn, "+13125550129")
+    conn.execute("UPDATE jobs SET reference_id = '8591335' WHERE code = ?", (code,))
+    outcome = apply(conn, report(1, fax_number="+13125550129", reference_id="8591337"))
+    assert outcome.kind == "unmatched" and state_of(conn, code) == "submitted"
+    assert f"{code}: GreenFax reference id 8591335, the report 8591337" in outcome.detail
+    # A report naming a job code no job has is another fax too.
+    assert apply(conn, report(2, fax_number="+13125550129", job_code="FXZZZZ22")).kind == "unmatched"
+    assert store.get_job(conn, code)["reference_id"] == "8591335"
+
+
+def test_a_reference_id_conflict_on_a_report_matched_by_code_is_recorded_and_flagged(conn):
+    code = make_job(conn)
+    conn.execute("UPDATE jobs SET reference_id = '8591335' WHERE code = ?", (code,))
+    outcome = apply(conn, report(job_code=code, reference_id="8591337"))
+    job = store.get_job(conn, code)
+    assert outcome.kind == "applied" and job["state"] == "failed"
+    assert (job["reference_id"], job["flagged"]) == ("8591335", 1)
+    assert any("reference id conflict: the job has 8591335, this report says 8591337" in e["detail"]
+               for e in job["events"])

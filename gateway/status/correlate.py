@@ -200,7 +200,13 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
         return "flagged", detail
     impossible = report.result is Result.DELIVERED and report.pages == 0
     text = summary(report) + ("; delivered with 0 pages is impossible (flagged)" if impossible else "")
-    db.apply_result(conn, job["id"], report, now, summary=text, source=source, flagged=impossible)
+    conflict = bool(job["reference_id"] and report.reference_id and job["reference_id"] != report.reference_id)
+    if conflict:
+        # Matched by another key (the job code), yet GreenFax's id differs: kept, and said, never overwritten.
+        db.note_on_job(conn, job["id"], now, source, f"reference id conflict: the job has {job['reference_id']},"
+                       f" this report says {report.reference_id}; {job['reference_id']} kept (flagged for review)",
+                       flag=True)
+    db.apply_result(conn, job["id"], report, now, summary=text, source=source, flagged=impossible or conflict)
     if report.result.value in policy.notify_states:
         enqueue_notification(conn, job["id"], now)
     return "applied", text
@@ -231,12 +237,26 @@ def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPo
         return None, "no job code, reference id or fax number", False
     anchor = report.reported_at or parse_iso(now)
     until = iso(anchor + scope.created_before_report) if scope.created_before_report is not None else None
-    candidates = db.waiting_by_number(conn, report.fax_number, iso(anchor - policy.window), until)
+    waiting = db.waiting_by_number(conn, report.fax_number, iso(anchor - policy.window), until)
+    # A job whose own keys the report contradicts is another fax to the same number.
+    candidates = [job for job in waiting if _contradiction(job, report) is None]
     if len(candidates) == 1:
         return candidates[0], "by fax number and time window", False
+    if waiting and not candidates:
+        return None, f"the job to {report.fax_number} waiting for a result is another fax: " + "; ".join(
+            f"{job['code']}: {_contradiction(job, report)}" for job in waiting), False
     if not candidates:
         return None, f"no job to {report.fax_number} waiting for a result", True
     return None, f"ambiguous: several jobs to {report.fax_number} wait for a result", False
+
+
+def _contradiction(job: sqlite3.Row, report: StatusReport) -> str | None:
+    """What in the report contradicts what the job already has (another fax), or None."""
+    if report.job_code and report.job_code != job["code"]:
+        return f"the report names job code {report.job_code}"
+    if report.reference_id and job["reference_id"] and report.reference_id != job["reference_id"]:
+        return f"GreenFax reference id {job['reference_id']}, the report {report.reference_id}"
+    return None
 
 
 def _match_untrusted(conn: sqlite3.Connection, report: StatusReport) -> tuple[sqlite3.Row | None, str, bool]:

@@ -24,10 +24,10 @@ def report_seen(conn: sqlite3.Connection, dedup_key: str) -> sqlite3.Row | None:
 
 def job_by(conn: sqlite3.Connection, *, code: str | None = None, reference_id: str | None = None) -> sqlite3.Row | None:
     if code:
-        return conn.execute("SELECT id, code, secret, state, number, message_id FROM jobs WHERE code = ?", (code,)).fetchone()
+        return conn.execute("SELECT id, code, secret, state, number, message_id, reference_id FROM jobs WHERE code = ?", (code,)).fetchone()
     if reference_id:
         rows = conn.execute(
-            "SELECT id, code, secret, state, number, message_id FROM jobs WHERE reference_id = ? LIMIT 2", (reference_id,)
+            "SELECT id, code, secret, state, number, message_id, reference_id FROM jobs WHERE reference_id = ? LIMIT 2", (reference_id,)
         ).fetchall()
         return rows[0] if len(rows) == 1 else None
     return None
@@ -37,7 +37,7 @@ def waiting_by_number(conn: sqlite3.Connection, number: str, since: str,
                       until: str | None = None) -> list[sqlite3.Row]:
     """Jobs to `number` still waiting for a result, created since `since` (and not after `until`)."""
     return conn.execute(
-        "SELECT id, code, secret, state, number, message_id FROM jobs WHERE number = ? AND created_at >= ?"
+        "SELECT id, code, secret, state, number, message_id, reference_id FROM jobs WHERE number = ? AND created_at >= ?"
         " AND (? IS NULL OR created_at <= ?) AND state IN ('submitted', 'unknown') LIMIT 3",
         (number, since, until, until),
     ).fetchall()

@@ -40,6 +40,7 @@ from gateway.metrics import Metrics
 from gateway.models import NULL_SENDER, FaxNumber, NewMessage, Recipient, Refusal, Reply
 from gateway.passwords import PasswordChecker
 from gateway.policy import SUBJECT_MAILBOX, Policy, shown
+from gateway.replies import refuse
 from gateway.status.inbound import StatusMail, receive, status_reply
 from gateway.status.report import Channel
 from gateway.store import Writer, iso, utcnow
@@ -142,7 +143,7 @@ class IntakeSMTP(NullSenderSMTP):
             await super()._handle_client()
             return
         # Over the client's connection limit: 421 instead of the greeting (RFC 5321 3.1).
-        self.intake.log_refusal(self.session, self.connect_refusal)
+        self.intake.log_refusal(self.session, self.connect_refusal, stage="connect")
         await self.push(str(self.connect_refusal.reply))
         assert self.transport is not None
         self.transport.close()
@@ -173,7 +174,7 @@ class IntakeSMTP(NullSenderSMTP):
             if command != "QUIT":
                 refusal = self._session_refusal(command)
                 if refusal is not None:
-                    self.intake.log_refusal(self.session, refusal, command=command)
+                    self.intake.log_refusal(self.session, refusal, stage=command.lower())
                     await self.push(str(refusal.reply))
                     assert self.transport is not None
                     self.transport.close()
@@ -252,13 +253,27 @@ class IntakeSMTP(NullSenderSMTP):
         # exactly one reply per command, so aiosmtpd must not check again.
         if await self.check_helo_needed() or await self.check_auth_needed("MAIL"):
             return
-        if arg:
-            match = re.search(r"\sSIZE=(\d+)", " " + arg, re.IGNORECASE)
-            if match and self.data_size_limit and int(match[1]) > self.data_size_limit:
-                await self.push(replies.format_reply(
-                    replies.SIZE_DECLARED_TOO_BIG, size=match[1], limit=self.data_size_limit))
-                return
+        refusal = self._mail_refusal(arg or "")
+        if refusal is not None:
+            await self._refuse(refusal, "mail")
+            return
         await super().smtp_MAIL(arg)
+
+    def _mail_refusal(self, arg: str) -> Refusal | None:
+        """What aiosmtpd would let through at MAIL: an unbalanced <, or a SIZE over the limit."""
+        written = re.match(r"(?i)FROM:\s*(\S*)", arg.strip())
+        address = written[1] if written else ""
+        if address.startswith("<") != (">" in address):
+            return refuse(replies.BAD_SENDER_SYNTAX, "sender-syntax")
+        match = re.search(r"\sSIZE=(\d+)", " " + arg, re.IGNORECASE)
+        if match and self.data_size_limit and int(match[1]) > self.data_size_limit:
+            return refuse(replies.SIZE_DECLARED_TOO_BIG, "size", size=match[1], limit=self.data_size_limit)
+        return None
+
+    async def _refuse(self, refusal: Refusal, stage: str) -> None:
+        """A refusal the protocol layer gives itself: logged and counted like every other, then sent."""
+        self.intake.log_refusal(self.session, refusal, stage=stage)
+        await self.push(str(refusal.reply))
 
     @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str | None) -> None:
@@ -291,14 +306,14 @@ class IntakeSMTP(NullSenderSMTP):
             content, problem = self._check_lines(content)
         if problem is not None:
             self._set_post_data_state()
-            await self.push(problem)
+            await self._refuse(problem, "data")
             return
         self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push(status)
 
-    async def _read_data(self) -> tuple[bytes, str | None]:
+    async def _read_data(self) -> tuple[bytes, Refusal | None]:
         """Read up to CRLF.CRLF in large pieces; an oversized message is read to its end and dropped."""
         limit = self._data_limit()
         # The CRLF that ended the DATA command counts as the line end before
@@ -323,7 +338,7 @@ class IntakeSMTP(NullSenderSMTP):
         # The message is the `end` octets up to its last CRLF (RFC 1870 counts
         # that CRLF, but not the "." line).
         if dropped or (limit and end > limit):
-            return b"", replies.format_reply(replies.DATA_TOO_BIG, limit=limit)
+            return b"", refuse(replies.DATA_TOO_BIG, "size", limit=limit)
         data = bytes(buffer[2 : end + 2])  # keep the CRLF that ends the last line
         # Dot-unstuffing (RFC 5321 4.5.2): a leading dot on any line is removed.
         if data.startswith(b"."):
@@ -345,35 +360,35 @@ class IntakeSMTP(NullSenderSMTP):
         if pipelined:
             self._reader._buffer[0:0] = pipelined  # type: ignore[attr-defined]
 
-    def _check_lines(self, data: bytes) -> tuple[bytes, str | None]:
+    def _check_lines(self, data: bytes) -> tuple[bytes, Refusal | None]:
         """Bare LF, bare CR, over-long lines and a missing header get a reply naming the real problem."""
         crlf = data.count(b"\r\n")
         if data.count(b"\n") != crlf:
             if self.bare_lf != "normalize":
-                return data, replies.format_reply(replies.BARE_LF)
+                return data, refuse(replies.BARE_LF, "bare-lf")
             # A bare LF is taken as a line end, so the line after it was
             # dot-stuffed by the client like any other (Python's smtplib does so).
             data = re.sub(rb"(?<!\r)\n\.", b"\n", data)
             data = re.sub(rb"\r?\n", b"\r\n", data)
             crlf = data.count(b"\r\n")
         if data.count(b"\r") != crlf:
-            return data, replies.format_reply(replies.BARE_CR)
+            return data, refuse(replies.BARE_CR, "bare-cr")
         if _has_long_line(data, self.data_line_limit):
-            return data, replies.format_reply(replies.LINE_TOO_LONG, limit=self.data_line_limit)
+            return data, refuse(replies.LINE_TOO_LONG, "line-length", limit=self.data_line_limit)
         if not data or data.startswith(b"\r\n"):
             # Nothing, or a body without a header: not a message to fax, even
             # where the rules let a body alone become a fax.
-            return data, replies.format_reply(replies.NO_HEADERS)
+            return data, refuse(replies.NO_HEADERS, "no-header")
         return data, self._check_header(data)
 
-    def _check_header(self, data: bytes) -> str | None:
+    def _check_header(self, data: bytes) -> Refusal | None:
         """A header block over its limits is refused before anything parses it."""
         end = data.find(b"\r\n\r\n")
         size = end + 2 if end >= 0 else len(data)
         if size > self.header_size:
-            return replies.format_reply(replies.HEADER_TOO_BIG, limit=f"{self.header_size} bytes")
+            return refuse(replies.HEADER_TOO_BIG, "header-size", limit=f"{self.header_size} bytes")
         if data.count(b"\r\n", 0, size) > self.header_lines:
-            return replies.format_reply(replies.HEADER_TOO_BIG, limit=f"{self.header_lines} lines")
+            return refuse(replies.HEADER_TOO_BIG, "header-size", limit=f"{self.header_lines} lines")
         return None
 
 
@@ -422,7 +437,7 @@ class Intake:
         # addresses (GreenFax's servers, bounces from <>), so whether this
         # sender may fax is decided per recipient.
         if refusal is not None and not server.role.status:
-            self.log_refusal(session, refusal, sender=shown(address))
+            self.log_refusal(session, refusal, stage="mail", sender=shown(address))
             return str(refusal.reply)
         envelope.mail_from = address or NULL_SENDER
         envelope.mail_options.extend(options)
@@ -488,7 +503,8 @@ class Intake:
                     return self._take_recipient(envelope, result, options)
             else:
                 refusal = result
-        self.log_refusal(session, refusal, sender=shown(envelope.mail_from or ""), recipient=shown(address))
+        self.log_refusal(session, refusal, stage="rcpt", sender=shown(envelope.mail_from or ""),
+                         recipient=shown(address))
         return str(refusal.reply)
 
     def _take_recipient(self, envelope: Envelope, recipient: Recipient, options: list[str]) -> str:
@@ -523,7 +539,7 @@ class Intake:
                 recipient = Recipient(recipient.address, FaxNumber(number.e164))
             recipients.append(recipient)
         if refusal is not None:
-            self.log_refusal(session, refusal, sender=shown(envelope.mail_from))
+            self.log_refusal(session, refusal, stage="data", sender=shown(envelope.mail_from))
             return str(refusal.reply)
         message = NewMessage(
             raw=raw, mail_from=mail_from, client=client.key, helo=mime.storable(session.host_name or ""),
@@ -549,7 +565,7 @@ class Intake:
             refusal = self.limits.duplicate_refusal(outcome)
         else:
             refusal = self.limits.daily_refusal(client if outcome.scope == "client" else sender, outcome)
-        self.log_refusal(session, refusal, sender=shown(envelope.mail_from))
+        self.log_refusal(session, refusal, stage="data", sender=shown(envelope.mail_from))
         return str(refusal.reply)
 
     def _accepted(self, session: Session, envelope: Envelope, message: NewMessage, outcome: Admitted) -> str:
@@ -572,7 +588,7 @@ class Intake:
         """Mail to a status address: parsed, correlated and stored before the 250, never faxed."""
         refusal = self.limits.take_status_message(session.peer[0] if session.peer else "?")
         if refusal is not None:
-            self.log_refusal(session, refusal, sender=shown(envelope.mail_from or ""))
+            self.log_refusal(session, refusal, stage="data", sender=shown(envelope.mail_from or ""))
             return str(refusal.reply)
         try:
             outcome, verdict = await receive(self.status, self.writer, raw, channel=Channel.SMTP,
@@ -611,7 +627,7 @@ class Intake:
         client = session.peer[0] if session.peer else "?"
         user = auth_data.login.decode("utf-8", "replace")
         if not self.limits.auth.begin(user):
-            self.log_refusal(session, Refusal(replies.AUTH_BUSY, "auth-concurrent"), user=shown(user))
+            self.log_refusal(session, Refusal(replies.AUTH_BUSY, "auth-concurrent"), stage="auth", user=shown(user))
             return str(replies.AUTH_BUSY), None
         try:
             if not await self.passwords.check(user, auth_data.password):
@@ -626,7 +642,7 @@ class Intake:
             self.limits.auth.end(user)
         refusal = self.limits.open_session(user)
         if refusal is not None:
-            self.log_refusal(session, refusal, user=shown(user))
+            self.log_refusal(session, refusal, stage="auth", user=shown(user))
             return str(refusal.reply), None
         session.authenticated = True
         session.auth_data = auth_data
@@ -634,7 +650,8 @@ class Intake:
         log_event(log, "auth", client=client, user=shown(user), mechanism=mechanism, result="ok")
         return str(replies.AUTH_OK), user
 
-    def log_refusal(self, session: Session | None, refusal: Refusal, **fields: str) -> None:
+    def log_refusal(self, session: Session | None, refusal: Refusal, *, stage: str, **fields: str) -> None:
+        """Every refusal, at every stage, the same way: one `event=refused` line with its stage and check, counted."""
         reply = refusal.reply
         # The reply to a refused attachment names its file, and logs never
         # carry file names (DESIGN.md, "Privacy"): log its codes only.
@@ -644,7 +661,7 @@ class Intake:
             if refusal.check in LIMIT_NAMES:
                 self.metrics.limit_refusals.labels(refusal.check).inc()
         client = session.peer[0] if session is not None and session.peer else "?"
-        log_event(log, "refused", client=client, check=refusal.check, reply=text, **fields)
+        log_event(log, "refused", client=client, stage=stage, check=refusal.check, reply=text, **fields)
 
 
 def _has_long_line(data: bytes, limit: int) -> bool:

@@ -46,6 +46,7 @@ from PIL import Image
 from pypdf import PdfReader
 
 from gateway import mime, replies
+from gateway.replies import refuse
 from gateway.config import LimitSettings, Settings, in_networks
 from gateway.models import FaxNumber, Recipient, Refusal, Reply
 from gateway.policy import Policy
@@ -289,7 +290,7 @@ class IntakeLimits:
             limit = self.status.max_connections_per_client
             if limit and self.status_connections[client] >= limit and not in_networks(
                     client, self.status.trusted_networks):
-                return _refusal(replies.CONNECTION_LIMIT, "status-connections",
+                return refuse(replies.CONNECTION_LIMIT, "status-connections",
                                 limit=counted(limit, "concurrent connections"), who=f"client {client}")
             self.status_connections[client] += 1
             return None
@@ -308,7 +309,7 @@ class IntakeLimits:
         count, frees_at = self.windows.count(key, now)
         if count >= limit:
             reset = self.clock() + timedelta(seconds=frees_at - now)
-            return _refusal(replies.MESSAGE_RATE_LIMIT, "status-messages-per-minute",
+            return refuse(replies.MESSAGE_RATE_LIMIT, "status-messages-per-minute",
                             limit=counted(limit, "status mails"), who=f"client {client}",
                             at=reset.astimezone(self.zone).strftime("%H:%M:%S"), zone=self.zone_name,
                             seconds=max(1, math.ceil(frees_at - now)))
@@ -324,7 +325,7 @@ class IntakeLimits:
     def _open(self, counts: Counter[str], party: Party, reply: Reply, unit: str) -> Refusal | None:
         limit = self.amount(party, "connections")
         if limit and counts[party.key] >= limit:
-            return _refusal(reply, limit_name(party, "connections"), limit=counted(limit, unit), who=party.shown)
+            return refuse(reply, limit_name(party, "connections"), limit=counted(limit, unit), who=party.shown)
         counts[party.key] += 1
         return None
 
@@ -340,7 +341,7 @@ class IntakeLimits:
             count, frees_at = self.windows.count(f"{party.scope}:{party.key}", now)
             if count >= limit:
                 reset = self.clock() + timedelta(seconds=frees_at - now)
-                return _refusal(replies.MESSAGE_RATE_LIMIT, limit_name(party, "messages_per_minute"),
+                return refuse(replies.MESSAGE_RATE_LIMIT, limit_name(party, "messages_per_minute"),
                                 limit=counted(limit, "messages"),
                                 who=party.shown, at=reset.astimezone(self.zone).strftime("%H:%M:%S"),
                                 zone=self.zone_name, seconds=max(1, math.ceil(frees_at - now)))
@@ -407,13 +408,13 @@ class IntakeLimits:
     def daily_refusal(self, party: Party, over: OverQuota) -> Refusal:
         name = limit_name(party, f"{over.unit}_per_day")
         if over.needed > over.limit:
-            return _refusal(replies.OVER_DAILY_LIMIT, name, needed=counted(over.needed, over.unit),
+            return refuse(replies.OVER_DAILY_LIMIT, name, needed=counted(over.needed, over.unit),
                             limit=counted(over.limit, over.unit), who=party.shown)
         if over.unit == "pages":
             detail = f"{over.used} today, this message needs {over.needed}"
         else:
             detail = f"{over.used} today" + (f", {over.needed} in this message" if over.needed > 1 else "")
-        return _refusal(replies.DAILY_LIMIT, name, limit=counted(over.limit, over.unit), who=party.shown,
+        return refuse(replies.DAILY_LIMIT, name, limit=counted(over.limit, over.unit), who=party.shown,
                         detail=detail, zone=self.zone_name)
 
     # --- DATA: duplicates and holds ---
@@ -450,7 +451,7 @@ class IntakeLimits:
 
     def duplicate_refusal(self, duplicate: Duplicate) -> Refusal:
         at = parse_iso(duplicate.created_at).astimezone(self.zone).strftime("%H:%M")
-        return _refusal(replies.DUPLICATE_FAX, "duplicate", number=duplicate.number, code=duplicate.code, at=at,
+        return refuse(replies.DUPLICATE_FAX, "duplicate", number=duplicate.number, code=duplicate.code, at=at,
                         zone=self.zone_name, window=span(self.duplicates.window))
 
 
@@ -460,10 +461,6 @@ def _over(quota: DailyQuota, used: tuple[int, int], faxes: int) -> OverQuota | N
     if quota.pages and used[1] + faxes > quota.pages:
         return OverQuota(quota.scope, "pages", quota.pages, used[1], faxes)
     return None
-
-
-def _refusal(reply: Reply, check: str, **values: object) -> Refusal:
-    return Refusal(Reply(reply.code, reply.enhanced, reply.text.format(**values)), check)
 
 
 def _release(counts: Counter[str], key: str) -> None:

@@ -14,6 +14,7 @@ import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType
 
 from gateway import replies
+from gateway.replies import refuse
 from gateway.config import Settings, in_networks
 from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal, Reply
 from gateway.rules import AddressingRules
@@ -21,10 +22,6 @@ from gateway.rules import AddressingRules
 # The separators people write in numbers; the subject pattern of the rules admits the same.
 _NUMBER_CHARS = re.compile(r"^\+?[0-9()./\-]+$")
 SUBJECT_MAILBOX = "subject-mailbox"  # marker: the number comes from the subject at DATA time
-
-
-def refuse(reply: Reply, check: str, **values: object) -> Refusal:
-    return Refusal(Reply(reply.code, reply.enhanced, reply.text.format(**values)), check)
 
 
 def shown(text: str) -> str:
@@ -92,6 +89,11 @@ class Policy:
         if local.startswith(".") or local.endswith(".") or ".." in local:
             return refuse(replies.BAD_ADDRESS, "address-syntax", address=address,
                           problem="a local part neither begins nor ends with a dot, nor has two in a row")
+        if local[:1] in "-/" or local[-1:] in "-/+" or re.search(r"[-./+]{2}", local):
+            # Separators go between digits, as people write them: "-12125551234" is no way of writing a number.
+            return refuse(replies.BAD_ADDRESS, "address-syntax", address=address,
+                          problem="a fax number begins with + or a digit and ends with a digit, with one"
+                                  " separator (- . /) at most between digits")
         if re.search(r"[\s()]", local):
             # People write numbers with spaces and brackets (the subject rule
             # takes them), but in an address they are not part of it at all.

@@ -6,7 +6,7 @@ and says what the sender can do about it.
 
 from __future__ import annotations
 
-from gateway.models import Reply
+from gateway.models import Refusal, Reply
 
 SANDBOX_NOTE = "SANDBOX: nothing is faxed"
 
@@ -26,6 +26,7 @@ def queued(codes: list[str], *, sandbox: bool, held: dict[str, list[str]] | None
 
 
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax: unbalanced < and >; write MAIL FROM:<address>")
 
 
 def recipient_ok(number: str) -> Reply:
@@ -123,6 +124,6 @@ STORE_FAILED = Reply(451, "4.3.0", "Local error while storing the message; it wa
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
 
 
-def format_reply(reply: Reply, **values: object) -> str:
-    """The reply as one SMTP line, its placeholders filled in."""
-    return f"{reply.code} {reply.enhanced} {reply.text.format(**values)}"
+def refuse(reply: Reply, check: str, **values: object) -> Refusal:
+    """A refusal by the check named `check` (a bounded label for logs and metrics), its placeholders filled in."""
+    return Refusal(Reply(reply.code, reply.enhanced, reply.text.format(**values)), check)

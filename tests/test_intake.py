@@ -545,6 +545,8 @@ REFUSED_RECIPIENTS = [
     (f"{NUMBER}@example.org", 550, "5.7.1", ("relay denied", f"<{NUMBER}@example.org>")),
     ("1212555abcd@greenfax.com", 553, "5.1.3", ("<1212555abcd@greenfax.com>", "must be a fax number")),
     ("123@greenfax.com", 553, "5.1.3", ("<123@greenfax.com>", "not a valid phone number")),
+    ("-12125551234@greenfax.com", 553, "5.1.3", ("<-12125551234@greenfax.com>", "begins with + or a digit")),
+    ("1212-555-1234-@greenfax.com", 553, "5.1.3", ("ends with a digit",)),
     ("19005550123@greenfax.com", 550, "5.7.1", ("<19005550123@greenfax.com>", "+19005550123", "premium-rate")),
     ("881612345678@greenfax.com", 550, "5.7.1", ("<881612345678@greenfax.com>", "+881612345678", "satellite")),
     ("442079460000@greenfax.com", 550, "5.7.1", ("<442079460000@greenfax.com>", "+442079460000", "international")),
@@ -767,7 +769,8 @@ def with_bare_lf(message: bytes) -> bytes:
     return message.replace(b"\r\n", b"\n").removesuffix(b"\n")
 
 
-async def test_bare_lf_is_refused_naming_bare_lf(gateway, connect):
+async def test_bare_lf_is_refused_naming_bare_lf(gateway, connect, caplog):
+    caplog.set_level(logging.INFO, logger="faxgw")
     gw = await gateway()
     client = await connect(gw.port)
     message = with_bare_lf(fax_message())
@@ -775,6 +778,22 @@ async def test_bare_lf_is_refused_naming_bare_lf(gateway, connect):
     answer = await submit(client, message)
     assert_refused(answer, 550, "5.6.0", "bare LF", "CRLF", "bare_lf")
     assert "too long" not in answer.text.lower()
+    await assert_still_serving(client)
+    # Logged and counted like a refusal at RCPT: one line with its stage and check.
+    (line,) = [r.getMessage() for r in caplog.records if "event=refused" in r.getMessage()]
+    assert line.startswith("event=refused client=127.0.0.1 stage=data check=bare-lf reply=\"550 5.6.0 ")
+    assert 'faxgw_messages_refused_total{reason="bare-lf"} 1.0' in gw.service.metrics.render().decode()
+
+
+@pytest.mark.parametrize("command", ["MAIL FROM:<app@legacy.example", "MAIL FROM:app@legacy.example>",
+                                     "MAIL FROM:<app@legacy.example SIZE=100"])
+async def test_an_unbalanced_sender_is_refused(gateway, connect, command, caplog):
+    caplog.set_level(logging.INFO, logger="faxgw")
+    gw = await gateway()
+    client = await connect(gw.port)
+    assert_refused(await client.command(command), 501, "5.1.7", "unbalanced", "MAIL FROM:<address>")
+    assert_reply(await client.command(f"RCPT TO:<{FAX}>"), 503)
+    assert "stage=mail check=sender-syntax" in caplog.text
     await assert_still_serving(client)
 
 

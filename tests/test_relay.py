@@ -151,10 +151,11 @@ def fax_rules(address: str) -> str | None:
     """The E.164 number if the shipped fax rules accept this RCPT address exactly as written, else None.
 
     `<digits with optional + and the separators - . />@<fax domain>`, in
-    ASCII, a dot-string local part, a valid number of the default region
-    (US) that is not premium-rate, satellite or another refused kind.
+    ASCII, a dot-string local part whose separators stand one at a time
+    between digits, a valid number of the default region (US) that is not
+    premium-rate, satellite or another refused kind.
     """
-    match = re.fullmatch(r"(\+?[0-9./-]+)@([A-Za-z.]+)", address)
+    match = re.fullmatch(r"(\+?[0-9]+(?:[./-][0-9]+)*)@([A-Za-z.]+)", address)
     if match is None or not address.isascii():
         return None
     local, domain = match[1], match[2]
@@ -179,7 +180,8 @@ def test_the_independent_rules_agree_with_the_plain_cases():
     assert fax_rules("2125550123@fax.localhost") == "+12125550123"
     assert fax_rules("+1-312-555-0123@FAX.localhost") == "+13125550123"
     for refused in ("19005550123@greenfax.com", "442079460000@greenfax.com", "12125551234@greenfax.com.",
-                    "12125551234.@greenfax.com", "12125551234@evil.example", "١٢١٢٥٥٥١٢٣٤@greenfax.com"):
+                    "12125551234.@greenfax.com", "12125551234@evil.example", "١٢١٢٥٥٥١٢٣٤@greenfax.com",
+                    "-12125551234@greenfax.com", "1212-555-1234-@greenfax.com", "1212--5551234@greenfax.com"):
         assert fax_rules(refused) is None, refused
 
 

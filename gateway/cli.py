@@ -7,6 +7,7 @@ neither, the sandbox set-up applies (store under ./var/).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 from typing import Any
@@ -140,26 +141,37 @@ def sandbox(obj: Context, listen: str | None, fail_auth: str | None, fail_rcpt: 
 
 
 @cli.command("check-config")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings as JSON (durations in seconds).")
 @pass_context
-def check_config(obj: Context) -> None:
+def check_config(obj: Context, as_json: bool) -> None:
     """Validate the config (and rules) and print the effective settings, secrets masked.
+
+    The settings are printed as the config file would write them (TOML), the
+    addressing rules in force after them; warnings go to standard error.
 
     \b
     Example:
       faxgw --config /etc/faxgw/faxgw.toml check-config
     """
-    from gateway.rules import load_addressing
+    import tomli_w
 
+    from gateway.rules import load_addressing
     from gateway.status.mailrules import load_rules
 
     settings = obj.settings
     rules = load_addressing(settings.addressing)
-    status_rules = load_rules(settings.status.rule_files)
-    data = config_module.effective(settings)
-    data["status_rules"] = [rule.name for rule in status_rules.rules]
-    data["addressing"] = rules.model_dump(mode="json")
+    status_rules = [rule.name for rule in load_rules(settings.status.rule_files).rules]
     click.echo(f"# {settings.source}: OK" + (" (SANDBOX)" if settings.sandbox_mode else ""))
-    click.echo(json.dumps(data, indent=2, default=str))
+    if as_json:
+        data = config_module.effective(settings)
+        data["status_rules"] = status_rules
+        data["addressing"] = rules.model_dump(mode="json")
+        click.echo(json.dumps(data, indent=2, default=str))
+    else:
+        click.echo(config_module.render(settings))
+        click.echo(f"# status-mail rules, in the order they are tried: {', '.join(status_rules)}")
+        click.echo("# addressing rules in force (rules/addressing.toml with the config's [addressing] overrides):")
+        click.echo(tomli_w.dumps({"addressing": rules.model_dump(mode="json")}).rstrip("\n"))
     for warning in config_module.warnings(settings):
         click.echo(f"faxgw: warning: {warning}", err=True)
 
@@ -253,6 +265,23 @@ def status(obj: Context, states: tuple[str, ...], number: str | None, sender: st
                              ("age", "AGE"), ("last_result", "LAST RESULT")]))
 
 
+def _when(stored: str | None) -> str | None:
+    """A stored time for people: "2026-11-27 01:02:03 UTC", with the fraction of a second only where it has one
+    (a report's time is to the second; the gateway's own times to the microsecond)."""
+    if not stored:
+        return stored
+    moment = store.parse_iso(stored)
+    fraction = f".{moment.microsecond:06d}" if moment.microsecond else ""
+    return f"{moment:%Y-%m-%d %H:%M:%S}{fraction} UTC"
+
+
+def _cost(cost: str | None, currency: str) -> str | None:
+    """A cost with its currency: GreenFax writes "0.20" (the account's currency), sometimes "$0.20"."""
+    if not cost:
+        return None
+    return f"{cost} {currency}" if re.fullmatch(r"\d+(?:\.\d+)?", cost.strip()) else cost
+
+
 def _default_region(settings: Settings) -> str:
     from gateway.rules import load_addressing
 
@@ -278,15 +307,20 @@ def show(obj: Context, code: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(job, indent=2))
         return
+    shown = {**job, "duration": f"{job['duration']} s" if job.get("duration") is not None else None,
+             "cost": _cost(job.get("cost"), obj.settings.greenfax.currency)}
+    for key in ("created_at", "updated_at", "next_attempt_at", "reported_at"):
+        shown[key] = _when(job.get(key))
     for key in ("code", "number", "recipient", "sender", "state", "reason", "attempts", "created_at",
                 "updated_at", "next_attempt_at", "last_result", "upstream_reply", "reference_id", "pages",
                 "duration", "cost", "reported_at"):
-        if job.get(key) not in (None, ""):
-            click.echo(f"{key + ':':16} {job[key]}")
+        if shown.get(key) not in (None, ""):
+            click.echo(f"{key + ':':16} {shown[key]}")
     if job.get("flagged"):
         click.echo(f"{'flagged:':16} yes: a report contradicted this job or was impossible; see the events")
     click.echo("")
-    click.echo(_table(job["events"], [("at", "TIME"), ("source", "SOURCE"), ("state", "STATE"), ("detail", "DETAIL")]))
+    events = [{**event, "at": _when(event["at"])} for event in job["events"]]
+    click.echo(_table(events, [("at", "TIME"), ("source", "SOURCE"), ("state", "STATE"), ("detail", "DETAIL")]))
     if job["reports"]:
         click.echo("\nStatus reports received:")
         click.echo(_table(job["reports"], REPORT_TABLE))

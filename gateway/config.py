@@ -406,6 +406,7 @@ class GreenfaxSettings(Section):
     """Facts of the GreenFax account."""
 
     timezone: str = "America/New_York"  # the zone of the XML feed's dates
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$")  # of the account: how `faxgw show` writes costs
 
     @field_validator("timezone")
     @classmethod
@@ -648,8 +649,9 @@ def _sandbox_feed_defaults(data: dict[str, Any]) -> None:
         feed["url"] = f"http://{host}:{port}/api/xml/outbound.php"
     feed.setdefault("accountid", SANDBOX_FEED_ACCOUNT[0])
     feed.setdefault("password", SANDBOX_FEED_ACCOUNT[1])
-    feed.setdefault("min_interval", minimum + 5)
+    # One interval, a little above the sandbox's own limit and not more often than a minute.
     feed.setdefault("interval", max(60, minimum + 5))
+    feed.setdefault("min_interval", feed["interval"])
     data["feed"] = feed
 
 
@@ -713,6 +715,113 @@ def warnings(settings: Settings) -> list[str]:
         found.append("status.require_dkim = false and no status.trusted_networks: no status mail received by SMTP"
                      " is trusted, so it changes a job only as a bounce with the job's secret")
     return found
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as the config writes it: "30d", "2h", "90s", "0.2s" (the largest unit that divides it)."""
+    for unit in ("d", "h", "m", "s"):
+        size = _DURATION_UNITS[unit]
+        if seconds >= size and float(seconds / size).is_integer():
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def format_size(size: int) -> str:
+    """A size as the config writes it: "20MiB", "256KiB", or bytes."""
+    for unit in ("GiB", "MiB", "KiB"):
+        factor = _SIZE_UNITS[unit.lower()]
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def format_host_port(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def render(settings: Settings) -> str:
+    """The effective settings as the config file would write them (TOML), secrets masked, for check-config.
+
+    Durations and sizes are written with their units, addresses as HOST:PORT;
+    a key without a value is a comment.
+    """
+    import tomli_w
+
+    out: list[str] = []
+    _render_section(settings, [], out, tomli_w)
+    return "\n".join(out).strip() + "\n"
+
+
+def _render_section(section: BaseModel, path: list[str], out: list[str], tomli_w: Any) -> None:
+    values: dict[str, Any] = {}
+    unset: list[str] = []
+    subsections: list[tuple[str, BaseModel]] = []
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if name == "source":
+            continue
+        if isinstance(value, BaseModel):
+            subsections.append((name, value))
+        elif name == "addressing":
+            continue  # the overrides: check-config prints the effective rules after the settings
+        elif value is None:
+            unset.append(name)
+        else:
+            values[name] = _rendered(name, value, _formatters(field))
+    if path:
+        out.append(f"\n[{'.'.join(path)}]")
+    out.extend(f"{_toml_key(key, tomli_w)} = {_toml_value(value, tomli_w)}" for key, value in values.items())
+    out.extend(f"# {name} = (not set)" for name in unset)
+    for name, sub in subsections:
+        _render_section(sub, [*path, name], out, tomli_w)
+
+
+def _toml_key(key: str, tomli_w: Any) -> str:
+    return tomli_w.dumps({key: 0}).split(" = ", 1)[0]
+
+
+def _toml_value(value: Any, tomli_w: Any) -> str:
+    """One value in TOML, lists and tables inline (tomli-w writes scalars; it has no inline form for these)."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item, tomli_w) for item in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{_toml_key(k, tomli_w)} = {_toml_value(v, tomli_w)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    return tomli_w.dumps({"v": value}).split(" = ", 1)[1].rstrip("\n")
+
+
+def _formatters(field: Any) -> set[Any]:
+    """The BeforeValidator functions on a field's type, however deep (Annotated inside list or Optional)."""
+    from typing import get_args
+
+    found = {m.func for m in field.metadata if isinstance(m, BeforeValidator)}
+    stack = [field.annotation]
+    while stack:
+        kind = stack.pop()
+        found |= {m.func for m in getattr(kind, "__metadata__", ()) if isinstance(m, BeforeValidator)}
+        stack.extend(get_args(kind))
+    return found
+
+
+def _rendered(name: str, value: Any, formatters: set[Any]) -> Any:
+    if isinstance(value, list):
+        return [_rendered(name, item, formatters) for item in value]
+    if isinstance(value, dict):
+        if name == "users":
+            return {user: "(argon2 hash)" for user in value}
+        return {key: _rendered(key, item, set()) for key, item in value.items()}
+    if isinstance(value, SecretStr) or any(word in name for word in SECRET_KEYS):
+        return "********"
+    if parse_duration in formatters:
+        return format_duration(value)
+    if _size in formatters:
+        return format_size(value)
+    if parse_host_port in formatters:
+        return format_host_port(value)
+    if isinstance(value, (Path, ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return str(value)
+    return value
 
 
 def effective(settings: Settings) -> dict[str, Any]:

@@ -426,6 +426,8 @@ class Intake:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        if self.sandbox:  # the greeting line says what the banner says
+            responses = [f"{responses[0]} {replies.SANDBOX_NOTE}", *responses[1:]]
         # aiosmtpd processes pipelined commands in order but does not say so.
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
@@ -718,7 +720,7 @@ def smtp_factory(intake: Intake, *, settings_smtp: Any, tls_context: ssl.SSLCont
             data_size_limit=settings_smtp.max_message_size if role.fax else status_size,
             enable_SMTPUTF8=True,
             hostname=settings_smtp.hostname,
-            ident="greenfax-gateway",
+            ident=f"greenfax-gateway ({replies.SANDBOX_NOTE})" if intake.sandbox else "greenfax-gateway",
             tls_context=None if implicit_tls else tls_context,
             timeout=settings_smtp.timeout,
             # On an implicit-TLS listener the whole session is encrypted, so

@@ -201,7 +201,8 @@ class Service:
             credentials=credentials,
         )
         host, port = sb.listen[0]
-        self.sandbox_server = await _bind(lambda: start_sandbox(self.sandbox, host, port), f"{host}:{port}")
+        self.sandbox_server = await _bind(lambda: start_sandbox(self.sandbox, host, port), f"{host}:{port}",
+                                          "[sandbox] listen")
         port = self.sandbox_server.sockets[0].getsockname()[1]
         return Endpoint(host=host, port=port, tls="none", username=sb.username,
                         password=credentials[1] if credentials else None, helo_name="gateway.localhost")
@@ -227,7 +228,7 @@ class Service:
             server = await _bind(
                 lambda: loop.create_server(factory, host=host, port=port, reuse_address=True,
                                            ssl=tls_context if implicit else None),
-                f"{host}:{port}",
+                f"{host}:{port}", "[smtp] listen_tls" if implicit else "[smtp] listen" if role.fax else "[status] listen",
             )
             self.servers.append(server)
             if role.status:
@@ -287,7 +288,8 @@ class Service:
         elif sb.status_mail == "smtp":
             log.warning("the sandbox cannot return status mail: no [status] listen address")
         if deliver is not None:
-            mailer = StatusMailer(self.settings.upstream.account_sender or "", deliver, delay=sb.status_delay)
+            # After the Notify call, as GreenFax's mail comes after its call: the order the README gives.
+            mailer = StatusMailer(self.settings.upstream.account_sender or "", deliver, delay=2 * sb.status_delay)
             self.sandbox.on_fax.append(mailer)
             self._sandbox_helpers.append(mailer)
         tokens = self.settings.notify.tokens
@@ -414,8 +416,8 @@ class Service:
         return [server.sockets[0].getsockname()[:2] for server in self.servers]
 
 
-async def _bind(start: Callable, where: str) -> asyncio.Server:
+async def _bind(start: Callable, where: str, key: str) -> asyncio.Server:
     try:
         return await start()
     except OSError as exc:
-        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}; set {key} to a free address") from None

@@ -131,7 +131,11 @@ class Web:
                     # A TLS handshake is part of the head: it gets no longer than the head itself.
                     ssl_handshake_timeout=(http.header_timeout or None) if context else None)
             except OSError as exc:
-                raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}") from None
+                raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}; set [{name}] listen"
+                                  " to a free address (with no [http] listen in the config, 127.0.0.1:8025 is"
+                                  " the default)" if name == "http" else
+                                  f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}; set [{name}]"
+                                  " listen to a free address") from None
             self.servers.append(server)
             self.addresses[name].append(server.sockets[0].getsockname()[:2])
 

@@ -404,3 +404,20 @@ async def test_release_of_a_job_that_is_not_held_is_refused(jobs):
     line = one_line_error(result)
     assert code in line and "submitted" in line
     assert jobs.gw.job(code) == before  # nothing changed, nothing recorded
+
+
+async def test_show_gives_units_the_currency_and_a_reports_time_to_its_precision(jobs):
+    code = jobs.codes["submitted"]
+    conn = store.connect(jobs.gw.store_path)
+    try:
+        with conn:
+            conn.execute("UPDATE jobs SET duration = 78, cost = '0.20', pages = 2,"
+                         " reported_at = '2005-01-10T19:10:25.000000Z' WHERE code = ?", (code,))
+    finally:
+        conn.close()
+    text = jobs.faxgw("show", code).stdout
+    assert re.search(r"^duration:\s+78 s$", text, re.MULTILINE)
+    assert re.search(r"^cost:\s+0\.20 USD$", text, re.MULTILINE)
+    assert re.search(r"^reported_at:\s+2005-01-10 19:10:25 UTC$", text, re.MULTILINE)
+    job = jobs.json("show", code)  # the machine form stays as stored
+    assert (job["duration"], job["cost"]) == (78, "0.20")

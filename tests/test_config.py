@@ -68,29 +68,29 @@ def test_a_missing_named_config_is_fatal_never_the_sandbox(tmp_path, how, comman
 def test_config_from_option_or_environment(tmp_path):
     path = write_config(tmp_path / "faxgw.toml", PRODUCTION + 'helo_name = "gw.from-file.test"\n')
     for how in (_by_option, _by_environment):
-        settings = effective(faxgw("check-config", cwd=tmp_path, **how(path)))
+        settings = effective(faxgw("check-config", "--json", cwd=tmp_path, **how(path)))
         assert settings["upstream"]["helo_name"] == "gw.from-file.test"
         assert settings["sandbox"]["enabled"] is False
     # --config wins over the environment.
-    result = faxgw("check-config", cwd=tmp_path, config=path, env={"FAXGW_CONFIG": str(tmp_path / "nope.toml")})
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=path, env={"FAXGW_CONFIG": str(tmp_path / "nope.toml")})
     assert effective(result)["upstream"]["helo_name"] == "gw.from-file.test"
 
 
 def test_relative_paths_are_taken_from_the_config_files_directory(tmp_path):
     etc = tmp_path / "etc"
     path = write_config(etc / "faxgw.toml", SANDBOX + '[store]\npath = "data/fax.sqlite3"\n')
-    settings = effective(faxgw("check-config", cwd=tmp_path, config=path))
+    settings = effective(faxgw("check-config", "--json", cwd=tmp_path, config=path))
     assert settings["store"]["path"] == str(etc.resolve() / "data" / "fax.sqlite3")
 
 
 def test_no_config_at_all_is_the_sandbox(tmp_path):
-    result = faxgw("check-config", cwd=tmp_path)
+    result = faxgw("check-config", "--json", cwd=tmp_path)
     assert "SANDBOX" in result.stdout.splitlines()[0]
     assert effective(result)["store"]["path"] == str(tmp_path / "var" / "faxgw.sqlite3")
 
 
 def test_a_bare_sandbox_config_passes_and_says_sandbox(tmp_path):
-    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", SANDBOX))
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", SANDBOX))
     assert "SANDBOX" in result.stdout.splitlines()[0]
     settings = effective(result)
     assert settings["sandbox"]["enabled"] is True
@@ -112,7 +112,7 @@ def test_a_bare_sandbox_config_passes_and_says_sandbox(tmp_path):
 ])
 def test_a_bad_value_names_the_key_the_value_and_what_is_expected(tmp_path, text, key, value, expected):
     path = write_config(tmp_path / "faxgw.toml", SANDBOX + text)
-    line = one_line_error(faxgw("check-config", cwd=tmp_path, config=path))
+    line = one_line_error(faxgw("check-config", "--json", cwd=tmp_path, config=path))
     assert str(path) in line
     assert key in line and value in line and expected in line
 
@@ -158,16 +158,16 @@ CLEARTEXT = {
 def test_a_password_in_clear_beyond_loopback_is_refused_unless_allowed(tmp_path, name):
     text, section = CLEARTEXT[name]
     path = write_config(tmp_path / "faxgw.toml", text)
-    line = one_line_error(faxgw("check-config", cwd=tmp_path, config=path, timeout=30))
+    line = one_line_error(faxgw("check-config", "--json", cwd=tmp_path, config=path, timeout=30))
     assert "in clear to" in line and f"{section}.allow_insecure = true" in line and SECRET not in line, line
     # Said explicitly: accepted.
     allowed = text.replace(f'password = "{SECRET}"\n', f'password = "{SECRET}"\nallow_insecure = true\n')
-    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "ok.toml", allowed), timeout=30)
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=write_config(tmp_path / "ok.toml", allowed), timeout=30)
     assert result.returncode == 0, result.stderr
     # To loopback (a local relay, the sandbox's feed): no question asked.
     local = text.replace("imap.example.org", "127.0.0.1").replace("www.greenfax.example", "127.0.0.1")
     local = local.replace('host = "smtp.example.org"', 'host = "127.0.0.1"')
-    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "local.toml", local), timeout=30)
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=write_config(tmp_path / "local.toml", local), timeout=30)
     assert result.returncode == 0, result.stderr
 
 
@@ -186,7 +186,7 @@ def test_secrets_resolve_and_are_masked(tmp_path, monkeypatch, form):
     path = write_config(etc / "faxgw.toml", PRODUCTION + f'username = "fax"\npassword = {SECRET_FORMS[form]}\n')
     (etc / "upstream.secret").write_text(SECRET + "\n")
 
-    result = faxgw("check-config", cwd=tmp_path, config=path, env={"FAXGW_TEST_SECRET": SECRET})
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=path, env={"FAXGW_TEST_SECRET": SECRET})
     assert effective(result)["upstream"]["password"] == "********"
     assert SECRET not in shown(result)
     monkeypatch.setenv("FAXGW_TEST_SECRET", SECRET)
@@ -204,7 +204,7 @@ def test_a_secret_that_cannot_be_resolved_is_named_but_never_shown(tmp_path, val
     # The sandbox password holds the secret too: an error that dumped the config would show it.
     path = write_config(etc / "faxgw.toml", PRODUCTION + f'password = {value}\n[sandbox]\npassword = "{SECRET}"\n')
     (etc / "binary.secret").write_bytes(b"\xff" + SECRET.encode())
-    result = faxgw("check-config", cwd=tmp_path, config=path)
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=path)
     line = one_line_error(result)
     assert "upstream.password" in line and all(word in line for word in named), line
     assert SECRET not in shown(result) and "0xff" not in line
@@ -217,14 +217,14 @@ def test_a_secret_that_cannot_be_resolved_is_named_but_never_shown(tmp_path, val
     (SANDBOX + f'[smtp]\ntls_cert = "cert.pem"\n[smtp.users]\nscanner = "{HASH}"\n', HASH),
 ], ids=["beside-a-bad-value", "secret-of-a-wrong-type", "misspelt-secret-key", "section-check"])
 def test_errors_never_show_secrets_or_hashes(tmp_path, text, secret):
-    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text))
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text))
     one_line_error(result)
     assert secret not in shown(result)
 
 
 def test_a_plaintext_user_password_is_refused(tmp_path):
     path = write_config(tmp_path / "faxgw.toml", SANDBOX + '[smtp.users]\nscanner = "plain-Passw0rd"\n')
-    result = faxgw("check-config", cwd=tmp_path, config=path)
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=path)
     line = one_line_error(result)
     assert "smtp.users.scanner" in line and "faxgw passwd" in line
     assert "plain-Passw0rd" not in shown(result)
@@ -240,7 +240,7 @@ def test_passwd_prints_a_snippet_whose_hash_verifies_and_configures(tmp_path):
     assert PasswordChecker({"scanner": hashed}).verify("scanner", password.encode())
 
     path = write_config(tmp_path / "faxgw.toml", SANDBOX + result.stdout)
-    checked = faxgw("check-config", cwd=tmp_path, config=path)
+    checked = faxgw("check-config", "--json", cwd=tmp_path, config=path)
     assert effective(checked)["smtp"]["users"] == {"scanner": "(argon2 hash)"}
     assert hashed not in shown(checked)
 
@@ -252,10 +252,47 @@ def test_passwd_refuses_a_short_password(tmp_path):
 
 def test_check_config_warns_of_an_open_api_and_of_status_mail_nothing_trusts(tmp_path):
     text = PRODUCTION + '[status]\nlisten = ["127.0.0.1:2525"]\nrequire_dkim = false\n'
-    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text), timeout=30)
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text), timeout=30)
     assert result.returncode == 0, result.stderr
     assert "faxgw: warning: http.api_token is not set: any local user can read the fax log" in result.stderr
     assert "faxgw: warning: status.require_dkim = false and no status.trusted_networks" in result.stderr
     quiet = PRODUCTION.replace("[upstream]", f'[http]\napi_token = "{SECRET}"\n[upstream]')
-    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "quiet.toml", quiet), timeout=30)
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=write_config(tmp_path / "quiet.toml", quiet), timeout=30)
     assert result.returncode == 0 and "warning" not in result.stderr and SECRET not in result.stdout
+
+
+def test_check_config_prints_the_settings_as_the_config_file_writes_them(tmp_path):
+    text = PRODUCTION + f'password = "{SECRET}"\n[retention]\nperiod = "30d"\n[smtp]\nlisten = ["[::1]:2525"]\n'
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text), timeout=30)
+    assert result.returncode == 0, result.stderr
+    verdict, body = result.stdout.split("\n", 1)
+    assert verdict.endswith(": OK")
+    shown = tomllib.loads(body)  # TOML, comments for keys without a value
+    assert shown["retention"]["period"] == "30d" and shown["upstream"]["timeout"] == "2m"
+    assert shown["smtp"]["listen"] == ["[::1]:2525"] and shown["smtp"]["max_message_size"] == "20MiB"
+    assert shown["upstream"]["password"] == "********" and SECRET not in result.stdout
+    assert "# max_size = (not set)" in body and shown["addressing"]["numbers"]["default_region"] == "US"
+    assert len(result.stdout.splitlines()) < 300
+
+
+def test_the_sandbox_has_one_feed_interval(tmp_path):
+    result = faxgw("check-config", cwd=tmp_path, timeout=30)
+    shown = tomllib.loads(result.stdout.split("\n", 1)[1])
+    assert shown["feed"]["interval"] == shown["feed"]["min_interval"] == "1m"
+
+
+def test_an_http_port_in_use_names_the_key_to_set(tmp_path):
+    """A config that leaves [http] listen unset takes 127.0.0.1:8025; when that is taken, the error says so."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        text = PRODUCTION.replace('host = "smtp.example.org"', 'host = "127.0.0.1"\nport = 9\ntls = "none"') + (
+            f'[smtp]\nlisten = ["127.0.0.1:{free_port()}"]\n[http]\nlisten = ["127.0.0.1:{taken}"]\n'
+            f'[store]\npath = "{tmp_path / "store.sqlite3"}"\n')
+        result = faxgw("serve", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text), timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"cannot listen for HTTP on 127.0.0.1:{taken}: " in line and "set [http] listen to a free address" in line

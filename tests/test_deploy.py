@@ -51,7 +51,7 @@ def run(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 
 
 
 def check_config(config: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "gateway", "--config", str(config), "check-config"],
+    return run([sys.executable, "-m", "gateway", "--config", str(config), "check-config", "--json"],
                env={**os.environ, **(env or {})}, timeout=30)
 
 
@@ -121,7 +121,7 @@ def test_the_example_configs_secrets_really_come_from_outside():
         assert refs, f"{source.name} names no secret"
         env_names = {ref["env"] for ref in refs if "env" in ref}
         env = {k: v for k, v in os.environ.items() if k not in env_names}
-        result = run([sys.executable, "-m", "gateway", "--config", str(source), "check-config"], env=env)
+        result = run([sys.executable, "-m", "gateway", "--config", str(source), "check-config", "--json"], env=env)
         assert result.returncode != 0, source.name
         assert "environment variable" in result.stderr or "cannot read secret file" in result.stderr
 
@@ -674,3 +674,18 @@ def test_operations_refers_to_deploy_files_that_exist():
     assert {"deploy/faxgw.service", "deploy/Containerfile", "deploy/faxgw-cli"} <= named
     missing = sorted(name for name in named if not (ROOT / name).exists())
     assert not missing, f"OPERATIONS.md names files deploy/ does not have: {missing}"
+
+
+def test_the_wheel_holds_every_rule_file_and_builds_without_packaging_warnings(tmp_path):
+    """A fresh install printed setuptools' warning that gateway.shipped_rules.status was not a listed package."""
+    import zipfile
+
+    root = Path(__file__).parent.parent
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path), str(root)],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert build.returncode == 0, build.stderr
+    assert "shipped_rules" not in build.stdout + build.stderr
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"gateway/shipped_rules/status/{p.name}" for p in (root / "rules" / "status").glob("*.toml")}
+    assert shipped and shipped <= names and "gateway/shipped_rules/addressing.toml" in names

@@ -428,7 +428,8 @@ async def test_hostile_xml_is_refused_without_harm(tmp_path, writer, caplog):
 # --- rows, jobs and reconciliation ----------------------------------------------------------------
 
 
-async def test_a_row_for_a_fax_not_sent_here_is_foreign(tmp_path, sandbox, feed, writer):
+async def test_a_row_for_a_fax_not_sent_here_is_foreign(tmp_path, sandbox, feed, writer, caplog):
+    caplog.set_level(logging.DEBUG, logger="faxgw.feed")
     running = await feed(min_interval=0.4)
     sandbox.faxes.append(sandbox_fax(9000001, sender="someone@elsewhere.example"))
     sandbox.faxes.append(sandbox_fax(9000002, number="13125550123", reason="busy"))  # ours, but no such job
@@ -439,6 +440,8 @@ async def test_a_row_for_a_fax_not_sent_here_is_foreign(tmp_path, sandbox, feed,
     await asyncio.sleep(0.55)
     again = await feed_poller.poll_now(manual=False)
     assert again.outcomes == {"duplicate": 2}  # the overlap shows them again; they are kept once
+    # The poll that found something is logged; the one that saw only known rows is not (debug), as on an idle gateway.
+    assert [r.levelname for r in caplog.records if "event=feed-poll" in r.getMessage()] == ["INFO", "DEBUG"]
     metrics = feed_poller.metrics.render().decode()
     assert 'faxgw_feed_polls_total{outcome="ok"} 2.0' in metrics
     assert 'faxgw_status_reports_total{channel="feed"} 2.0' in metrics  # rows seen again are not counted

@@ -585,7 +585,7 @@ def test_limits_are_settings_validated_and_shown_by_check_config(tmp_path):
     path.write_text('[sandbox]\nenabled = true\n[store]\npath = "store.sqlite3"\n'
                     '[limits.client]\nmessages_per_minute = 30\n[limits.sender]\npages_per_day = 500\n'
                     '[duplicates]\naction = "hold"\nwindow = "2h"\n[hold]\nmax_pages = 20\n')
-    result = CliRunner().invoke(cli, ["--config", str(path), "check-config"])
+    result = CliRunner().invoke(cli, ["--config", str(path), "check-config", "--json"])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output.split("\n", 1)[1])
     assert shown["limits"]["client"] == {"connections": 50, "messages_per_minute": 30, "faxes_per_day": 0,

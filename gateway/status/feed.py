@@ -175,7 +175,10 @@ class FeedPoller:
         status = await self.writer.run(self._finish, claim, listed, counts, len(rows), manual)
         self._count("ok", counts)
         self.state.update(status, iso(request_at) if request_at else None, self.feed.min_interval)
-        log_event(log, "feed-poll", url=self._where(claim.window), window=str(claim.window), rows=len(rows),
+        # A scheduled poll that only saw rows known already is routine: an idle gateway logs nothing each time.
+        news = manual or any(kind != "duplicate" for kind in status["outcomes"]) or claim.window.more
+        log_event(log, "feed-poll", level=logging.INFO if news else logging.DEBUG,
+                  url=self._where(claim.window), window=str(claim.window), rows=len(rows),
                   outcomes=" ".join(f"{k}={v}" for k, v in sorted(status["outcomes"].items())) or None,
                   by="manual" if manual else "scheduled", backfill="continues" if claim.window.more else None)
         return PollResult(True, claim.next_allowed_at, request_at, claim.window, len(rows), status["outcomes"])

@@ -61,7 +61,7 @@ from gateway.sandbox.notifycall import notify_parameters
 from gateway.sandbox.server import SandboxFax
 from gateway.sandbox.statusmail import status_email
 from gateway.status.correlate import CorrelationPolicy
-from gateway.status.feed import FeedPoller
+from gateway.status.feedpoll import FeedPoller
 from gateway.status.feedxml import parse_feed
 from gateway.status.inbound import StatusMail, receive
 from gateway.status.mailrules import load_rules

@@ -39,7 +39,7 @@ class Metrics:
         self.feed_polls = Counter("faxgw_feed_polls_total", "XML feed polls, by outcome", ["outcome"],
                                   registry=self.registry)
         self.limit_refusals = Counter("faxgw_limit_refusals_total",
-                                      "Refusals by an abuse or cost limit, by limit name (gateway.limits)",
+                                      "Refusals by an abuse or cost limit, by limit name (gateway.outbound.quotas)",
                                       ["limit"], registry=self.registry)
         self.held = Counter("faxgw_jobs_held_total", "Jobs held at intake for an operator, by hold rule",
                             ["rule"], registry=self.registry)

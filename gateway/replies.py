@@ -61,7 +61,7 @@ MIXED_KINDS = Reply(
     452, "4.5.3", "Status mail and faxes cannot share one message; send the rest in another message"
 )
 
-# --- limits (gateway/limits.py): which limit, and when it resets ---
+# --- limits (gateway/outbound/quotas.py): which limit, and when it resets ---
 
 # {limit} and {needed} are counted phrases: "100 faxes", "1 page", "2 concurrent connections".
 CONNECTION_LIMIT = Reply(421, "4.7.0", "Limit of {limit} for {who} reached; resets when one of them closes")

@@ -18,27 +18,28 @@ from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
 
-from gateway import maintenance, store
+from gateway import store
+from gateway.ops import maintenance
 from gateway.config import SANDBOX_FEED_ACCOUNT, Settings
 from gateway.errors import ConfigError, StoreError
-from gateway.forward import Forwarder
-from gateway.httpguard import DescriptorBudget, raise_descriptor_limit
-from gateway.intake import Intake, Role, smtp_factory
+from gateway.outbound.forward import Forwarder
+from gateway.http.guard import DescriptorBudget, raise_descriptor_limit
+from gateway.outbound.intake import Intake, Role, smtp_factory
 from gateway.logs import log_event
 from gateway.metrics import Metrics
-from gateway.notices import Notifier
-from gateway.passwords import PasswordChecker
-from gateway.policy import Policy
-from gateway.reload import TLS_KINDS, LiveRules, load_reloadable, renew, server_context
+from gateway.outbound.notices import Notifier
+from gateway.outbound.passwords import PasswordChecker
+from gateway.outbound.policy import Policy
+from gateway.ops.reload import TLS_KINDS, LiveRules, load_reloadable, renew, server_context
 from gateway.rules import load_addressing
 from gateway.sandbox.notifycall import NotifyCaller
 from gateway.sandbox.statusmail import StatusMailer, imap_delivery, smtp_delivery
-from gateway.status.feed import FeedPoller
+from gateway.status.feedpoll import FeedPoller
 from gateway.status.imap import ImapReader, meta_reader
 from gateway.status.inbound import StatusMail
 from gateway.status.mailrules import load_rules
-from gateway.upstream import Endpoint
-from gateway.web import Web
+from gateway.outbound.upstream import Endpoint
+from gateway.http.server import Web
 
 log = logging.getLogger("faxgw.service")
 SHUTDOWN_GRACE = 10.0  # seconds in-flight forwards may take to finish on stop
@@ -252,7 +253,7 @@ class Service:
         settings = self.settings
         sb = settings.sandbox
         if self.sandbox is not None and sb.feed:
-            from gateway.sandbox.feed import FEED_PATH, start_feed
+            from gateway.sandbox.feedserver import FEED_PATH, start_feed
 
             host, port = sb.feed_listen
             accountid, password = SANDBOX_FEED_ACCOUNT
@@ -307,7 +308,7 @@ class Service:
         self.tls_contexts["smtp"].append(context)  # SIGHUP loads a renewed certificate into it
         return context
 
-    # --- upgrades, backups, retention, reload (gateway/maintenance.py, gateway/reload.py) -----------
+    # --- upgrades, backups, retention, reload (gateway/ops/maintenance.py, gateway/ops/reload.py) -----------
 
     def _backup_before_migrate(self, conn: sqlite3.Connection) -> None:
         path = self.settings.store.path

@@ -28,7 +28,7 @@ import pytest
 from conftest import ACCOUNT_SENDER, NUMBER, RETURN_PATH, RunningGateway, codes_in, fax_message, free_port, send
 
 from gateway import store
-from gateway.cli import cli
+from gateway.cli.main import cli
 
 # --- running the command ---------------------------------------------------------
 

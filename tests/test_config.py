@@ -18,7 +18,7 @@ from conftest import free_port
 from test_cli import faxgw, one_line_error, port_open, write_config
 
 from gateway import config
-from gateway.passwords import PasswordChecker
+from gateway.outbound.passwords import PasswordChecker
 
 SANDBOX = "[sandbox]\nenabled = true\n"
 # Ends inside [upstream], so a test may append keys of that section.

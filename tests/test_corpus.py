@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 from conftest import ACCOUNT_SENDER, RETURN_PATH, codes_in, settings_for
 
-from gateway import mime, store
+from gateway import store
+from gateway.outbound import mime
 from gateway.status.inbound import StatusMail
 from gateway.status.mailparse import ParsedMail, parse_mail
 from gateway.status.mailrules import load_rules

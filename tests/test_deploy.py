@@ -34,7 +34,7 @@ import pytest
 from conftest import NUMBER, fax_message, free_port, pdf_bytes
 from peers.postfix import PostfixInstance, unavailable_reason
 
-from gateway.passwords import hash_password
+from gateway.outbound.passwords import hash_password
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -157,7 +157,7 @@ def test_the_production_example_covers_a_real_site(tmp_path):
 
 
 def test_the_production_examples_hashes_are_not_of_guessable_passwords():
-    from gateway.passwords import PasswordChecker
+    from gateway.outbound.passwords import PasswordChecker
 
     users = tomllib.loads((DEPLOY / "faxgw.production.toml").read_text())["smtp"]["users"]
     checker = PasswordChecker(users)
@@ -583,7 +583,7 @@ def test_sendmails_m4_macros_build_a_smart_host_config_from_the_snippet(tmp_path
 def test_the_scanner_page_uses_the_address_forms_the_gateway_accepts(tmp_path):
     """Every example address on the scanner page is a fax recipient under the production example."""
     from gateway import config as config_module
-    from gateway.policy import Policy
+    from gateway.outbound.policy import Policy
     from gateway.rules import load_addressing
 
     path, env, _ = with_test_secrets(DEPLOY / "faxgw.production.toml", tmp_path)
@@ -613,7 +613,7 @@ OPERATIONS = (DEPLOY / "OPERATIONS.md").read_text()
 
 
 def cli_commands() -> set[str]:
-    from gateway.cli import cli
+    from gateway.cli.main import cli
 
     names = set()
     for name, command in cli.commands.items():

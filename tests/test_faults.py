@@ -309,7 +309,7 @@ async def test_status_storm_is_absorbed(gateway, sandbox):
 
 
 async def test_feed_unreachable_for_a_while(tmp_path, sandbox):
-    from gateway.sandbox.feed import FEED_PATH, start_feed
+    from gateway.sandbox.feedserver import FEED_PATH, start_feed
 
     port = free_port()  # nothing serves the feed yet
     settings = settings_for(tmp_path, sandbox.port, feed={

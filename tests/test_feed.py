@@ -42,12 +42,12 @@ from conftest import (
 )
 
 from gateway import store
-from gateway.cli_feed import feed as feed_group
+from gateway.cli.feedcmd import feed as feed_group
 from gateway.metrics import Metrics
-from gateway.sandbox.feed import FEED, FEED_PATH, SandboxFeed, start_feed
+from gateway.sandbox.feedserver import FEED, FEED_PATH, SandboxFeed, start_feed
 from gateway.sandbox.server import SandboxFax
 from gateway.status.correlate import CorrelationPolicy
-from gateway.status.feed import FeedPoller, PollResult
+from gateway.status.feedpoll import FeedPoller, PollResult
 from gateway.status.feedxml import parse_feed
 
 ACCOUNT = "acct-4711"
@@ -159,8 +159,8 @@ def stored(path: Path, sql: str, *params: Any) -> list[dict[str, Any]]:
 
 # --- the command, as a subprocess -----------------------------------------------------------------
 
-# Until gateway/cli.py adds the group (`cli.add_command(feed)`), the launcher adds it the same way.
-LAUNCHER = ("import sys; from gateway import cli; from gateway.cli_feed import feed;"
+# Until gateway/cli/main.py adds the group (`cli.add_command(feed)`), the launcher adds it the same way.
+LAUNCHER = ("import sys; from gateway import cli; from gateway.cli.feedcmd import feed;"
             " 'feed' in cli.cli.commands or cli.cli.add_command(feed); cli.main()")
 
 

@@ -7,7 +7,7 @@ import email.policy
 
 from conftest import ACCOUNT_SENDER, NUMBER, codes_in, fax_message, pdf_bytes
 
-from gateway import mime
+from gateway.outbound import mime
 
 
 async def test_pdf_fax_is_forwarded_with_body_bytes_unchanged(gateway, sandbox):

@@ -47,9 +47,10 @@ from conftest import ACCOUNT_SENDER, NUMBER, SandboxServer, codes_in, fax_messag
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway import intake, mime, store, tnef
+from gateway import store
+from gateway.outbound import intake, mime, tnef
 from gateway.models import FaxNumber, NewMessage, Recipient, Refusal
-from gateway.policy import SUBJECT_MAILBOX, Policy
+from gateway.outbound.policy import SUBJECT_MAILBOX, Policy
 from gateway.rules import load_addressing
 from gateway.service import Service
 from gateway.status.correlate import CorrelationPolicy, Outcome, apply_report, keep_unrecognised
@@ -883,7 +884,7 @@ def test_notify_calls_over_http_get_200_or_400_never_a_server_error(background, 
     tail = re.sub(rb"[^\x21-\x7e]", b"%FF", raw_tail).replace(b"#", b"%23")
     host, port = background.http
     status = http_get(host, port, f"/greenfax/notify/{TOKEN}?".encode() + query + b"&" + tail)
-    assert status in (200, 400, 414), status  # 414: a request line over 4 KiB (gateway/httpguard.py)
+    assert status in (200, 400, 414), status  # 414: a request line over 4 KiB (gateway/http/guard.py)
     errors = background.errors.records
     background.errors.records = []
     assert errors == []

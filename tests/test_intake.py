@@ -30,8 +30,9 @@ import trustme
 from conftest import NUMBER, RunningGateway, codes_in, fax_message, pdf_bytes
 from PIL import Image
 
-from gateway import mime, store
-from gateway.passwords import hash_password
+from gateway import store
+from gateway.outbound import mime
+from gateway.outbound.passwords import hash_password
 from gateway.sandbox.server import SandboxSMTP
 
 SENDER = "erp@legacy.example"

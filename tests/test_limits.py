@@ -40,9 +40,9 @@ from test_intake import (
 )
 
 from gateway import config, store
-from gateway.cli import cli
+from gateway.cli.main import cli
 from gateway.errors import ConfigError
-from gateway.limits import (
+from gateway.outbound.quotas import (
     AuthThrottle,
     IntakeLimits,
     Party,
@@ -51,9 +51,9 @@ from gateway.limits import (
     span,
 )
 from gateway.models import FaxNumber, NewMessage, Recipient
-from gateway.policy import Policy
+from gateway.outbound.policy import Policy
 from gateway.rules import load_addressing
-from gateway.store.limits import (
+from gateway.store.admission import (
     Admission,
     Admitted,
     DailyQuota,

@@ -14,7 +14,7 @@ import pytest
 from conftest import codes_in, fax_message, free_port
 from test_crash import wait_listening
 
-from gateway.passwords import hash_password
+from gateway.outbound.passwords import hash_password
 
 pytestmark = pytest.mark.timeout(60)
 

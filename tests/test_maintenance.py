@@ -55,8 +55,8 @@ from gateway.store.schema import MIGRATIONS
 
 pytestmark = pytest.mark.timeout(120)
 
-# The maintenance commands, added to the `faxgw` group exactly as gateway/cli.py adds them.
-ADMIN = ("import sys; from gateway.cli import cli, main; from gateway.cli_admin import backup, purge, restore;"
+# The maintenance commands, added to the `faxgw` group exactly as gateway/cli/main.py adds them.
+ADMIN = ("import sys; from gateway.cli.main import cli, main; from gateway.cli.admin import backup, purge, restore;"
          " [cli.add_command(command) for command in (backup, restore, purge)]; main()")
 
 

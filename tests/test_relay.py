@@ -35,8 +35,8 @@ from phonenumbers import PhoneNumberType
 
 from gateway import config, store
 from gateway.models import Recipient, Refusal
-from gateway.passwords import hash_password
-from gateway.policy import Policy
+from gateway.outbound.passwords import hash_password
+from gateway.outbound.policy import Policy
 from gateway.rules import load_addressing
 from gateway.service import Service
 

@@ -37,7 +37,7 @@ from gateway.sandbox.statusmail import status_email
 from gateway.status import inbound, mailparse, mailrules
 from gateway.status.batches import Batched
 from gateway.status.correlate import CorrelationPolicy, apply_report
-from gateway.status.feed import FeedPoller
+from gateway.status.feedpoll import FeedPoller
 from gateway.status.feedxml import _raw, parse_feed, read_tree
 from gateway.status.inbound import StatusMail, receive
 from gateway.status.mailrules import load_rules

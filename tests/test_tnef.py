@@ -41,7 +41,8 @@ import aiosmtplib
 import pytest
 from conftest import NUMBER, codes_in, fax_message, pdf_bytes
 
-from gateway import forward, mime, store, tnef
+from gateway import store
+from gateway.outbound import forward, mime, tnef
 from gateway.models import MessageFacts
 
 DATA = Path(__file__).parent / "data" / "tnef"

@@ -8,8 +8,8 @@ correlate.py one correlation and update path for every channel (runs in the stor
 batches.py   reports that arrive together written in one store-writer call (Notify)
 inbound.py   the status side of the SMTP intake
 imap.py      the account sender's mailbox, by IMAP IDLE with a polling fallback
-notify.py    GreenFax's HTTP Notify call as a report (gateway/web.py serves it)
+notify.py    GreenFax's HTTP Notify call as a report (gateway/http/server.py serves it)
 feed.py      the XML data feed poller (feedxml.py: safe parsing; feedstate.py: its state)
 
-Delivery status notifications to the original sender are gateway/notices.py.
+Delivery status notifications to the original sender are gateway/outbound/notices.py.
 """

@@ -9,7 +9,7 @@ being written wait and are written together, as one writer call. Should
 that call fail, nothing of it stays, and each call is written again alone,
 so that a failure is only its own, as if the batch had never been tried.
 
-The HTTP Notify handler (gateway/web.py) writes its reports through this;
+The HTTP Notify handler (gateway/http/server.py) writes its reports through this;
 the status-mail path batches on its own (gateway/status/inbound.py).
 """
 

@@ -1,7 +1,7 @@
 """Plain values of the XML feed poller: a request's window, one poll's result, the poller's state.
 
 FeedState is what the health check, metrics and `faxgw feed status` read;
-it is rebuilt from the store (gateway/store/feed.py), since a manual poll
+it is rebuilt from the store (gateway/store/feedlog.py), since a manual poll
 may have run in another process.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from gateway.store import feed as feed_db
+from gateway.store import feedlog as feed_db
 from gateway.store import parse_iso
 
 

@@ -23,7 +23,7 @@ before the first element, so only that prolog is read with a DTD check
 (expat, stopped at the first element); the whole answer is then read by
 ElementTree's C parser, which is many times faster than defusedxml's
 pure-Python one and builds the same tree (tests/test_feed.py compares the
-two, refusals and errors included). The sandbox (gateway/sandbox/feed.py)
+two, refusals and errors included). The sandbox (gateway/sandbox/feedserver.py)
 writes this same format.
 """
 

@@ -27,7 +27,7 @@ from email.message import Message
 import mailparser
 from bs4 import BeautifulSoup
 
-from gateway import mime
+from gateway.outbound import mime
 
 # mail-parser logs "Email content ... not handled" for many ordinary parts.
 logging.getLogger("mailparser").setLevel(logging.ERROR)

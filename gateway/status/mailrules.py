@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway import mime
+from gateway.outbound import mime
 from gateway.config import check_zone
 from gateway.errors import ConfigError
 from gateway.status.mailparse import ParsedMail

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.errors import StoreError
-from gateway.store.limits import migration_intake_facts
+from gateway.store.admission import migration_intake_facts
 
 if TYPE_CHECKING:  # imported in migrate(): read-only commands (faxgw status) start faster without it
     import sqlite_utils

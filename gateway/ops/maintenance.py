@@ -13,7 +13,7 @@
   after [retention] period, in small batches through the writer, then gives
   the space back; `faxgw purge` runs the same pass once.
 
-The SQL lives in gateway/store/maintenance.py.
+The SQL lives in gateway/store/housekeeping.py.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from gateway.config import RetentionSettings
 from gateway.errors import StoreError, StoreLocked
 from gateway.logs import log_event
 from gateway.store import SCHEMA_VERSION, StoreLock, Writer, connect, iso, utcnow
-from gateway.store import maintenance as db
+from gateway.store import housekeeping as db
 
 log = logging.getLogger("faxgw.maintenance")
 BATCH_PAUSE = 0.01  # seconds between two purge batches: the writer serves intake in between

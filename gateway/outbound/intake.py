@@ -10,7 +10,7 @@ end of data) and naming bare LF/CR and over-long lines in its replies.
 `Intake` is the handler: one decision per SMTP command, and the 250 to DATA
 only after the store has committed the message and its jobs. The abuse and
 cost controls it applies at each step (connections, AUTH, rates, daily
-quotas, duplicates, holds) are gateway.limits'; the DATA commit goes through
+quotas, duplicates, holds) are gateway.outbound.quotas'; the DATA commit goes through
 `store.limits.admit_message`, which applies the daily quotas, the duplicate
 guard and the hold rules in the same transaction as the insert.
 """
@@ -32,19 +32,20 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, LoginPassword, Session, syntax
 
-from gateway import mime, replies
+from gateway import replies
+from gateway.outbound import mime
 from gateway.errors import StoreError, StoreFull
-from gateway.limits import LIMIT_NAMES, IntakeLimits, Party, span
+from gateway.outbound.quotas import LIMIT_NAMES, IntakeLimits, Party, span
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import NULL_SENDER, FaxNumber, NewMessage, Recipient, Refusal, Reply
-from gateway.passwords import PasswordChecker
-from gateway.policy import SUBJECT_MAILBOX, Policy, shown
+from gateway.outbound.passwords import PasswordChecker
+from gateway.outbound.policy import SUBJECT_MAILBOX, Policy, shown
 from gateway.replies import refuse
 from gateway.status.inbound import StatusMail, receive, status_reply
 from gateway.status.report import Channel
 from gateway.store import Writer, iso, utcnow
-from gateway.store.limits import Admitted, Duplicate, admit_message
+from gateway.store.admission import Admitted, Duplicate, admit_message
 
 log = logging.getLogger("faxgw.intake")
 
@@ -94,7 +95,7 @@ class IntakeSMTP(NullSenderSMTP):
     """aiosmtpd's SMTP with the gateway's DATA reader and a few stricter replies.
 
     It also counts each client's concurrent connections and each AUTH
-    user's sessions (gateway.limits: 421 over a limit), and has AUTH
+    user's sessions (gateway.outbound.quotas: 421 over a limit), and has AUTH
     passwords checked off the event loop, a wrong one answered after a delay.
     """
 

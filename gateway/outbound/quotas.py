@@ -45,13 +45,14 @@ from zoneinfo import ZoneInfo
 from PIL import Image
 from pypdf import PdfReader
 
-from gateway import mime, replies
+from gateway import replies
+from gateway.outbound import mime
 from gateway.replies import refuse
 from gateway.config import LimitSettings, Settings, in_networks
 from gateway.models import FaxNumber, Recipient, Refusal, Reply
-from gateway.policy import Policy
+from gateway.outbound.policy import Policy
 from gateway.store import Writer, iso, parse_iso, utcnow
-from gateway.store.limits import (
+from gateway.store.admission import (
     Admission,
     DailyQuota,
     Duplicate,

@@ -1,4 +1,4 @@
-"""The SQL of backups, restores and retention; gateway/maintenance.py orchestrates them.
+"""The SQL of backups, restores and retention; gateway/ops/maintenance.py orchestrates them.
 
 - Backups are `VACUUM INTO` copies: one read transaction, so the copy is a
   consistent snapshot while the service keeps writing (WAL readers do not
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gateway.models import FINAL_STATES
 from gateway.store.base import get_meta, set_meta
-from gateway.store.feed import LAST_REQUEST
+from gateway.store.feedlog import LAST_REQUEST
 from gateway.store.jobs import add_event
 
 BACKUP_TAKEN_AT = "backup:taken_at"  # meta key, present only in a backup copy

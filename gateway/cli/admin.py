@@ -1,8 +1,8 @@
-"""`faxgw backup`, `faxgw restore`, `faxgw purge`: the store's safety by hand (gateway/maintenance.py does the work).
+"""`faxgw backup`, `faxgw restore`, `faxgw purge`: the store's safety by hand (gateway/ops/maintenance.py does the work).
 
 `backup` and `purge` work while `faxgw serve` runs; `restore` refuses to.
-Errors are one line (gateway.cli.main turns GatewayError into `faxgw:
-error: ...`). This module does not import gateway.cli (which adds these
+Errors are one line (gateway.cli.main.main turns GatewayError into `faxgw:
+error: ...`). This module does not import gateway.cli.main (which adds these
 commands), so either may be imported first; commands receive cli.py's
 Context as click's `obj`.
 """
@@ -32,7 +32,7 @@ def backup(obj: Any, path: Path, force: bool) -> None:
       faxgw --config /etc/faxgw/faxgw.toml backup /var/backups/faxgw/faxgw-2026-11-20.sqlite3
     """
     # Imported here, not at the top: every faxgw command imports this module.
-    from gateway import maintenance
+    from gateway.ops import maintenance
 
     store = obj.settings.store.path
     made = maintenance.backup(store, path, overwrite=force)
@@ -56,7 +56,7 @@ def restore(obj: Any, source: Path) -> None:
     Example:
       faxgw --config /etc/faxgw/faxgw.toml restore /var/backups/faxgw/faxgw-2026-11-20.sqlite3
     """
-    from gateway import maintenance
+    from gateway.ops import maintenance
 
     store = obj.settings.store.path
     done = maintenance.restore(store, source)
@@ -93,7 +93,7 @@ def purge(obj: Any, dry_run: bool, as_json: bool) -> None:
       faxgw purge --dry-run
       faxgw purge
     """
-    from gateway import maintenance
+    from gateway.ops import maintenance
 
     settings = obj.settings
     if dry_run:

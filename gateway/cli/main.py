@@ -16,8 +16,8 @@ import click
 
 from gateway import config as config_module
 from gateway import logs, store
-from gateway.cli_admin import backup, purge, restore
-from gateway.cli_feed import feed
+from gateway.cli.admin import backup, purge, restore
+from gateway.cli.feedcmd import feed
 from gateway.config import Settings
 from gateway.errors import GatewayError
 from gateway.models import JobState
@@ -186,7 +186,7 @@ def passwd(user: str, from_stdin: bool) -> None:
     Example:
       faxgw passwd scanner
     """
-    from gateway.passwords import hash_password
+    from gateway.outbound.passwords import hash_password
 
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")

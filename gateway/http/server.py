@@ -10,7 +10,7 @@
   whenever it is set (loopback too), and it must be set beyond loopback.
 - `GET /healthz` (200 or 503 naming the failing part), `GET /metrics`.
 
-Every connection goes through gateway/httpguard.py (caps, head and idle
+Every connection goes through gateway/http/guard.py (caps, head and idle
 timeouts, a share of the descriptors). Logs never carry the Notify token or
 query strings: the access log masks everything after `/notify/`, and a
 request head aiohttp cannot parse is answered without logging it.
@@ -33,12 +33,12 @@ from aiohttp.abc import AbstractAccessLogger
 
 from gateway.config import Settings, in_networks
 from gateway.errors import ConfigError, UnknownJob
-from gateway.httpguard import (MAX_HEADER_LINE, MAX_REQUEST_LINE, ConnectionMetrics, DescriptorBudget, Gate,
+from gateway.http.guard import (MAX_HEADER_LINE, MAX_REQUEST_LINE, ConnectionMetrics, DescriptorBudget, Gate,
                                GuardedHandler, mark_requests)
 from gateway.jobfilter import FilterError, parse_filter
 from gateway.logs import log_event
 from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.reload import server_context
+from gateway.ops.reload import server_context
 from gateway.status.batches import Batched
 from gateway.status.correlate import CorrelationPolicy, apply_report
 from gateway.status.notify import MissingParameters, notify_report

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 
-from gateway import mime
+from gateway.outbound import mime
 from gateway.config import UpstreamSettings
 from gateway.errors import (
     StoreError,
@@ -37,8 +37,8 @@ from gateway.metrics import Metrics
 from gateway.models import ClaimedJob, JobState
 from gateway.rules import JobCodeRules
 from gateway.store import Writer, add_event, backoff, claim_due, count_due, iso, parse_iso, record_outcome
-from gateway.tnef import TnefError
-from gateway.upstream import Endpoint, UpstreamConnection
+from gateway.outbound.tnef import TnefError
+from gateway.outbound.upstream import Endpoint, UpstreamConnection
 
 log = logging.getLogger("faxgw.forward")
 POLL_INTERVAL = 1.0  # operator actions from other processes are seen within this time

@@ -3,9 +3,9 @@
 `faxgw feed poll` runs in its own process, also while `faxgw serve` runs:
 GreenFax's minimum interval is kept in the store, so a manual poll and the
 service's poller never come closer than [feed] min_interval. Errors are one
-line (gateway.cli.main turns GatewayError into `faxgw: error: ...`).
+line (gateway.cli.main.main turns GatewayError into `faxgw: error: ...`).
 
-This module does not import gateway.cli (which adds this group), so either
+This module does not import gateway.cli.main (which adds this group), so either
 may be imported first; commands receive cli.py's Context as click's `obj`.
 """
 
@@ -71,7 +71,7 @@ def poll(obj: Any) -> None:
 
 async def _poll_once(settings: Settings) -> PollResult:
     from gateway.status.correlate import CorrelationPolicy
-    from gateway.status.feed import FeedPoller
+    from gateway.status.feedpoll import FeedPoller
 
     writer = store.Writer(settings.store.path)
     writer.start()
@@ -137,7 +137,7 @@ def foreign(obj: Any, limit: int, as_json: bool) -> None:
     Example:
       faxgw feed foreign --limit 20
     """
-    from gateway.store import feed as feed_db
+    from gateway.store import feedlog as feed_db
 
     rows = feed_db.foreign_rows(obj.read_store(), limit=limit)
     if as_json:

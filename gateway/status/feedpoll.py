@@ -3,7 +3,7 @@
 GreenFax -> (HTTPS GET, at most one per [feed] min_interval) -> this stage ->
 one trusted StatusReport per row (gateway/status/feedxml.py) -> the one
 correlation path (correlate.apply_report) -> store. Its facts live in the
-store (gateway/store/feed.py), so GreenFax's rules hold across restarts and
+store (gateway/store/feedlog.py), so GreenFax's rules hold across restarts and
 for `faxgw feed poll` run in another process while `faxgw serve` runs:
 
 - The time of a request is committed BEFORE the request is sent, checked and
@@ -64,7 +64,7 @@ from gateway.status.feedxml import (
     read_rows,
 )
 from gateway.store import Writer, iso, parse_iso
-from gateway.store import feed as feed_db
+from gateway.store import feedlog as feed_db
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics

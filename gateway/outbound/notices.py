@@ -22,14 +22,14 @@ from email.mime.text import MIMEText
 from functools import partial
 from typing import Any
 
-from gateway import mime
+from gateway.outbound import mime
 from gateway.config import Settings
 from gateway.errors import UpstreamRejected
 from gateway.logs import log_event
 from gateway.models import NULL_SENDER
 from gateway.store import Writer, iso
 from gateway.store import reports as db
-from gateway.upstream import Endpoint, UpstreamConnection
+from gateway.outbound.upstream import Endpoint, UpstreamConnection
 
 log = logging.getLogger("faxgw.notices")
 POLL_INTERVAL = 2.0

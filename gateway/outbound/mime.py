@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from email.header import decode_header, make_header
 from email.message import Message, MIMEPart
 
-from gateway import tnef
+from gateway.outbound import tnef
 from gateway.models import Attachment, MessageFacts, Refusal, Reply
 
 # Headers the forwarded copy does not carry over: the addressing is replaced,

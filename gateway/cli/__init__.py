@@ -1,0 +1,5 @@
+"""The `faxgw` command: `main` (the entry point) and the `cli` group are in gateway/cli/main.py."""
+
+from gateway.cli.main import cli, main
+
+__all__ = ["cli", "main"]

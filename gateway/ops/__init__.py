@@ -1,0 +1,1 @@
+"""Operations: upgrades, backups, retention, reload."""

@@ -33,12 +33,70 @@ class InvalidTransition(GatewayError):
     """An operator action does not apply to the job's current state."""
 
 
-class UpstreamError(GatewayError):
-    """A forward attempt did not end with the upstream's acceptance."""
+class MaintenanceError(StoreError):
+    """A backup, restore or purge cannot be done; the message says why and what to do."""
 
-    def __init__(self, message: str, *, reply: str = "") -> None:
+
+class BadInput(GatewayError):
+    """What a person or a caller gave is wrong; the message says what, and what is expected."""
+
+
+class FilterError(BadInput):
+    """A job-list filter (`faxgw status` option, `/api/jobs` parameter) is wrong; it names the parameter."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+        self.message = message
+
+
+class MissingParameters(BadInput):
+    """A Notify call lacks what every report needs; the message names it."""
+
+
+class TnefError(GatewayError):
+    """A winmail.dat cannot be unwrapped; `kind` is "damaged", "empty" or "layout" (a key of tnef.REPLIES)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+
+
+class FeedError(GatewayError):
+    """The XML feed could not be polled; the message never holds the password."""
+
+
+class FeedUnavailable(FeedError):
+    """Network, timeout or an HTTP error answer: try again at the next allowed poll."""
+
+
+class FeedRefused(FeedError):
+    """The answer is not XML the gateway accepts (a DTD, entities, not well-formed)."""
+
+
+class FeedPollRefused(GatewayError):
+    """`faxgw feed poll` did not poll (too soon) or the poll failed; the message says when to try again."""
+
+
+class UpstreamError(GatewayError):
+    """A forward attempt did not end with the upstream's acceptance.
+
+    `code`, `enhanced` and `text` are the upstream's reply where there was
+    one (None for a network or TLS failure); `reply` is it as one line.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None, enhanced: str | None = None,
+                 text: str | None = None) -> None:
         super().__init__(message)
-        self.reply = reply or message
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+
+    @property
+    def reply(self) -> str | None:
+        if self.code is None:
+            return None
+        return " ".join(part for part in (str(self.code), self.enhanced, self.text) if part)
 
 
 class UpstreamTemporary(UpstreamError):

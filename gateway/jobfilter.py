@@ -13,15 +13,9 @@ from datetime import datetime, timedelta
 from gateway.config import parse_duration
 from gateway.models import JobState
 from gateway.store import iso, utcnow
+from gateway.errors import FilterError
 
 STATES = tuple(state.value for state in JobState)
-
-
-class FilterError(ValueError):
-    def __init__(self, parameter: str, message: str) -> None:
-        super().__init__(f"{parameter}: {message}")
-        self.parameter = parameter
-        self.message = message
 
 
 @dataclass(frozen=True)

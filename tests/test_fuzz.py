@@ -54,11 +54,12 @@ from gateway.outbound.policy import SUBJECT_MAILBOX, Policy
 from gateway.rules import load_addressing
 from gateway.service import Service
 from gateway.status.correlate import CorrelationPolicy, Outcome, apply_report, keep_unrecognised
-from gateway.status.feedxml import FeedError, FeedRow, parse_feed
+from gateway.status.feedxml import FeedRow, parse_feed
 from gateway.status.inbound import StatusMail, Verdict
 from gateway.status.mailrules import load_rules
-from gateway.status.notify import PARAMETERS, MissingParameters, notify_report
+from gateway.status.notify import PARAMETERS, notify_report
 from gateway.status.report import Channel, StatusReport
+from gateway.errors import FeedError, MissingParameters, TnefError
 
 FAX = f"{NUMBER}@greenfax.com"
 SENDER = "erp@legacy.example"

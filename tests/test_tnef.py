@@ -44,6 +44,7 @@ from conftest import NUMBER, codes_in, fax_message, pdf_bytes
 from gateway import store
 from gateway.outbound import forward, mime, tnef
 from gateway.models import MessageFacts
+from gateway.errors import TnefError
 
 DATA = Path(__file__).parent / "data" / "tnef"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"

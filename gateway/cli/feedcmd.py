@@ -19,16 +19,12 @@ import click
 
 from gateway import store
 from gateway.config import Settings
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, FeedPollRefused, GatewayError
 
 if TYPE_CHECKING:
     from gateway.status.feedstate import PollResult
 
 # The feed's own modules are imported by the commands that use them: every faxgw command imports this one.
-
-
-class FeedPollRefused(GatewayError):
-    """`faxgw feed poll` did not poll (too soon) or the poll failed; the message says when to try again."""
 
 
 @click.group()

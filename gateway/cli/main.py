@@ -19,7 +19,7 @@ from gateway import logs, store
 from gateway.cli.admin import backup, purge, restore
 from gateway.cli.feedcmd import feed
 from gateway.config import Settings
-from gateway.errors import GatewayError
+from gateway.errors import FilterError, GatewayError
 from gateway.models import JobState
 
 STATES = [state.value for state in JobState]

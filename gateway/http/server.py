@@ -32,16 +32,16 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway.config import Settings, in_networks
-from gateway.errors import ConfigError, UnknownJob
+from gateway.errors import ConfigError, FilterError, MissingParameters, UnknownJob
 from gateway.http.guard import (MAX_HEADER_LINE, MAX_REQUEST_LINE, ConnectionMetrics, DescriptorBudget, Gate,
                                GuardedHandler, mark_requests)
-from gateway.jobfilter import FilterError, parse_filter
+from gateway.jobfilter import parse_filter
 from gateway.logs import log_event
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.ops.reload import server_context
 from gateway.status.batches import Batched
 from gateway.status.correlate import CorrelationPolicy, apply_report
-from gateway.status.notify import MissingParameters, notify_report
+from gateway.status.notify import notify_report
 from gateway.store import Writer, get_job, iso, list_jobs, utcnow
 from gateway.store import reports as reports_db
 

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from gateway.config import RetentionSettings
-from gateway.errors import StoreError, StoreLocked
+from gateway.errors import MaintenanceError, StoreError, StoreLocked
 from gateway.logs import log_event
 from gateway.store import SCHEMA_VERSION, StoreLock, Writer, connect, iso, utcnow
 from gateway.store import housekeeping as db
@@ -39,10 +39,6 @@ log = logging.getLogger("faxgw.maintenance")
 BATCH_PAUSE = 0.01  # seconds between two purge batches: the writer serves intake in between
 BATCH_BYTES = 32 * 2**20  # message bodies emptied per write transaction, at most about this much
 VACUUM_PAGES = 2000  # pages given back per write transaction (8 MB at 4 KiB pages)
-
-
-class MaintenanceError(StoreError):
-    """A backup, restore or purge cannot be done; the message says why and what to do."""
 
 
 # --- backups ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from gateway.outbound import mime
 from gateway.config import UpstreamSettings
 from gateway.errors import (
     StoreError,
+    TnefError,
     UpstreamError,
     UpstreamLacksExtension,
     UpstreamRejected,
@@ -37,7 +38,7 @@ from gateway.metrics import Metrics
 from gateway.models import ClaimedJob, JobState
 from gateway.rules import JobCodeRules
 from gateway.store import Writer, add_event, backoff, claim_due, count_due, iso, parse_iso, record_outcome
-from gateway.outbound.tnef import TnefError
+
 from gateway.outbound.upstream import Endpoint, UpstreamConnection
 
 log = logging.getLogger("faxgw.forward")
@@ -276,7 +277,7 @@ class Forwarder:
                           " next start", job.code, state.value)
 
     def _classify(self, job: ClaimedJob, exc: UpstreamError) -> tuple[JobState, str, str | None]:
-        reply = exc.reply if exc.reply != str(exc) else None
+        reply = exc.reply
         if isinstance(exc, UpstreamRejected):
             return JobState.REJECTED, str(exc), reply
         if isinstance(exc, UpstreamUnknown):

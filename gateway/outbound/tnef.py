@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import tnefparse
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, TnefError
 from gateway.models import MessageFacts, Refusal, Reply
 
 # tnefparse logs every oddity of a damaged file (at WARNING and ERROR); the
@@ -106,14 +106,6 @@ REPLIES = {
     "layout": Reply(554, "5.6.3", "The attachment winmail.dat (Outlook Rich Text) cannot be unwrapped in this"
                                   f" message: {_HOW_TO_FIX}"),
 }
-
-
-class TnefError(GatewayError):
-    """A winmail.dat cannot be unwrapped; `kind` is "damaged", "empty" or "layout" (a key of REPLIES)."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(detail)
-        self.kind = kind
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from dataclasses import dataclass
 
@@ -47,8 +48,15 @@ class Endpoint:
         return f"{self.host}:{self.port} (tls={self.tls})"
 
 
-def _reply(exc: SMTPResponseException) -> str:
-    return f"{exc.code} {exc.message}"
+_ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\s+(.*)", re.DOTALL)
+
+
+def _reply(code: int, message: str) -> dict[str, object]:
+    """An upstream reply as UpstreamError's fields: basic code, enhanced code (if given) and text."""
+    match = _ENHANCED.fullmatch(message.strip())
+    if match:
+        return {"code": code, "enhanced": match[1], "text": match[2]}
+    return {"code": code, "enhanced": None, "text": message.strip()}
 
 
 def _tls_failure(exc: BaseException) -> bool:
@@ -110,8 +118,8 @@ class UpstreamConnection:
         except SMTPResponseException as exc:
             smtp.close()
             if exc.code >= 500:
-                raise UpstreamSetupError(f"{ep.describe()} refused the session set-up", reply=_reply(exc)) from exc
-            raise UpstreamTemporary(f"{ep.describe()} answered {exc.code} during set-up", reply=_reply(exc)) from exc
+                raise UpstreamSetupError(f"{ep.describe()} refused the session set-up", **_reply(exc.code, exc.message)) from exc
+            raise UpstreamTemporary(f"{ep.describe()} answered {exc.code} during set-up", **_reply(exc.code, exc.message)) from exc
         except Exception as exc:
             smtp.close()
             if _tls_failure(exc):
@@ -160,15 +168,15 @@ class UpstreamConnection:
         except SMTPResponseException as exc:
             await self._reset(smtp)
             if exc.code >= 500:
-                raise UpstreamSetupError(f"upstream refused the sender <{sender}>", reply=_reply(exc)) from exc
-            raise UpstreamTemporary("upstream deferred the sender", reply=_reply(exc)) from exc
+                raise UpstreamSetupError(f"upstream refused the sender <{sender}>", **_reply(exc.code, exc.message)) from exc
+            raise UpstreamTemporary("upstream deferred the sender", **_reply(exc.code, exc.message)) from exc
         try:
             await smtp.rcpt(recipient, encoding=encoding)
         except SMTPResponseException as exc:
             await self._reset(smtp)
             if exc.code >= 500:
-                raise UpstreamRejected(f"upstream refused <{recipient}>", reply=_reply(exc)) from exc
-            raise UpstreamTemporary(f"upstream deferred <{recipient}>", reply=_reply(exc)) from exc
+                raise UpstreamRejected(f"upstream refused <{recipient}>", **_reply(exc.code, exc.message)) from exc
+            raise UpstreamTemporary(f"upstream deferred <{recipient}>", **_reply(exc.code, exc.message)) from exc
 
     async def _transfer(self, smtp: aiosmtplib.SMTP, message: bytes) -> str:
         """Send the message bytes and the final dot; from here on a lost reply means `unknown`."""
@@ -205,8 +213,8 @@ class UpstreamConnection:
     @staticmethod
     def _raise_for_data(code: int, message: str) -> None:
         if code >= 500:
-            raise UpstreamRejected("upstream refused the message", reply=f"{code} {message}")
-        raise UpstreamTemporary("upstream deferred the message", reply=f"{code} {message}")
+            raise UpstreamRejected("upstream refused the message", **_reply(code, message))
+        raise UpstreamTemporary("upstream deferred the message", **_reply(code, message))
 
     async def _reset(self, smtp: aiosmtplib.SMTP) -> None:
         """RSET after a refused transaction, so the connection can be reused."""

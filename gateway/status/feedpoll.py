@@ -44,7 +44,7 @@ import aiohttp
 
 from gateway import store
 from gateway.config import Settings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, FeedError, FeedRefused, FeedUnavailable
 from gateway.logs import log_event
 from gateway.status.correlate import (
     CorrelationPolicy,
@@ -55,10 +55,7 @@ from gateway.status.correlate import (
 )
 from gateway.status.feedstate import FeedState, PollResult, Window, human_time, when
 from gateway.status.feedxml import (
-    FeedError,
-    FeedRefused,
     FeedRow,
-    FeedUnavailable,
     error_text,
     fax_elements,
     read_rows,

@@ -39,7 +39,7 @@ from xml.parsers import expat
 
 import defusedxml
 
-from gateway.errors import GatewayError
+from gateway.errors import FeedRefused, FeedUnavailable, GatewayError
 from gateway.status.mailrules import normalise_number
 from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key, parse_time
 
@@ -66,18 +66,6 @@ ALIASES = {
 }
 TIME_FORMATS = ["%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%m/%d/%Y %I:%M:%S %p",
                 "%m/%d/%Y %H:%M:%S"]
-
-
-class FeedError(GatewayError):
-    """The feed could not be polled; the message never holds the password."""
-
-
-class FeedUnavailable(FeedError):
-    """Network, timeout or an HTTP error answer: try again at the next allowed poll."""
-
-
-class FeedRefused(FeedError):
-    """The answer is not XML the gateway accepts (a DTD, entities, not well-formed)."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from urllib.parse import quote_plus
 
 from gateway.status.mailrules import normalise_number
 from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key, parse_time
+from gateway.errors import MissingParameters
 
 IDENTIFIERS = ("userjobcode", "greenfaxreferenceid", "destination")
 PARAMETERS = ("result", "timestamp", "destination", "pages", "duration", "userjobcode", "greenfaxreferenceid",
@@ -32,10 +33,6 @@ RESULTS: dict[str, tuple[Result, str | None]] = {
     "blocked": (Result.FAILED, "refused_by_service"),
     "failed": (Result.FAILED, "other"), "failure": (Result.FAILED, "other"), "error": (Result.FAILED, "other"),
 }
-
-
-class MissingParameters(ValueError):
-    """The call lacks what every report needs; the message names it."""
 
 
 def notify_report(query: Mapping[str, str], *, trusted: bool) -> StatusReport:

@@ -154,7 +154,7 @@ def settings_for(tmp: Path, port: int, **sections: dict[str, Any]) -> config.Set
         "store": {"path": str(tmp / "store.sqlite3")},
         "upstream": {"host": "127.0.0.1", "port": free_port(), "tls": "none", "account_sender": ACCOUNT_SENDER,
                      "return_path": "bounce@bench.example"},
-        # The load generator is GreenFax's MX here: its mail is trusted from loopback (and the rate limit off).
+        # The load generator is GreenFax's servers here: its mail is trusted from loopback (and the rate limit off).
         "status": {"listen": [f"127.0.0.1:{port}"], "trusted_sender_domains": ["sandbox.greenfax.localhost"],
                    "require_dkim": False, "trusted_networks": ["127.0.0.0/8"], "max_messages_per_minute": 0},
         "notifications": {"enabled": False},

@@ -167,6 +167,19 @@ def in_networks(address: str, networks: list[Any]) -> bool:
     return any(ip in net for net in networks if net.version == ip.version)
 
 
+def client_key(address: str) -> str:
+    """What one client is, for limits: an IPv4 address, or an IPv6 /64 (which one subscriber usually holds whole)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -229,6 +242,10 @@ class SmtpSettings(Section):
     # and a session's whole life: over either the client gets 421 and the connection is closed.
     max_junk_commands: int = Field(default=100, ge=1)
     max_session_time: Duration = 3600
+    # Refusals (4xx/5xx) in a session without an accepted message: past the soft limit each is answered a
+    # second later, at the hard limit the session ends with 421 (Postfix's smtpd_soft/hard_error_limit).
+    soft_error_limit: int = Field(default=10, ge=1)
+    hard_error_limit: int = Field(default=20, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> SmtpSettings:
@@ -323,6 +340,9 @@ class ImapSettings(Section):
     username: str | None = None
     password: Secret = None
     allow_insecure: bool = False  # let the password cross in clear to a host beyond loopback (tls = "none")
+    # Anyone can mail the account sender's mailbox, so its mail is trusted only by a DKIM signature, like
+    # status mail by SMTP; true: every mail in it comes from GreenFax (an address only GreenFax writes to).
+    trusted: bool = False
     mailbox: str = "INBOX"
     processed_folder: str = "GreenFax-Processed"  # applied status mails move here; "" = flag them instead
     idle_refresh: Duration = 540  # re-issue IDLE at least this often (routers drop idle connections)
@@ -349,12 +369,14 @@ class StatusSettings(Section):
     # trusted_sender_domains AND every check turned on below, at least one: a From domain alone is forgeable.
     trusted_sender_domains: list[str] = ["greenfax.com"]
     require_dkim: bool = True  # a valid DKIM signature of a trusted domain, aligned with the From domain
-    trusted_networks: list[Network] = []  # the connection comes from one of these (e.g. the MX relaying it)
+    # GreenFax's own sending addresses only: not your MX, which relays anyone's forged "From: ...@greenfax.com".
+    trusted_networks: list[Network] = []
     dkim_keys: dict[str, str] = {}  # pinned "selector._domainkey.domain" -> "v=DKIM1; k=rsa; p=..."
     # The status listener faces the internet: its own limits (the fax listener's are for known clients).
     max_message_size: Size = 2 * 2**20  # raise it if GreenFax returns your documents with its status mail
     max_recipients: int = Field(default=10, ge=1)
-    max_connections_per_client: int = Field(default=10, ge=0)  # on status-only listeners; 0 = no limit
+    max_connections: int = Field(default=100, ge=1)  # on status-only listeners, from all clients together
+    max_connections_per_client: int = Field(default=10, ge=0)  # on status-only listeners (an IPv6 /64 is one client)
     max_messages_per_minute: int = Field(default=60, ge=0)  # status mails per client address; 0 = no limit
     # Of status mail that is untrusted or that no rule recognises, only this much is kept for review.
     review_excerpt: Annotated[int, BeforeValidator(lambda v: 0 if v in (0, "0") else _size(v))] = 16 * 1024
@@ -616,9 +638,10 @@ def validate(data: dict[str, Any], *, source: str, base: Path) -> Settings:
         status = dict(data.get("status", {}))
         status.setdefault("listen", list(data.get("smtp", {}).get("listen", ["127.0.0.1:2525"])))
         status.setdefault("trusted_sender_domains", ["sandbox.greenfax.localhost"])
-        # The sandbox does not sign its mail; it sends from this machine.
+        # The sandbox does not sign its mail; it sends from this machine, or writes into the mailbox itself.
         status.setdefault("require_dkim", False)
         status.setdefault("trusted_networks", ["127.0.0.0/8", "::1/128"])
+        status["imap"] = {"trusted": True, **status.get("imap", {})}
         data["status"] = status
         notify = dict(data.get("notify", {}))
         notify.setdefault("token", "sandbox-notify-token")

@@ -64,7 +64,7 @@ def parse_since(value: str | None) -> str | None:
             from None
     try:
         return iso(moment if moment.tzinfo else moment.astimezone())
-    except OverflowError:
+    except (OverflowError, ValueError):  # "0001-01-01" local: year 0 in UTC
         raise _outside_calendar(value) from None
 
 

@@ -65,6 +65,7 @@ MIXED_KINDS = Reply(
 
 # {limit} and {needed} are counted phrases: "100 faxes", "1 page", "2 concurrent connections".
 CONNECTION_LIMIT = Reply(421, "4.7.0", "Limit of {limit} for {who} reached; resets when one of them closes")
+GATEWAY_BUSY = Reply(421, "4.3.2", "Too many connections to this gateway right now; try again in a few minutes")
 SESSION_LIMIT = Reply(421, "4.7.0", "Limit of {limit} for {who} reached; resets when one of them closes")
 MESSAGE_RATE_LIMIT = Reply(
     451, "4.7.1", "Limit of {limit} per minute for {who} reached; resets at {at} {zone} (in {seconds} s)"
@@ -85,6 +86,8 @@ SESSION_TOO_LONG = Reply(421, "4.4.2", "Session longer than {limit}; closing, co
 TOO_MANY_JUNK = Reply(
     421, "4.7.0", "Too many NOOP, RSET, VRFY or HELP commands ({limit}) without a message; closing"
 )
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors ({limit}) without a message; closing")
+AUTH_NOT_HERE = Reply(502, "5.5.1", "AUTH is not offered on this listener: it takes status mail only")
 AUTH_BUSY = Reply(
     454, "4.7.0", "Too many logins for this user at the same time; try again in a minute"
 )

@@ -218,6 +218,8 @@ class Service:
             passwords=PasswordChecker(smtp.users), status=self.status_mail, clock=self.clock,
         )
         intake.metrics = self.metrics
+        # SMTP may hold a quarter of the descriptors (HTTP half): the store, IMAP and the upstream keep theirs.
+        intake.limits.total_limit = max(16, self.nofile // 4)
         status_listen = self.settings.status.listen
         listeners = [(addr, False, Role(fax=True, status=addr in status_listen)) for addr in smtp.listen]
         listeners += [(addr, True, Role(fax=True, status=addr in status_listen)) for addr in smtp.listen_tls]

@@ -29,10 +29,11 @@ def dovecot(tmp_path):
         yield imap
 
 
-def imap_settings(imap: DovecotInstance, tls: str = "implicit") -> dict:
+def imap_settings(imap: DovecotInstance, tls: str = "implicit", *, trusted: bool = True) -> dict:
+    """A mailbox only GreenFax writes to (`trusted`), as most tests here want; see the test of an ordinary one."""
     return {"host": imap.host, "port": imap.port_tls if tls == "implicit" else imap.port_starttls, "tls": tls,
             "ca_file": str(imap.ca_file), "username": "faxes", "password": "imap-secret-1",
-            "processed_folder": PROCESSED, "idle_refresh": 5, "timeout": 5}
+            "processed_folder": PROCESSED, "idle_refresh": 5, "timeout": 5, "trusted": trusted}
 
 
 def status_mail_for(job: dict, *, result: str = "delivered", reason: str | None = None, pages: int = 2,
@@ -172,3 +173,21 @@ async def test_server_without_idle_is_polled(gateway, sandbox, tmp_path):
         job = await submitted_job(gw)
         imap.deliver(status_mail_for(job))
         await gw.wait_state(job["code"], "delivered")
+
+
+async def test_an_ordinary_mailbox_trusts_only_signed_mail(gateway, sandbox, dovecot):
+    """Anyone can mail the account sender: unless the mailbox is marked trusted, only DKIM makes its mail trusted."""
+    from test_status_smtp import plaintext_report, rsa_key, signed
+
+    key, record = rsa_key()
+    gw = await gateway(status={"imap": imap_settings(dovecot, trusted=False),
+                               "dkim_keys": {"fax2024._domainkey.greenfax.com": record}})
+    job = await submitted_job(gw)
+    number = job["number"].lstrip("+")
+    forged = plaintext_report(status="FAILED - LINE BUSY", number=number, code=None, reference="77001")
+    dovecot.deliver(forged)
+    await until(lambda: len(dovecot.list_uids(PROCESSED)) == 1)  # read, kept for review, filed away
+    assert gw.job(job["code"])["state"] == "submitted"
+    dovecot.deliver(signed(plaintext_report(status="SUCCESS", number=number, code=None, reference="77002"), key))
+    done = await gw.wait_state(job["code"], "delivered", timeout=15)
+    assert done["reference_id"] == "77002"

@@ -33,6 +33,7 @@ from test_intake import (
     SENDER,
     assert_refused,
     assert_reply,
+    auth_login,
     auth_plain,
     envelope,
     queued,
@@ -683,3 +684,23 @@ async def test_parallel_guesses_for_one_user_get_454_beyond_two_at_a_time(gatewa
     assert sum("check=auth-concurrent" in r.getMessage() for r in caplog.records) == 4
     # When the guesses are answered, the user logs in as ever.
     assert_reply(await clients[0].command(auth_plain()), 235, "2.7.0")
+
+
+async def test_two_guessing_connections_do_not_lock_the_user_out(gateway, connect, users):
+    gw = await gateway(smtp={**AUTH_LISTENER, "users": users},
+                       limits={"auth_failure_delay": 3, "auth_failure_delay_max": 3})
+    guessers = [await connect(gw.port) for _ in range(2)]
+    pending = [asyncio.ensure_future(g.command(auth_plain(password=f"guess-{n}"))) for n, g in enumerate(guessers)]
+    await asyncio.sleep(0.5)  # both guesses are checked and now wait out their delay
+    assert_reply(await (await connect(gw.port)).command(auth_plain()), 235, "2.7.0")
+    for answer in await asyncio.gather(*pending):
+        assert_refused(answer, 535, "5.7.8")
+
+
+async def test_an_enormous_user_name_is_refused_unchecked_and_not_kept(gateway, connect, users, caplog):
+    caplog.set_level(logging.INFO, logger="faxgw")
+    gw = await gateway(smtp={**AUTH_LISTENER, "users": users})
+    client = await connect(gw.port)
+    assert_refused(await auth_login(client, user="u" * 5000, password="x"), 535, "5.7.8")  # one line each
+    assert not gw.service.servers[0]._protocol_factory().intake.limits.auth._failures  # nothing counted
+    assert max(len(r.getMessage()) for r in caplog.records) < 1000

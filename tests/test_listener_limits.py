@@ -124,7 +124,7 @@ async def test_status_listener_limits_messages_per_minute_per_client(gateway, co
 
 
 async def test_a_trusted_network_is_not_held_to_a_strangers_rate(gateway, connect):
-    """The site's MX, relaying GreenFax's mail, carries every status mail: no per-client limits for it."""
+    """GreenFax's own servers (trusted_networks) send every status mail: no per-client limits for them."""
     gw, port = await status_only(gateway, max_messages_per_minute=2, max_connections_per_client=1,
                                  trusted_networks=["127.0.0.0/8"])
     clients = [await connect(port), await connect(port)]
@@ -171,3 +171,47 @@ async def test_a_session_past_its_lifetime_is_closed_at_its_next_command(gateway
     assert await client.reader.read() == b""
     fresh = await connect(gw.port)
     assert (await fresh.command("QUIT")).startswith("221")
+
+
+async def test_status_listener_caps_connections_from_all_clients_together(gateway, connect):
+    gw, port = await status_only(gateway, max_connections=2)
+    await connect(port)
+    opened = []
+    try:
+        for client, expected in (("127.0.0.2", "220 "), ("127.0.0.3", "421 4.3.2 Too many connections to this"
+                                                                      " gateway right now; try again in a few")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(client, 0))
+            opened.append(writer)
+            assert (await asyncio.wait_for(reader.readline(), 10)).decode().startswith(expected), client
+    finally:
+        for writer in opened:
+            writer.close()
+
+
+async def test_no_auth_on_a_status_only_listener(gateway, connect):
+    gw, port = await status_only(gateway)
+    client = await connect(port)
+    assert "AUTH" not in await client.command("EHLO greenfax-mx.test")
+    assert await client.command("AUTH PLAIN AGZheABzZWNyZXQ=") == (
+        "502 5.5.1 AUTH is not offered on this listener: it takes status mail only")
+
+
+async def test_refusals_end_a_session_at_the_hard_error_limit(gateway, connect):
+    gw = await gateway(smtp={"soft_error_limit": 100, "hard_error_limit": 4})
+    client = await connect(gw.port)
+    assert (await client.command(f"MAIL FROM:<{SENDER}>")).startswith("250")
+    for n in range(3):
+        assert (await client.command(f"RCPT TO:<nobody{n}@evil.example>")).startswith("550 5.7.1 Relay denied")
+    assert (await client.command("RCPT TO:<nobody@evil.example>")).startswith("550 5.7.1 Relay denied")
+    assert await client.reply() == "421 4.7.0 Too many errors (4) without a message; closing"
+    assert await client.reader.read() == b""
+
+
+async def test_an_mx_sending_rset_between_status_mails_is_not_cut_off(gateway, connect):
+    port = free_port()
+    gw = await gateway(status={"listen": [f"127.0.0.1:{port}"]}, smtp={"max_junk_commands": 2})
+    client = await connect(port)
+    junk = b"From: x@junk.example\r\nSubject: junk\r\n\r\nnot a status mail\r\n"
+    for n in range(4):
+        assert (await client.mail("", [ACCOUNT_SENDER], junk + b"%d\r\n" % n)).startswith("250"), n
+        assert (await client.command("RSET")).startswith("250"), n

@@ -145,7 +145,8 @@ def test_sandbox_layout_reads_every_outcome_the_sandbox_reports(result, reason):
                      envelope_sender="x", raw=b"", result=result, reason=reason, pages=3 if reason is None else 0,
                      received_at=datetime(2026, 11, 27, 1, 2, 3, tzinfo=UTC))
 
-    verdict = status.understand(status_email(fax, ACCOUNT_SENDER), channel=Channel.SMTP, client="127.0.0.1")
+    verdict = status.understand(status_email(fax, settings.upstream.account_sender), channel=Channel.SMTP,
+                                client="127.0.0.1")
 
     report = verdict.report
     assert (verdict.kind, report.rule, report.trusted) == ("rule", "greenfax-sandbox", True)

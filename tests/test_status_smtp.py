@@ -6,8 +6,8 @@ GreenFax's servers (or a bouncing MTA) would, and the job's state, its
 events, the stored reports and `faxgw show` / `unmatched` / `match` are
 checked. Trust (DESIGN.md, "Correlation and trust"): these gateways trust
 status mail from greenfax.com and from the sandbox's domain when it comes
-from this machine (as a site trusts the MX that relays GreenFax's mail to
-it: `trusted_networks`); mail with any other From is untrusted and changes
+from this machine (here GreenFax's own sending servers, as `trusted_networks`
+says); mail with any other From is untrusted and changes
 nothing. tests/test_trust.py tries the trust rules themselves as an attacker.
 
 The status listener is the fax listener itself (`[status] listen` equal to
@@ -400,7 +400,8 @@ def rsa_key() -> tuple[bytes, str]:
 
 def signed(message: bytes, private_key: bytes, domain: str = "greenfax.com") -> bytes:
     signature = dkim.sign(message, b"fax2024", domain.encode(), private_key,
-                          include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+                          include_headers=[b"from", b"to", b"subject", b"date", b"message-id", b"content-type",
+                                           b"mime-version"])
     return signature + message
 
 

@@ -10,10 +10,12 @@ when it presents that job's secret (the VERP tag, our Message-ID).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 
 import pytest
-from conftest import ACCOUNT_SENDER, NUMBER, RETURN_PATH, RunningGateway
+from conftest import ACCOUNT_SENDER, NUMBER, RETURN_PATH, RunningGateway, codes_in
 from test_status_smtp import (
     deliver,
     dsn,
@@ -173,3 +175,97 @@ async def test_the_job_secret_is_never_shown(gateway, sandbox, tmp_path):
     listing = faxgw(gw, tmp_path, "status", "--json")
     assert secret not in shown.stdout + shown.stderr + listing.stdout + listing.stderr
     assert secret not in json.dumps(gw.job(code))
+
+
+# --- a real signature, misused ----------------------------------------------------------------------
+
+
+async def test_a_signed_report_with_a_field_above_the_signed_one_is_not_trusted(gateway, sandbox):
+    """The parser reads the first Subject, DKIM covers the last: a prepended Subject could name any job."""
+    key, record = rsa_key()
+    gw = await gateway(status={**LISTENER, "dkim_keys": {"fax2024._domainkey.greenfax.com": record}})
+    victim, _fax = await submitted_fax(gw, sandbox)
+    genuine = signed(plaintext_report(status="FAILED - LINE BUSY", number="13125550123", code=None,
+                                      reference="5001"), key)
+    forged = f"Subject: GreenFax Delivery Report - Your reference: {victim}\r\n".encode() + genuine
+    assert await deliver(status_port(gw), forged, sender="noreply@greenfax.com") == (
+        "250 2.0.0 Status report unmatched")
+    assert gw.job(victim)["state"] == "submitted"
+
+
+async def test_a_signed_report_for_another_customer_replayed_to_us_is_not_trusted(gateway, sandbox):
+    key, record = rsa_key()
+    gw = await gateway(status={**LISTENER, "dkim_keys": {"fax2024._domainkey.greenfax.com": record}})
+    code, _fax = await submitted_fax(gw, sandbox)
+    theirs = plaintext_report(status="FAILED - NO ANSWER", number=NUMBER, code=None, reference="5002")\
+        .replace(f"To: {ACCOUNT_SENDER}".encode(), b"To: faxes@other-customer.example")
+    assert await deliver(status_port(gw), signed(theirs, key), sender="noreply@greenfax.com") == (
+        "250 2.0.0 Status report unmatched")
+    assert gw.job(code)["state"] == "submitted"
+
+
+def test_partial_and_piled_up_signatures_do_not_make_mail_trusted(tmp_path):
+    import dkim as dkimpy
+    from conftest import settings_for
+
+    from gateway.status.inbound import StatusMail
+    from gateway.status.mailrules import load_rules
+
+    key, record = rsa_key()
+    status = StatusMail(settings_for(tmp_path, 9, status={"dkim_keys": {"fax2024._domainkey.greenfax.com": record}}),
+                        load_rules())
+    report = plaintext_report(status="SUCCESS", number=NUMBER, code=None, reference="5003")
+    assert status.trust_checks(signed(report, key))[0]
+    headers = [b"from", b"to", b"subject", b"date", b"message-id", b"content-type", b"mime-version"]
+    partial = dkimpy.sign(report, b"fax2024", b"greenfax.com", key, include_headers=headers, length=True)
+    assert not status.trust_checks(partial + report + b"Appended by anyone.\r\n")[0]
+    unsigned_subject = dkimpy.sign(report, b"fax2024", b"greenfax.com", key, include_headers=[b"from", b"to"])
+    ok, checks = status.trust_checks(unsigned_subject + report)
+    assert not ok and "unsigned" in checks[-1] and "subject" in checks[-1]
+    piled = b"".join(f"DKIM-Signature: v=1; a=rsa-sha256; d=greenfax.com; s=s{n}; h=from; bh=x; b=y\r\n".encode()
+                     for n in range(6)) + signed(report, key)
+    ok, checks = status.trust_checks(piled)
+    assert not ok and "more than 5 DKIM signatures" in checks[-1]
+
+
+async def test_an_upstream_that_quotes_the_return_path_does_not_give_the_secret_away(gateway, tmp_path, caplog):
+    """A 5xx to MAIL FROM often quotes the sender, which carries the job's secret: it is kept out of the
+    job's history, /healthz, `faxgw show` and the log."""
+    caplog.set_level(logging.DEBUG)
+    refusals = []
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 quoting.test ESMTP\r\n")
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(b"250-quoting.test\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                sender = line.decode().partition("<")[2].partition(">")[0]
+                refusals.append(sender)
+                writer.write(f"553 5.7.1 <{sender}>: Sender address rejected: not owned by user\r\n".encode())
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 OK\r\n")
+            await writer.drain()
+        writer.close()
+
+    upstream = await asyncio.start_server(session, "127.0.0.1", 0)
+    try:
+        gw = await gateway(upstream_port=upstream.sockets[0].getsockname()[1])
+        (code,) = codes_in((await gw.send()).message)
+        secret = gw.secret(code)
+        for _ in range(100):
+            if gw.job(code)["state"] == "deferred":
+                break
+            await asyncio.sleep(0.05)
+        assert refusals and secret in refusals[0]  # the upstream did see (and quote) it
+        health = await gw.service.health()
+        shown = faxgw(gw, tmp_path, "show", code, "--json").stdout
+        assert "553 5.7.1" in json.dumps(gw.job(code)) and "553 5.7.1" in json.dumps(health)
+        assert secret not in json.dumps(gw.job(code)) + json.dumps(health) + shown + caplog.text
+    finally:
+        upstream.close()
+        await upstream.wait_closed()

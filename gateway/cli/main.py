@@ -427,8 +427,8 @@ def rules() -> None:
 def rules_test(obj: Context, files: tuple[str, ...], as_json: bool) -> None:
     """Show, for each mail file, every rule that recognised it, what each found, and which was used and why.
 
-    Trust is shown as if the mail came by SMTP (mail read from the IMAP
-    mailbox is trusted). Exits 1 when a file is recognised by no rule.
+    Trust is shown as for mail read from a file or an IMAP mailbox: only a
+    DKIM signature can make it trusted. Exits 1 when a file is recognised by no rule.
 
     \b
     Example:
@@ -447,7 +447,7 @@ def rules_test(obj: Context, files: tuple[str, ...], as_json: bool) -> None:
             raw = fh.read()
         mail = parse_mail(raw)
         verdict = status.understand(raw, channel=Channel.SMTP)
-        trusted, checks = status.trust_checks(mail)
+        trusted, checks = status.trust_checks(raw)
         report = verdict.report
         fields = {key: getattr(report, key) for key in RULE_TEST_FIELDS} if verdict.kind != "unrecognised" else {}
         if "reported_at" in fields and fields["reported_at"] is not None:

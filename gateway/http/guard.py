@@ -19,7 +19,6 @@ Notify path is the token.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import resource
 import sys
@@ -33,6 +32,7 @@ import prometheus_client
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
+from gateway.config import client_key
 from gateway.logs import log_event
 
 log = logging.getLogger("faxgw.http")
@@ -106,7 +106,7 @@ class Gate:
         if reason is None:
             self.open += 1
             self.budget.taken += 1
-            self._per_client[_client_key(client)] += 1
+            self._per_client[client_key(client)] += 1
             self.metrics.open.labels(self.listener).inc()
             return True
         self.metrics.refused.labels(self.listener, reason).inc()
@@ -117,7 +117,7 @@ class Gate:
     def release(self, client: str) -> None:
         self.open -= 1
         self.budget.taken -= 1
-        key = _client_key(client)
+        key = client_key(client)
         self._per_client[key] -= 1
         if not self._per_client[key]:
             del self._per_client[key]
@@ -128,22 +128,9 @@ class Gate:
             return "descriptors", self.budget.limit
         if self.open >= self.max_connections:
             return "listener", self.max_connections
-        if self._per_client[_client_key(client)] >= self.max_per_client:
+        if self._per_client[client_key(client)] >= self.max_per_client:
             return "client", self.max_per_client
         return None, 0
-
-
-def _client_key(address: str) -> str:
-    """What one client is: an IPv4 address, or an IPv6 /64 (which one subscriber usually holds whole)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
 
 
 class GuardedHandler(web.RequestHandler):

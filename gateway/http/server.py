@@ -189,7 +189,9 @@ class Web:
         if self._api_token is None and self.settings.http.loopback_only:
             return
         header = request.headers.get("Authorization", "")
-        given = header.removeprefix("Bearer ").encode() if header.startswith("Bearer ") else b""
+        # surrogateescape: a header of bytes that are not UTF-8 is a wrong token, not a server error.
+        given = header.removeprefix("Bearer ").encode("utf-8", "surrogateescape") if header.startswith("Bearer ") \
+            else b""
         if self._api_token is None or not hmac.compare_digest(given, self._api_token):
             raise web.HTTPUnauthorized(text="a bearer token is required (Authorization: Bearer ...)\n",
                                        headers={"WWW-Authenticate": "Bearer"})

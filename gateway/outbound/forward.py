@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 import time
 from functools import partial
@@ -237,7 +238,8 @@ class Forwarder:
         else:
             state, detail = JobState.SUBMITTED, "accepted by the upstream"
             self.last_success = self.clock()
-        self._finish_later(job, state, detail, reply, round((time.monotonic() - started) * 1000, 1))
+        self._finish_later(job, state, _redacted(detail, job), _redacted(reply, job),
+                           round((time.monotonic() - started) * 1000, 1))
 
     def _finish_later(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None, ms: float) -> None:
         """Record the outcome in a task of its own: the worker takes its next job meanwhile.
@@ -277,21 +279,22 @@ class Forwarder:
                           " next start", job.code, state.value)
 
     def _classify(self, job: ClaimedJob, exc: UpstreamError) -> tuple[JobState, str, str | None]:
-        reply = exc.reply
+        # An upstream may echo the envelope sender in its reply: the job's secret stays out of every record.
+        reply, detail = _redacted(exc.reply, job), _redacted(str(exc), job) or ""
         if isinstance(exc, UpstreamRejected):
-            return JobState.REJECTED, str(exc), reply
+            return JobState.REJECTED, detail, reply
         if isinstance(exc, UpstreamUnknown):
-            return JobState.UNKNOWN, str(exc), reply
+            return JobState.UNKNOWN, detail, reply
         if isinstance(exc, UpstreamLacksExtension):
-            return JobState.HELD, str(exc), reply
+            return JobState.HELD, detail, reply
         if isinstance(exc, UpstreamSetupError):
-            self.last_setup_failure = f"{exc}{': ' + reply if reply else ''}"
+            self.last_setup_failure = f"{detail}{': ' + reply if reply else ''}"
             self.last_setup_failure_at = self.clock()
             self._paused_until = time.monotonic() + self.settings.retry_initial
             log_event(log, "upstream-setup-failure", level=logging.ERROR, upstream=self.endpoint.describe(),
-                      problem=str(exc), reply=reply,
+                      problem=detail, reply=reply,
                       action="fix the [upstream] settings; jobs wait as deferred")
-        return self._retry_or_expire(job), str(exc), reply
+        return self._retry_or_expire(job), detail, reply
 
     def _retry_or_expire(self, job: ClaimedJob) -> JobState:
         """Expired once the job is older than the queue lifetime and has really been retried for half of it.
@@ -344,6 +347,13 @@ class Forwarder:
             received=received, message_id=_message_id(job, self.hostname),
             subject_tag=subject_tag, code_header=code_header, date=format_datetime(now),
         ), note
+
+
+def _redacted(text: str | None, job: ClaimedJob) -> str | None:
+    """`text` without the job's secret (an upstream's reply may quote the return path or Message-ID)."""
+    if text is None or not job.secret:
+        return text
+    return re.sub(re.escape(job.secret), "<secret>", text, flags=re.IGNORECASE)
 
 
 def _message_id(job: ClaimedJob, hostname: str) -> str:

@@ -50,6 +50,8 @@ from gateway.store.admission import Admitted, Duplicate, admit_message
 log = logging.getLogger("faxgw.intake")
 
 END_OF_DATA = b"\r\n.\r\n"
+MAX_USER_NAME = 256  # octets: a longer AUTH user name is refused unchecked
+ERROR_DELAY = 1.0  # seconds each refusal past [smtp] soft_error_limit waits
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "HELP"})  # as Postfix counts them (ETRN: not offered)
 READ_LIMIT = 64 * 1024  # the stream reader's limit: the largest piece read at once
 
@@ -102,7 +104,8 @@ class IntakeSMTP(NullSenderSMTP):
     line_length_limit = READ_LIMIT  # command lines are still held to 512 octets by aiosmtpd
 
     def __init__(self, handler: Intake, *, line_limit: int, bare_lf: str, role: Role, header_lines: int,
-                 header_size: int, junk_limit: int, lifetime: float, status_size: int, **kwargs: Any) -> None:
+                 header_size: int, junk_limit: int, lifetime: float, status_size: int, soft_errors: int,
+                 hard_errors: int, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.data_line_limit = line_limit
         self.bare_lf = bare_lf
@@ -115,6 +118,8 @@ class IntakeSMTP(NullSenderSMTP):
         self.status_size = status_size
         self.started = time.monotonic()
         self.junk_commands = 0
+        self.errors = 0  # refusals since the last accepted message
+        self.soft_errors, self.hard_errors = soft_errors, hard_errors
         # Every command passes the session guard first (aiosmtpd looks its methods up in this table).
         self._smtp_methods = {name: self._guarded(name, method) for name, method in self._smtp_methods.items()}
         self.connect_refusal: Refusal | None = None
@@ -161,7 +166,29 @@ class IntakeSMTP(NullSenderSMTP):
             self.intake.limits.close_session(self.counted_user)
             self.counted_user = None
 
-    # --- junk commands and the session's lifetime ---
+    # --- errors, junk commands and the session's lifetime ---
+
+    async def push(self, status: str | bytes) -> None:
+        """Every reply; a refusal counts towards the session's error limits (Postfix's smtpd_*_error_limit).
+
+        Past the soft limit each refusal is answered ERROR_DELAY later (a
+        client that keeps guessing slows to a crawl); at the hard limit the
+        session ends with 421. An accepted message starts the count again.
+        """
+        if self.transport is None or self.transport.is_closing():
+            return
+        await super().push(status)  # type: ignore[arg-type]  # an AUTH challenge is bytes
+        if isinstance(status, bytes) or status[:1] not in "45" or status.startswith("421"):
+            return
+        self.errors += 1
+        if self.errors >= self.hard_errors:
+            refusal = Refusal(Reply(421, "4.7.0", replies.TOO_MANY_ERRORS.text.format(limit=self.hard_errors)),
+                              "error-limit")
+            self.intake.log_refusal(self.session, refusal, stage="session")
+            await super().push(str(refusal.reply))
+            self.transport.close()
+        elif self.errors > self.soft_errors:
+            await asyncio.sleep(ERROR_DELAY)
 
     def _guarded(self, command: str, method: Callable[[str | None], Any]) -> Callable[[str | None], Any]:
         """`method` behind the checks every command passes: the session's age, and junk commands.
@@ -208,6 +235,10 @@ class IntakeSMTP(NullSenderSMTP):
         delay (an asyncio sleep: other sessions go on meanwhile).
         """
         assert self.session is not None
+        if not self.role.fax:
+            # A status-only listener takes mail from anyone and never faxes: no AUTH to guess at there.
+            await self._refuse(Refusal(replies.AUTH_NOT_HERE, "auth-not-offered"), "auth")
+            return
         self.session.pending_login = None
         await super().smtp_AUTH(arg)
         pending = self.session.pending_login
@@ -427,6 +458,8 @@ class Intake:
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
+        if not server.role.fax:  # AUTH is of no use where no fax is taken (IntakeSMTP.smtp_AUTH)
+            responses = [line for line in responses if not line[4:].upper().startswith("AUTH")]
         if self.sandbox:  # the greeting line says what the banner says
             responses = [f"{responses[0]} {replies.SANDBOX_NOTE}", *responses[1:]]
         # aiosmtpd processes pipelined commands in order but does not say so.
@@ -520,7 +553,7 @@ class Intake:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw: bytes = envelope.content
         if envelope.status_recipients:
-            return await self._status_mail(session, envelope, raw)
+            return await self._status_mail(server, session, envelope, raw)
         mail_from = mime.storable(envelope.mail_from)  # aiosmtpd keeps 8-bit bytes as surrogates
         client, sender = self._parties(session, mail_from)
         # An ordinary fax is read here; anything else in a worker thread: a hostile
@@ -562,7 +595,7 @@ class Intake:
             return str(replies.STORE_FAILED)
         if isinstance(outcome, Admitted):
             self.limits.admitted(admission, len(recipients))
-            server.junk_commands = 0  # as Postfix: junk commands are counted between accepted messages
+            server.junk_commands = server.errors = 0  # as Postfix: counted between accepted messages
             return self._accepted(session, envelope, message, outcome)
         if isinstance(outcome, Duplicate):
             refusal = self.limits.duplicate_refusal(outcome)
@@ -587,7 +620,7 @@ class Intake:
                   ms=round((time.monotonic() - getattr(envelope, "started", time.monotonic())) * 1000, 1))
         return str(reply)
 
-    async def _status_mail(self, session: Session, envelope: Envelope, raw: bytes) -> str:
+    async def _status_mail(self, server: IntakeSMTP, session: Session, envelope: Envelope, raw: bytes) -> str:
         """Mail to a status address: parsed, correlated and stored before the 250, never faxed."""
         refusal = self.limits.take_status_message(session.peer[0] if session.peer else "?")
         if refusal is not None:
@@ -601,6 +634,7 @@ class Intake:
         except StoreError as exc:
             log.error("store write failed: %s", exc)
             return str(replies.STORE_FAILED)
+        server.junk_commands = server.errors = 0  # an accepted message: an MX's RSET between mails is no junk
         return str(status_reply(outcome, verdict))
 
     def _parties(self, session: Session, mail_from: str) -> tuple[Party, Party]:
@@ -629,20 +663,28 @@ class Intake:
         """
         client = session.peer[0] if session.peer else "?"
         user = auth_data.login.decode("utf-8", "replace")
+        if len(auth_data.login) > MAX_USER_NAME:
+            # No user has such a name: refused without a password check, and never kept as a throttle key.
+            self.log_refusal(session, Refusal(replies.AUTH_INVALID, "auth-user-name"), stage="auth",
+                             user=shown(user[:64]) + "...")
+            return str(replies.AUTH_INVALID), None
         if not self.limits.auth.begin(user):
             self.log_refusal(session, Refusal(replies.AUTH_BUSY, "auth-concurrent"), stage="auth", user=shown(user))
             return str(replies.AUTH_BUSY), None
         try:
-            if not await self.passwords.check(user, auth_data.password):
-                failures, delay = self.limits.auth.failed(client, user)
-                if self.metrics is not None:
-                    self.metrics.auth_failures.labels(mechanism).inc()
-                log_event(log, "auth", level=logging.WARNING, client=client, user=shown(user), mechanism=mechanism,
-                          result="failed", failures=failures, delay=f"{delay:g}s")
-                await asyncio.sleep(delay)
-                return str(replies.AUTH_INVALID), None
+            valid = await self.passwords.check(user, auth_data.password)
         finally:
+            # The slot bounds guesses being checked at once, not the wait below: held through the wait, two
+            # guessing connections would lock the real user out.
             self.limits.auth.end(user)
+        if not valid:
+            failures, delay = self.limits.auth.failed(client, user)
+            if self.metrics is not None:
+                self.metrics.auth_failures.labels(mechanism).inc()
+            log_event(log, "auth", level=logging.WARNING, client=client, user=shown(user), mechanism=mechanism,
+                      result="failed", failures=failures, delay=f"{delay:g}s")
+            await asyncio.sleep(delay)
+            return str(replies.AUTH_INVALID), None
         refusal = self.limits.open_session(user)
         if refusal is not None:
             self.log_refusal(session, refusal, stage="auth", user=shown(user))
@@ -717,6 +759,8 @@ def smtp_factory(intake: Intake, *, settings_smtp: Any, tls_context: ssl.SSLCont
             junk_limit=settings_smtp.max_junk_commands,
             lifetime=settings_smtp.max_session_time,
             status_size=status_size,
+            soft_errors=settings_smtp.soft_error_limit,
+            hard_errors=settings_smtp.hard_error_limit,
             # A status-only listener advertises (and checks at MAIL) the status mail's own size limit.
             data_size_limit=settings_smtp.max_message_size if role.fax else status_size,
             enable_SMTPUTF8=True,

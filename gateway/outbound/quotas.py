@@ -48,7 +48,7 @@ from pypdf import PdfReader
 from gateway import replies
 from gateway.outbound import mime
 from gateway.replies import refuse
-from gateway.config import LimitSettings, Settings, in_networks
+from gateway.config import LimitSettings, Settings, client_key, in_networks
 from gateway.models import FaxNumber, Recipient, Refusal, Reply
 from gateway.outbound.policy import Policy
 from gateway.store import Writer, iso, parse_iso, utcnow
@@ -65,7 +65,7 @@ KINDS = ("connections", "messages_per_minute", "faxes_per_day", "pages_per_day")
 # The bounded set of limit names: refusal checks, log fields and metric labels.
 LIMIT_NAMES = frozenset(
     [f"{scope}-{kind.replace('_', '-')}" for scope in ("client", "sender") for kind in KINDS]
-    + ["duplicate", "status-connections", "status-messages-per-minute", "auth-concurrent"]
+    + ["duplicate", "status-connections", "status-messages-per-minute", "auth-concurrent", "smtp-connections"]
 )
 WINDOW = 60.0  # seconds of "messages per minute"
 
@@ -267,7 +267,9 @@ class IntakeLimits:
         self.clock = clock
         self.monotonic = monotonic
         self.connections: Counter[str] = Counter()
-        self.status_connections: Counter[str] = Counter()  # on status-only listeners
+        self.status_connections: Counter[str] = Counter()  # on status-only listeners, by client_key
+        self.total = 0  # SMTP connections on every listener
+        self.total_limit = 0  # set by the service from the descriptor limit; 0 = none
         self.sessions: Counter[str] = Counter()
         self.windows = _Windows()
         self.auth = AuthThrottle(self.limits, monotonic=monotonic)
@@ -287,24 +289,39 @@ class IntakeLimits:
     # --- concurrent connections and sessions ---
 
     def open_connection(self, client: str, *, status_only: bool = False) -> Refusal | None:
+        """At connect: the gateway's share of descriptors, then the listener's and the client's limits."""
+        if self.total_limit and self.total >= self.total_limit:
+            return refuse(replies.GATEWAY_BUSY, "smtp-connections")
         if status_only:
-            limit = self.status.max_connections_per_client
-            if limit and self.status_connections[client] >= limit and not in_networks(
-                    client, self.status.trusted_networks):
+            key = client_key(client)
+            trusted = in_networks(client, self.status.trusted_networks)
+            per_client = self.status.max_connections_per_client
+            if not trusted and sum(self.status_connections.values()) >= self.status.max_connections:
+                return refuse(replies.GATEWAY_BUSY, "status-connections")
+            if per_client and self.status_connections[key] >= per_client and not trusted:
                 return refuse(replies.CONNECTION_LIMIT, "status-connections",
-                                limit=counted(limit, "concurrent connections"), who=f"client {client}")
-            self.status_connections[client] += 1
-            return None
-        return self._open(self.connections, Party.client(client), replies.CONNECTION_LIMIT, "concurrent connections")
+                              limit=counted(per_client, "concurrent connections"), who=f"client {client}")
+            self.status_connections[key] += 1
+        else:
+            refusal = self._open(self.connections, Party.client(client), replies.CONNECTION_LIMIT,
+                                 "concurrent connections")
+            if refusal is not None:
+                return refusal
+        self.total += 1
+        return None
 
     def close_connection(self, client: str, *, status_only: bool = False) -> None:
-        _release(self.status_connections if status_only else self.connections, client)
+        self.total -= 1
+        if status_only:
+            _release(self.status_connections, client_key(client))
+        else:
+            _release(self.connections, client)
 
     def take_status_message(self, client: str) -> Refusal | None:
         """At DATA of a status mail: count it, or refuse it over `[status] max_messages_per_minute`."""
         limit = self.status.max_messages_per_minute
         if not limit or in_networks(client, self.status.trusted_networks):
-            return None  # the MX that relays GreenFax's mail carries everyone's: not held to a stranger's rate
+            return None  # GreenFax's own servers send every fax's status mail: not held to a stranger's rate
         now = self.monotonic()
         key = f"status:{client}"
         count, frees_at = self.windows.count(key, now)

@@ -168,7 +168,9 @@ class UpstreamConnection:
         except SMTPResponseException as exc:
             await self._reset(smtp)
             if exc.code >= 500:
-                raise UpstreamSetupError(f"upstream refused the sender <{sender}>", **_reply(exc.code, exc.message)) from exc
+                # Not naming the sender: it carries the job's secret (the VERP address).
+                raise UpstreamSetupError("upstream refused the envelope sender (the return path)",
+                                         **_reply(exc.code, exc.message)) from exc
             raise UpstreamTemporary("upstream deferred the sender", **_reply(exc.code, exc.message)) from exc
         try:
             await smtp.rcpt(recipient, encoding=encoding)

@@ -171,7 +171,8 @@ class ImapReader:
         raw = next((part[1] for part in data or [] if isinstance(part, tuple)), None)
         if typ != "OK" or raw is None:
             return  # expunged meanwhile
-        verdict: Verdict = self.status.understand(bytes(raw), channel=Channel.IMAP, trusted_source=True)
+        verdict: Verdict = self.status.understand(bytes(raw), channel=Channel.IMAP,
+                                                  trusted_source=self.settings.trusted)
         if verdict.kind == "unrecognised":
             self.state.left_alone += 1
             return  # perhaps a person's mail: not ours to touch or keep

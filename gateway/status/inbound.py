@@ -21,9 +21,13 @@ otherwise kept for review with a bounded excerpt of its text.
 from __future__ import annotations
 
 import asyncio
+import email.parser
+import email.policy
+import email.utils
 import logging
 import sqlite3
 from dataclasses import dataclass, replace
+from email.message import Message
 
 import dkim
 
@@ -47,6 +51,13 @@ from gateway.store import Writer, iso, utcnow
 log = logging.getLogger("faxgw.status")
 
 # Status mails that arrive together are read together (see _Batches).
+UNTRUSTED_READ = 64 * 1024  # untrusted mail is read from this much of its start (status mail is a few KB)
+MAX_SIGNATURES = 5  # more DKIM signatures than this: not trusted, none verified
+# The fields a report is read from or matched by: a trusting signature covers each of them that the mail has
+# (as DKIM signers commonly do), and none of these nor the MIME fields may appear twice (the first is read).
+SIGNED_FIELDS = ("from", "to", "cc", "subject", "date", "message-id")
+SINGLE_FIELDS = (*SIGNED_FIELDS, "content-type", "content-transfer-encoding")
+_HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 BATCH_MAILS = 32  # at most this many mails per thread call...
 BATCH_BYTES = 1 << 20  # ...and about this much mail: a big one is read with few others
 READERS = 2  # batches read at the same time
@@ -89,33 +100,39 @@ class StatusMail:
         """Parse one status mail into a report; never raises.
 
         `trusted_source`: the mail comes from a place only GreenFax writes to
-        (the configured IMAP mailbox), so it is trusted whatever its sender.
-        `client`: the address of the SMTP client that delivered it.
+        (an IMAP mailbox marked `[status.imap] trusted`), so it is trusted
+        whatever its sender. `client`: the address of the SMTP client that
+        delivered it ("" for mail read by IMAP: no network check applies).
+        Untrusted mail is read from its first UNTRUSTED_READ bytes only:
+        anyone may send it, and a hostile mail must not cost seconds to read.
         """
-        mail = parse_mail(raw)
-        trust = Trust.TRUSTED if trusted_source or self.trusted(mail, client) else Trust.UNTRUSTED
+        trusted = trusted_source or self.trust_checks(raw, client)[0]
+        trust = Trust.TRUSTED if trusted else Trust.UNTRUSTED
+        mail = parse_mail(raw if trusted or len(raw) <= UNTRUSTED_READ else raw[:UNTRUSTED_READ])
         if is_dsn(mail) or any(self._is_bounce_address(a) for a in envelope_rcpts):
             bounce = parse_bounce(mail, envelope_rcpts)
             if bounce is not None:
-                report = self._bounded(bounce_report(mail, bounce))
+                report = self._bounded(bounce_report(mail, bounce), raw)
                 proof = "with the job's secret" if bounce.job_secret else "without the job's secret (not ours?)"
                 return Verdict(report, "bounce", f"DSN: {bounce.action} {bounce.status} for {bounce.recipient},"
                                                  f" {proof}")
         extraction = self.rules.extract(mail, channel=channel, trust=trust)
         if extraction is not None:
             fields = ", ".join(f"{k}={v!r}" for k, v in extraction.values.items())
-            return Verdict(self._bounded(extraction.report), "rule", f"{extraction.rule.name}: {fields}")
+            return Verdict(self._bounded(extraction.report, raw), "rule", f"{extraction.rule.name}: {fields}")
         reasons = "; ".join(self.rules.explain(mail)) or "no rules loaded"
-        report = StatusReport(channel=channel, trust=trust, raw=self._excerpt(raw),
-                              dedup_key=dedup_key("mail", *mail.identity()), rule=None,
-                              notes=("not recognised as a status mail",))
+        report = StatusReport(channel=channel, trust=trust, raw=self._excerpt(raw), dedup_key=_dedup_key(raw, mail),
+                              rule=None, notes=("not recognised as a status mail",))
         return Verdict(report, "unrecognised", f"no rule recognised it ({reasons})")
 
-    def _bounded(self, report: StatusReport) -> StatusReport:
-        """An untrusted report keeps only an excerpt of the mail: anyone may send it, as often as the limits let."""
+    def _bounded(self, report: StatusReport, raw: bytes) -> StatusReport:
+        """An untrusted report keeps only an excerpt of the mail: anyone may send it, as often as the limits let.
+
+        Its dedup key is the whole mail's, as a trusted copy's (IMAP) would be.
+        """
         if report.trust is not Trust.UNTRUSTED:
             return report
-        return replace(report, raw=self._excerpt(report.raw.encode("utf-8", "surrogateescape")))
+        return replace(report, raw=self._excerpt(raw), dedup_key=_dedup_key(raw, None, report.dedup_key))
 
     def _excerpt(self, raw: bytes) -> str:
         keep = self.settings.status.review_excerpt
@@ -125,57 +142,93 @@ class StatusMail:
         cut = raw.rfind(b"\n", 0, keep) + 1 or keep
         return raw[:cut].decode("utf-8", "replace") + f"\n[{len(raw) - cut} more bytes not kept: status.review_excerpt]\n"
 
-    def trusted(self, mail: ParsedMail, client: str = "") -> bool:
-        """Whether mail delivered by SMTP from `client` counts as coming from GreenFax."""
-        return self.trust_checks(mail, client)[0]
+    def trusted(self, raw: bytes, client: str = "") -> bool:
+        """Whether mail delivered by SMTP from `client` (or read by IMAP: "") counts as coming from GreenFax."""
+        return self.trust_checks(raw, client)[0]
 
-    def trust_checks(self, mail: ParsedMail, client: str = "") -> tuple[bool, list[str]]:
-        """Trusted or not, and each check's result in words (for logs and `faxgw rules test`)."""
+    def trust_checks(self, raw: bytes, client: str = "") -> tuple[bool, list[str]]:
+        """Trusted or not, and each check's result in words (for logs and `faxgw rules test`).
+
+        Read from the header block alone. The From must be of a trusted
+        domain and the To or Cc one of our status addresses (a signed report
+        GreenFax sent to someone else, replayed to us, is not ours); then
+        every check the config turns on must pass, at least one: a DKIM
+        signature (see `_dkim_signer`) and the client's network. Mail read
+        by IMAP (no client) can only be trusted by its signature.
+        """
         status = self.settings.status
-        domain = mail.from_addr.rpartition("@")[2].lower()
-        checks = []
+        headers = _HEADERS.parsebytes(raw[:raw.find(b"\r\n\r\n") + 4] if b"\r\n\r\n" in raw else raw, headersonly=True)
+        from_addr = email.utils.parseaddr(str(headers.get("from", "")))[1].lower()
+        domain = from_addr.rpartition("@")[2]
         if not self._trusted_domain(domain):
             return False, [f"From domain {domain or '(none)'} is not in status.trusted_sender_domains"]
-        ok = status.require_dkim or bool(status.trusted_networks)
+        recipients = {a.lower() for _n, a in email.utils.getaddresses(
+            [str(v) for name in ("to", "cc") for v in headers.get_all(name, [])])}
+        if not recipients & self.addresses:
+            return False, ["neither To nor Cc is one of our status addresses (a report for someone else?)"]
+        network = bool(status.trusted_networks) and bool(client)
+        checks = []
+        ok = status.require_dkim or network
         if not ok:
-            checks.append("neither status.require_dkim nor status.trusted_networks is set: no mail is trusted")
-        if status.require_dkim:
-            signer = self._dkim_signer(mail.raw, domain)
+            checks.append("no check applies (status.require_dkim is off, and status.trusted_networks is not set"
+                          " or the mail came by IMAP): not trusted")
+        if status.require_dkim or not client:
+            signer, why = self._dkim_signer(raw, headers, domain)
             ok = ok and signer is not None
-            checks.append(f"dkim=pass (d={signer})" if signer else f"dkim=fail: no valid signature aligned with {domain}")
-        if status.trusted_networks:
+            checks.append(f"dkim=pass (d={signer})" if signer else f"dkim=fail: {why}")
+        if network:
             inside = in_networks(client, status.trusted_networks)
             ok = ok and inside
-            checks.append(f"client {client or '(none)'} {'is' if inside else 'is not'} in status.trusted_networks")
+            checks.append(f"client {client} {'is' if inside else 'is not'} in status.trusted_networks")
         return ok, checks
 
     def _trusted_domain(self, domain: str) -> bool:
         return any(_within(domain, d) for d in self._trusted_domains)
 
-    def _dkim_signer(self, raw: bytes, from_domain: str) -> str | None:
-        """The domain of a valid DKIM signature that is trusted and aligns with the From domain, or None.
+    def _dkim_signer(self, raw: bytes, headers: Message, from_domain: str) -> tuple[str | None, str]:
+        """The domain of a valid DKIM signature that makes the mail trusted, or None and why not.
 
-        Aligned as DMARC's relaxed mode has it, with the configured trusted
-        domain as the organisational domain: the signer and the From are
-        that domain or subdomains of it. Other signatures are not verified
-        at all: they could not make the mail trusted, and verifying them
-        would cost a DNS lookup each.
+        The signature must align with the From as DMARC's relaxed mode has
+        it (the configured trusted domain as the organisational domain),
+        sign the whole body (no l= tag), and cover every occurrence of the
+        fields a report is read from: a field the signature does not cover,
+        or a second Subject above a signed one, could say anything. At most
+        MAX_SIGNATURES are looked at, each (domain, selector) once: verifying
+        one costs a key lookup and a pass over the body.
         """
+        for name in SINGLE_FIELDS:
+            if len(headers.get_all(name, [])) > 1:
+                return None, f"the mail has more than one {name} header"
         try:
             verifier = dkim.DKIM(raw)
             signatures = [value for name, value in verifier.headers if name.lower() == b"dkim-signature"]
         except Exception as exc:  # dkimpy raises on some malformed mail
             log.debug("DKIM: cannot read the mail: %s", exc)
-            return None
+            return None, "the mail cannot be read for DKIM"
+        if len(signatures) > MAX_SIGNATURES:
+            return None, f"more than {MAX_SIGNATURES} DKIM signatures"
+        present = {name for name in SIGNED_FIELDS if name in headers}
+        tried: set[tuple[bytes, bytes]] = set()
+        why = f"no valid signature aligned with {from_domain}"
         for index, value in enumerate(signatures):
             try:
-                signer = dkim.util.parse_tag_value(value).get(b"d", b"").decode("ascii").strip().lower().rstrip(".")
-                aligned = any(_within(from_domain, d) and _within(signer, d) for d in self._trusted_domains)
-                if aligned and verifier.verify(idx=index, dnsfunc=self._dns):
-                    return signer
+                tags = dkim.util.parse_tag_value(value)
+                signer = tags.get(b"d", b"").decode("ascii").strip().lower().rstrip(".")
+                if not any(_within(from_domain, d) and _within(signer, d) for d in self._trusted_domains):
+                    continue
+                if (tags.get(b"d", b""), tags.get(b"s", b"")) in tried:
+                    continue
+                tried.add((tags.get(b"d", b""), tags.get(b"s", b"")))
+                signed = {h.strip().lower() for h in tags.get(b"h", b"").decode("ascii").split(":")}
+                if b"l" in tags or not present <= signed:
+                    why = "the signature does not cover the whole mail (l=, or unsigned " + ", ".join(
+                        sorted(present - signed)) + ")" if present - signed else "the signature has l="
+                    continue
+                if verifier.verify(idx=index, dnsfunc=self._dns):
+                    return signer, ""
             except Exception as exc:  # a malformed signature is simply not valid
                 log.debug("DKIM signature %d not valid: %s", index + 1, exc)
-        return None
+        return None, why
 
     def _dns(self, name: bytes, timeout: int = 5) -> bytes | None:
         key = name.decode().lower().rstrip(".")
@@ -186,6 +239,17 @@ class StatusMail:
     def _is_bounce_address(self, address: str) -> bool:
         address = address.lower()
         return address.startswith(self._bounce_prefix) and address.endswith(self._bounce_domain)
+
+
+def _dedup_key(raw: bytes, mail: ParsedMail | None, key: str | None = None) -> str:
+    """The report's dedup key from the whole mail, also where only its start was read (an untrusted large
+    mail): then its Message-ID and body are taken from the raw bytes, without reading the MIME."""
+    if len(raw) <= UNTRUSTED_READ:
+        return key or dedup_key("mail", *mail.identity())  # type: ignore[union-attr]
+    headers = _HEADERS.parsebytes(raw, headersonly=True)
+    whole = ParsedMail(raw=raw, message_id=str(headers.get("message-id", "")).strip(),
+                       headers={name.lower(): str(value) for name, value in headers.items()})
+    return dedup_key("mail", *whole.identity())
 
 
 def _within(domain: str, parent: str) -> bool:

@@ -65,7 +65,7 @@ from gateway.status.feedpoll import FeedPoller
 from gateway.status.feedxml import parse_feed
 from gateway.status.inbound import StatusMail, receive
 from gateway.status.mailrules import load_rules
-from gateway.status.report import Channel
+from gateway.models import Channel
 
 ACCOUNT_SENDER = "faxes@bench.example"
 NOTIFY_TOKEN = "bench-notify-token-0123456789"

@@ -32,7 +32,7 @@ from gateway.outbound import mime
 from gateway.status.inbound import StatusMail
 from gateway.status.mailparse import ParsedMail, parse_mail
 from gateway.status.mailrules import load_rules
-from gateway.status.report import Channel, Result, StatusReport
+from gateway.models import Channel, Result, StatusReport
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 NOT_MESSAGES = re.compile(r"LICENSE|NOTICE|README|MANIFEST|^\.gitattributes$")

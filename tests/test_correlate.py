@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from gateway import store
-from gateway.models import FaxNumber, JobState, NewMessage, Recipient
+from gateway.models import Channel, FaxNumber, JobState, NewMessage, Recipient, Result, StatusReport, Trust
 from gateway.status.correlate import CorrelationPolicy, apply_report, match_by_hand
-from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key
+from gateway.status.report import dedup_key
 from gateway.store import reports as reports_db
 
 POLICY = CorrelationPolicy()

@@ -49,7 +49,7 @@ from hypothesis import strategies as st
 
 from gateway import store
 from gateway.outbound import intake, mime, tnef
-from gateway.models import FaxNumber, NewMessage, Recipient, Refusal
+from gateway.models import Channel, FaxNumber, NewMessage, Recipient, Refusal, StatusReport
 from gateway.outbound.policy import SUBJECT_MAILBOX, Policy
 from gateway.rules import load_addressing
 from gateway.service import Service
@@ -58,7 +58,6 @@ from gateway.status.feedxml import FeedRow, parse_feed
 from gateway.status.inbound import StatusMail, Verdict
 from gateway.status.mailrules import load_rules
 from gateway.status.notify import PARAMETERS, notify_report
-from gateway.status.report import Channel, StatusReport
 from gateway.errors import FeedError, MissingParameters, TnefError
 
 FAX = f"{NUMBER}@greenfax.com"

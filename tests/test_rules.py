@@ -25,7 +25,7 @@ from gateway.sandbox.server import OUTCOMES, SandboxFax
 from gateway.sandbox.statusmail import status_email
 from gateway.status.inbound import StatusMail
 from gateway.status.mailrules import load_rules
-from gateway.status.report import Channel, Result
+from gateway.models import Channel, Result
 
 DATA = Path(__file__).parent / "data" / "status"
 ACCOUNT_SENDER = "faxes@office.example"

@@ -31,7 +31,7 @@ from conftest import ACCOUNT_SENDER, settings_for
 
 from gateway import store
 from gateway.errors import StoreError
-from gateway.models import FaxNumber, NewMessage, Recipient
+from gateway.models import Channel, FaxNumber, NewMessage, Recipient, Result, StatusReport, Trust
 from gateway.sandbox.server import SandboxFax
 from gateway.sandbox.statusmail import status_email
 from gateway.status import inbound, mailparse, mailrules
@@ -42,7 +42,7 @@ from gateway.status.feedxml import _raw, parse_feed, read_tree
 from gateway.status.inbound import StatusMail, receive
 from gateway.status.mailrules import load_rules
 from gateway.status.notify import _urlencode
-from gateway.status.report import Channel, Result, StatusReport, Trust, _plain, dedup_key
+from gateway.status.report import _plain, dedup_key
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 SAMPLES = Path(__file__).parent / "data" / "status"

@@ -437,7 +437,7 @@ def rules_test(obj: Context, files: tuple[str, ...], as_json: bool) -> None:
     from gateway.status.inbound import StatusMail
     from gateway.status.mailparse import parse_mail
     from gateway.status.mailrules import load_rules
-    from gateway.status.report import Channel, Trust
+    from gateway.models import Channel, Trust
 
     settings = obj.settings
     status = StatusMail(settings, load_rules(settings.status.rule_files))

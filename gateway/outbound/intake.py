@@ -38,12 +38,11 @@ from gateway.errors import StoreError, StoreFull
 from gateway.outbound.quotas import LIMIT_NAMES, IntakeLimits, Party, span
 from gateway.logs import log_event
 from gateway.metrics import Metrics
-from gateway.models import NULL_SENDER, FaxNumber, NewMessage, Recipient, Refusal, Reply
+from gateway.models import NULL_SENDER, Channel, FaxNumber, NewMessage, Recipient, Refusal, Reply
 from gateway.outbound.passwords import PasswordChecker
 from gateway.outbound.policy import SUBJECT_MAILBOX, Policy, shown
 from gateway.replies import refuse
 from gateway.status.inbound import StatusMail, receive, status_reply
-from gateway.status.report import Channel
 from gateway.store import Writer, iso, utcnow
 from gateway.store.admission import Admitted, Duplicate, admit_message
 

@@ -3,7 +3,7 @@
 `apply_report()` runs inside the store writer's transaction. In order:
 
 1. The same report seen before (same dedup key) changes nothing.
-2. Match a job, as far as the report's trust allows (status/report.py,
+2. Match a job, as far as the report's trust allows (models.py,
    Trust): an untrusted report only the waiting job whose secret it
    presents; an authentic one by our job code or by GreenFax's reference id
    already linked to a job; a trusted one also by fax number within the
@@ -33,8 +33,7 @@ from datetime import timedelta
 
 from gateway.config import Settings
 from gateway.errors import InvalidTransition, UnknownJob
-from gateway.models import FINAL_STATES, JobState
-from gateway.status.report import Result, StatusReport, Trust
+from gateway.models import FINAL_STATES, JobState, Result, StatusReport, Trust
 from gateway.store import enqueue_notification, iso, parse_iso
 from gateway.store import reports as db
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from email.message import Message
 
 from gateway.status.mailparse import ParsedMail
-from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key
+from gateway.status.report import dedup_key
+from gateway.models import Channel, Result, StatusReport, Trust
 
 CODE = re.compile(r"\b(FX[0-9A-Z]{6})\b")
 # The return path's subaddress: the job code, and after a dot the job's secret (older jobs had none).

@@ -41,7 +41,8 @@ import defusedxml
 
 from gateway.errors import FeedRefused, FeedUnavailable, GatewayError
 from gateway.status.mailrules import normalise_number
-from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key, parse_time
+from gateway.status.report import dedup_key, parse_time
+from gateway.models import Channel, Result, StatusReport, Trust
 
 # status text (lower case, without spaces, "_" or "-") -> (result, reason); Pending is not a result.
 STATUSES: dict[str, tuple[Result, str | None]] = {

@@ -36,7 +36,7 @@ from imap_tools.mailbox import BaseMailBox
 from gateway.config import ImapSettings
 from gateway.logs import log_event
 from gateway.status.inbound import StatusMail, Verdict, apply_verdict
-from gateway.status.report import Channel
+from gateway.models import Channel
 from gateway.store import Writer, get_meta, set_meta
 
 log = logging.getLogger("faxgw.imap")

@@ -34,7 +34,7 @@ import dkim
 from gateway.config import Settings, in_networks
 from gateway.logs import log_event
 from gateway.metrics import Metrics
-from gateway.models import Reply
+from gateway.models import Channel, Reply, StatusReport, Trust
 from gateway.status.batches import Gathered
 from gateway.status.correlate import (
     CorrelationPolicy,
@@ -45,7 +45,7 @@ from gateway.status.correlate import (
 from gateway.status.dsn import bounce_report, is_dsn, parse_bounce
 from gateway.status.mailparse import ParsedMail, parse_mail
 from gateway.status.mailrules import MailRules
-from gateway.status.report import Channel, StatusReport, Trust, dedup_key
+from gateway.status.report import dedup_key
 from gateway.store import Writer, iso, utcnow
 
 log = logging.getLogger("faxgw.status")

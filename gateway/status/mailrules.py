@@ -38,7 +38,8 @@ from gateway.outbound import mime
 from gateway.config import check_zone
 from gateway.errors import ConfigError
 from gateway.status.mailparse import ParsedMail
-from gateway.status.report import REASONS, Channel, Result, StatusReport, Trust, dedup_key, parse_time
+from gateway.status.report import dedup_key, parse_time
+from gateway.models import REASONS, Channel, Result, StatusReport, Trust
 
 FIELDS = ("job_code", "fax_number", "result", "reason", "pages", "duration", "cost", "reference_id", "time")
 BODY_SOURCES = ("subject", "text", "html")

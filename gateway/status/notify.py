@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from urllib.parse import quote_plus
 
 from gateway.status.mailrules import normalise_number
-from gateway.status.report import Channel, Result, StatusReport, Trust, dedup_key, parse_time
+from gateway.status.report import dedup_key, parse_time
+from gateway.models import Channel, Result, StatusReport, Trust
 from gateway.errors import MissingParameters
 
 IDENTIFIERS = ("userjobcode", "greenfaxreferenceid", "destination")

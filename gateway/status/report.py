@@ -1,79 +1,11 @@
-"""The one plain value every status channel produces."""
+"""Reading a report: its dedup key, and times as status channels write them (the values are in models.py)."""
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import re
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from email.utils import parsedate_to_datetime
-
-
-class Channel(enum.StrEnum):
-    SMTP = "email-smtp"  # a status email received by the gateway's own status listener
-    IMAP = "email-imap"  # a status email read from the account sender's mailbox
-    BOUNCE = "bounce"  # a delivery status notification to the return path
-    NOTIFY = "notify"  # GreenFax's HTTP Notify call
-    FEED = "feed"  # a row of the XML data feed
-    OPERATOR = "operator"  # `faxgw match`
-
-
-class Result(enum.StrEnum):
-    DELIVERED = "delivered"
-    FAILED = "failed"
-
-
-class Trust(enum.IntEnum):
-    """How far a report may be believed, which decides what it may match (DESIGN.md, "Correlation and trust").
-
-    UNTRUSTED: anyone could have sent it (status mail that is neither DKIM-
-    signed by a trusted domain nor from a trusted network, any bounce). It
-    changes a job only when it carries that job's secret (the VERP tag or our
-    Message-ID, which only the upstream saw); job codes and GreenFax's
-    reference ids are guessable, so alone they never suffice.
-    AUTHENTIC: the sender is proven (the Notify URL's secret token): it may
-    match by job code and by reference id, not by number.
-    TRUSTED: from a trusted source (the IMAP mailbox, the XML feed, status
-    mail that passed the configured checks): also by number and time window.
-    """
-
-    UNTRUSTED = 0
-    AUTHENTIC = 1
-    TRUSTED = 2
-
-
-# Reasons a fax failed, a bounded set (also metric labels).
-REASONS = ("busy", "no_answer", "invalid_number", "refused_by_service", "bounced", "other")
-
-
-@dataclass(frozen=True, slots=True)
-class StatusReport:
-    """What one channel knows of one fax's outcome. Unknown fields are None."""
-
-    channel: Channel
-    trust: Trust
-    raw: str  # the raw text of the report (mail source, query string, XML row)
-    result: Result | None = None  # None: the report's result text was not understood
-    result_text: str | None = None  # the result as the source wrote it
-    reason: str | None = None
-    fax_number: str | None = None  # E.164
-    pages: int | None = None
-    duration: int | None = None  # seconds
-    cost: str | None = None
-    reference_id: str | None = None  # GreenFax's job id
-    job_code: str | None = None  # ours, echoed back
-    reported_at: datetime | None = None  # UTC
-    reported_at_raw: str | None = None
-    dedup_key: str = ""  # equal for the same report received twice, by any channel (see dedup_key())
-    rule: str | None = None  # the status-mail rule that matched
-    notes: tuple[str, ...] = field(default=())
-    job_secret: str | None = None  # the job's secret as the report presents it (a bounce's VERP tag)
-
-    @property
-    def trusted(self) -> bool:
-        return self.trust is Trust.TRUSTED
-
 
 
 def dedup_key(kind: str, source_id: str | None, content: bytes | str) -> str:

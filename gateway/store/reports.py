@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 from gateway.errors import InvalidTransition, UnknownJob
-from gateway.status.report import Channel, Result, StatusReport, Trust
+from gateway.models import Channel, Result, StatusReport, Trust
 from gateway.store.base import iso, parse_iso
 from gateway.store.jobs import add_event
 

@@ -35,44 +35,13 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError
+from gateway.units import format_duration, format_size, parse_duration, parse_size
 
 SECRET_KEYS = ("password", "token", "secret")
 DEFAULT_SANDBOX_SENDER = "faxgw@sandbox.localhost"
 DEFAULT_SANDBOX_RETURN_PATH = "fax-bounce@sandbox.localhost"
 
 # --- value types -----------------------------------------------------------
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"b": 1, "kb": 1000, "kib": 1024, "mb": 10**6, "mib": 2**20, "gb": 10**9, "gib": 2**30}
-
-
-def parse_duration(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30, \"30s\", \"5m\", \"2h\" or \"2d\"")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(str(value))
-        if not match:
-            raise ValueError("expected a duration such as 30, \"30s\", \"5m\", \"2h\" or \"2d\"")
-        seconds = float(match[1]) * _DURATION_UNITS[match[2]]
-    if seconds < 0:
-        raise ValueError("expected a duration of zero or more")
-    return seconds
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value <= 0:
-            raise ValueError("expected a size above zero")
-        return value
-    match = _SIZE.match(str(value))
-    if not match or isinstance(value, bool):
-        raise ValueError("expected a size in bytes such as 20971520 or \"20MiB\"")
-    return int(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()]
-
 
 def parse_host_port(value: Any) -> tuple[str, int]:
     if isinstance(value, tuple):
@@ -139,7 +108,7 @@ def _argon2_hash(value: str) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(_size)]
+Size = Annotated[int, BeforeValidator(parse_size)]
 HostPort = Annotated[tuple[str, int], BeforeValidator(parse_host_port)]
 Network = Annotated[Any, BeforeValidator(_network)]
 Secret = Annotated[SecretStr | None, BeforeValidator(_secret)]
@@ -379,7 +348,7 @@ class StatusSettings(Section):
     max_connections_per_client: int = Field(default=10, ge=0)  # on status-only listeners (an IPv6 /64 is one client)
     max_messages_per_minute: int = Field(default=60, ge=0)  # status mails per client address; 0 = no limit
     # Of status mail that is untrusted or that no rule recognises, only this much is kept for review.
-    review_excerpt: Annotated[int, BeforeValidator(lambda v: 0 if v in (0, "0") else _size(v))] = 16 * 1024
+    review_excerpt: Annotated[int, BeforeValidator(lambda v: 0 if v in (0, "0") else parse_size(v))] = 16 * 1024
     rule_files: list[Path] = []  # the operator's status-mail rules, after the shipped ones
     match_window: Duration = 3 * 86400
     imap: ImapSettings = Field(default_factory=ImapSettings)
@@ -740,24 +709,6 @@ def warnings(settings: Settings) -> list[str]:
     return found
 
 
-def format_duration(seconds: float) -> str:
-    """A duration as the config writes it: "30d", "2h", "90s", "0.2s" (the largest unit that divides it)."""
-    for unit in ("d", "h", "m", "s"):
-        size = _DURATION_UNITS[unit]
-        if seconds >= size and float(seconds / size).is_integer():
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
-def format_size(size: int) -> str:
-    """A size as the config writes it: "20MiB", "256KiB", or bytes."""
-    for unit in ("GiB", "MiB", "KiB"):
-        factor = _SIZE_UNITS[unit.lower()]
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{unit}"
-    return str(size)
-
-
 def format_host_port(address: tuple[str, int]) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -838,7 +789,7 @@ def _rendered(name: str, value: Any, formatters: set[Any]) -> Any:
         return "********"
     if parse_duration in formatters:
         return format_duration(value)
-    if _size in formatters:
+    if parse_size in formatters:
         return format_size(value)
     if parse_host_port in formatters:
         return format_host_port(value)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from gateway.config import parse_duration
+from gateway.units import parse_duration
 from gateway.models import JobState
 from gateway.store import iso, utcnow
 from gateway.errors import FilterError

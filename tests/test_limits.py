@@ -43,13 +43,13 @@ from test_intake import (
 from gateway import config, store
 from gateway.cli.main import cli
 from gateway.errors import ConfigError
+from gateway.units import span
 from gateway.outbound.quotas import (
     AuthThrottle,
     IntakeLimits,
     Party,
     day_start,
     document_facts,
-    span,
 )
 from gateway.models import FaxNumber, NewMessage, Recipient
 from gateway.outbound.policy import Policy

@@ -15,6 +15,8 @@ from typing import Any
 
 import click
 
+from gateway.units import format_duration
+
 
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
@@ -102,7 +104,7 @@ def purge(obj: Any, dry_run: bool, as_json: bool) -> None:
         import asyncio
 
         result = asyncio.run(maintenance.purge_now(settings.store.path, settings.retention))
-    period = maintenance.describe_period(settings.retention.period)
+    period = format_duration(settings.retention.period)
     done = result.purged
     if as_json:
         click.echo(json.dumps({

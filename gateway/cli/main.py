@@ -21,6 +21,7 @@ from gateway.cli.feedcmd import feed
 from gateway.config import Settings
 from gateway.errors import FilterError, GatewayError
 from gateway.models import JobState
+from gateway.units import age
 
 STATES = [state.value for state in JobState]
 
@@ -201,11 +202,7 @@ def passwd(user: str, from_stdin: bool) -> None:
 
 
 def _age(created_at: str) -> str:
-    seconds = (store.utcnow() - store.parse_iso(created_at)).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(max(seconds, 0))}s"
+    return age((store.utcnow() - store.parse_iso(created_at)).total_seconds())
 
 
 def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from gateway.config import RetentionSettings
+from gateway.units import format_duration
 from gateway.errors import MaintenanceError, StoreError, StoreLocked
 from gateway.logs import log_event
 from gateway.store import SCHEMA_VERSION, StoreLock, Writer, connect, iso, utcnow
@@ -238,13 +239,6 @@ class Purged:
     copies: list[Path] = field(default_factory=list)  # the store's own safety copies, older than the period
 
 
-def describe_period(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
-
-
 def cutoff(settings: RetentionSettings, now: datetime) -> str:
     return iso(now - timedelta(seconds=settings.period))
 
@@ -304,7 +298,7 @@ class Retention:
     async def purge_once(self) -> Purged:
         now = self.clock()
         limit, at, batch = cutoff(self.settings, now), iso(now), self.settings.batch
-        note = f"message body purged (retention {describe_period(self.settings.period)})"
+        note = f"message body purged (retention {format_duration(self.settings.period)})"
         total, key = db.Purgeable(), None
         while True:
             done, key = await self.writer.run(db.purge_bodies, limit, at, key, batch, BATCH_BYTES, note)

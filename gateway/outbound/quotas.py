@@ -48,6 +48,7 @@ from pypdf import PdfReader
 from gateway import replies
 from gateway.outbound import mime
 from gateway.replies import refuse
+from gateway.units import span
 from gateway.config import LimitSettings, Settings, client_key, in_networks
 from gateway.models import FaxNumber, Recipient, Refusal, Reply
 from gateway.outbound.policy import Policy
@@ -106,14 +107,6 @@ def counted(amount: int, unit: str) -> str:
     if amount != 1:
         return f"{amount} {unit}"
     return f"1 {unit[:-2] if unit.endswith('xes') else unit[:-1]}"
-
-
-def span(seconds: float) -> str:
-    """A window for people: "45 s", "10 min", "1 h", "2 d"."""
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)} {unit}"
-    return f"{seconds:g} s"
 
 
 # --- the documents of a fax --------------------------------------------------------------------

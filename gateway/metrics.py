@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -36,6 +36,10 @@ class Metrics:
                                ["channel"], registry=self.registry)
         self.unmatched = Counter("faxgw_unmatched_reports_total", "Status reports that matched no job",
                                  ["channel"], registry=self.registry)
+        self.runner_up = Gauge("faxgw_runner_up", "1 while a background runner runs, by runner", ["runner"],
+                               registry=self.registry)
+        self.runner_errors = Counter("faxgw_runner_errors_total", "Rounds of a background runner that failed",
+                                     ["runner"], registry=self.registry)
         self.feed_polls = Counter("faxgw_feed_polls_total", "XML feed polls, by outcome", ["outcome"],
                                   registry=self.registry)
         self.limit_refusals = Counter("faxgw_limit_refusals_total",

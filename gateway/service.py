@@ -27,6 +27,8 @@ from gateway.http.guard import DescriptorBudget, raise_descriptor_limit
 from gateway.outbound.intake import Intake, Role, smtp_factory
 from gateway.logs import log_event
 from gateway.metrics import Metrics
+from gateway.health import health_report
+from gateway.runner import Supervisor
 from gateway.outbound.notices import Notifier
 from gateway.outbound.passwords import PasswordChecker
 from gateway.outbound.policy import Policy
@@ -69,7 +71,7 @@ class Service:
         self.sandbox = None
         self.sandbox_server: asyncio.Server | None = None
         self._sandbox_helpers: list[Any] = []  # the sandbox's status mailer and Notify caller
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.runners = Supervisor(metrics=self.metrics)  # the background loops, in one TaskGroup
 
     # --- start and stop -----------------------------------------------------------
 
@@ -91,8 +93,9 @@ class Service:
                 notify_states=self.status_mail.policy.notify_states, on_notice=self.notifier.wake,
             )
             self.forwarder.metrics = self.metrics
-            self._run("notifier", self.notifier.run())
-            self._run("forwarder", self.forwarder.run())
+            await self.runners.start()
+            self.runners.add(self.notifier)
+            self.runners.add(self.forwarder)
             self._start_retention()
             await self._listen()
             await self._start_web()
@@ -110,8 +113,7 @@ class Service:
 
     async def stop(self) -> None:
         if self.imap is not None:
-            self.imap.stop()  # the reader's thread notices within a second
-            await self._end("imap", grace=10)
+            await self.runners.end("imap", grace=10)  # the reader's thread notices within a second
         for server in self.servers:
             server.close()
         for server in self.servers:
@@ -119,14 +121,13 @@ class Service:
         self.servers.clear()
         if self.web is not None:
             await self.web.stop()
-        if self.forwarder is not None and "forwarder" in self._tasks:
+        if self.forwarder is not None and "forwarder" in self.runners.runners:
             try:
                 async with asyncio.timeout(SHUTDOWN_GRACE + 5):
                     await self.forwarder.shutdown(SHUTDOWN_GRACE)
             except TimeoutError:
                 log.error("forwarder did not stop in time; jobs it was sending become unknown at the next start")
-        for name in list(self._tasks):
-            await self._end(name)
+        await self.runners.close()
         for helper in self._sandbox_helpers:
             await helper.close()
         self._sandbox_helpers.clear()
@@ -151,18 +152,6 @@ class Service:
             log_event(log, "stopping")
         finally:
             await self.stop()
-
-    def _run(self, name: str, coroutine: Coroutine[Any, Any, None]) -> None:
-        self._tasks[name] = asyncio.create_task(coroutine, name=name)
-
-    async def _end(self, name: str, grace: float = 0) -> None:
-        task = self._tasks.pop(name, None)
-        if task is None:
-            return
-        if grace:
-            await asyncio.wait({task}, timeout=grace)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
     # --- parts ------------------------------------------------------------------------
 
@@ -247,8 +236,9 @@ class Service:
         imap = self.settings.status.imap
         if not imap.host:
             return
-        self.imap = ImapReader(imap, self.status_mail, self.writer, read_meta=meta_reader(self.read_store))
-        self._run("imap", self.imap.run())
+        self.imap = ImapReader(imap, self.status_mail, self.writer, read_meta=meta_reader(self.read_store),
+                               clock=self.clock)
+        self.runners.add(self.imap)
 
     async def _start_feed(self) -> None:
         """The XML feed poller; in sandbox mode against the sandbox's own feed (GreenFax's rules, shorter interval)."""
@@ -276,7 +266,7 @@ class Service:
             return
         self.feed = FeedPoller(settings, self.writer, self.status_mail.policy, clock=self.clock)
         self.feed.metrics = self.metrics
-        self._run("feed", self.feed.run())
+        self.runners.add(self.feed)
 
     def _start_sandbox_reporting(self) -> None:
         """The sandbox reports each fax as GreenFax does: a status email and an HTTP Notify call."""
@@ -331,7 +321,7 @@ class Service:
     def _start_retention(self) -> None:
         if self.settings.retention.enabled:
             retention = maintenance.Retention(self.settings.retention, self.writer, clock=self.clock)
-            self._run("retention", retention.run())
+            self.runners.add(retention)
 
     def _prepare_reload(self) -> None:
         """What SIGHUP reaches: the rules through one live object, and the listeners' TLS contexts."""
@@ -367,51 +357,8 @@ class Service:
     # --- health -----------------------------------------------------------------------------------
 
     async def health(self) -> dict[str, Any]:
-        """What /healthz reports: each part, and the failing ones named."""
-        failing: list[str] = []
-        try:
-            await self.writer.run(store.set_meta, "health_checked_at", store.iso(self.clock()))
-            store_part: dict[str, Any] = {"writable": True}
-        except StoreError as exc:
-            store_part = {"writable": False, "error": str(exc)}
-            failing.append(f"store: {exc}")
-        serving = [server.is_serving() for server in self.servers]
-        if not all(serving):
-            failing.append("listeners: an SMTP listener is down")
-        fwd = self.forwarder
-        upstream = {
-            "last_reached": store.iso(fwd.last_success) if fwd and fwd.last_success else None,
-            "last_setup_failure": fwd.last_setup_failure if fwd else None,
-            "last_setup_failure_at": store.iso(fwd.last_setup_failure_at) if fwd and fwd.last_setup_failure_at
-            else None,
-        }
-        if fwd is not None and fwd.setup_failing:
-            failing.append(f"upstream: {fwd.last_setup_failure}")
-        unknown = await asyncio.to_thread(self._count_unknown)
-        report: dict[str, Any] = {
-            "status": "failing" if failing else "ok", "failing": failing,
-            "mode": "SANDBOX" if self.settings.sandbox_mode else "production",
-            "store": store_part, "listeners": {"smtp": [f"{h}:{p}" for h, p in self.smtp_addresses],
-                                               "up": all(serving)},
-            "upstream": upstream, "unknown_jobs": unknown,
-        }
-        if self.imap is not None:
-            state = self.imap.state
-            report["imap"] = {"connected": state.connected, "last_error": state.last_error,
-                              "applied": state.applied}
-        if self.feed is not None:
-            feed = self.feed.state
-            report["feed"] = {"last_poll": store.iso(feed.last_poll_at) if feed.last_poll_at else None,
-                              "last_error": feed.last_error, "last_rows": feed.last_rows,
-                              "next_allowed": store.iso(feed.next_allowed_at) if feed.next_allowed_at else None}
-        return report
-
-    def _count_unknown(self) -> int:
-        conn = self.read_store()
-        try:
-            return conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'unknown'").fetchone()[0]
-        finally:
-            conn.close()
+        """What /healthz reports (gateway/health.py)."""
+        return await health_report(self)
 
     @property
     def smtp_addresses(self) -> list[tuple[str, int]]:

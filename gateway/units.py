@@ -73,3 +73,9 @@ def age(seconds: float) -> str:
         if seconds >= _DURATION_UNITS[unit]:
             return f"{int(seconds // _DURATION_UNITS[unit])}{unit}"
     return f"{int(max(seconds, 0))}s"
+
+
+def backoff(failures: int, initial: float, maximum: float) -> float:
+    """Seconds to wait after `failures` failures in a row: initial, 2x, 4x... up to maximum (the one backoff:
+    jobs, notices, the runners, the feed, wrong AUTH passwords)."""
+    return min(maximum, initial * 2 ** min(max(0, failures - 1), 32))

@@ -91,3 +91,89 @@ async def test_notice_is_retried_when_the_relay_is_down(gateway, sandbox):
     conn = store.connect(gw.store_path, readonly=True)
     row = conn.execute("SELECT state, attempts, last_error FROM notifications").fetchone()
     assert row["state"] == "pending" and row["attempts"] >= 1 and "cannot reach" in row["last_error"]
+
+
+class HoldingSink(Sink):
+    """A sink that holds its reply to the data until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def handle_DATA(self, server, session, envelope) -> str:
+        self.holding.set()
+        await self.release.wait()
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB filesystem of its own (tmpfs) for the store, so that it can really fill up."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(disk)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (root is needed): {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk) -> None:
+    """Write a filler file until the disk has no room left."""
+    with open(disk / "filler", "wb", buffering=0) as out:
+        for size in (65536, 1):
+            try:
+                while True:
+                    out.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+async def test_a_full_disk_during_notices_is_reported_and_notices_resume(gateway, sandbox, small_disk):
+    holding = HoldingSink()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: NullSenderSMTP(holding, hostname="sink.test"), "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw = await gateway(store={"path": str(small_disk / "faxgw.sqlite3")},
+                           notifications={"relay": f"127.0.0.1:{port}"})
+        first = codes_in((await gw.send(rcpts=["12125550550@greenfax.com"])).message)[0]
+        await gw.wait_state(first, "rejected")
+        await asyncio.wait_for(holding.holding.wait(), 10)  # the notice is on its way
+        fill(small_disk)
+        holding.release.set()  # sent: recording that needs the full disk
+        for _ in range(200):
+            health = await gw.service.health()
+            if health["runners"]["notifier"]["failures"]:
+                break
+            await asyncio.sleep(0.05)
+        notifier = health["runners"]["notifier"]
+        assert health["status"] == "failing" and notifier["running"]
+        assert "full" in notifier["last_error"] and any(f.startswith("notifier: ") for f in health["failing"])
+        assert len(holding.received) == 1
+
+        (small_disk / "filler").unlink()  # room again
+        for _ in range(400):
+            if not (await gw.service.health())["runners"]["notifier"]["failures"]:
+                break
+            await asyncio.sleep(0.05)
+        assert (await gw.service.health())["status"] == "ok"
+        # The first notice is recorded as sent (not sent again), and the next one goes out.
+        second = codes_in((await gw.send(rcpts=["12125550550@greenfax.com"])).message)[0]
+        await gw.wait_state(second, "rejected")
+        for _ in range(200):
+            if len(holding.received) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert [second in raw.decode() for _mail_from, _rcpts, raw in holding.received] == [False, True]
+        states = gw.service.read_store().execute("SELECT state FROM notifications ORDER BY id").fetchall()
+        assert [row[0] for row in states] == ["sent", "sent"]
+        metrics = gw.service.metrics.render().decode()
+        assert 'faxgw_runner_errors_total{runner="notifier"}' in metrics
+    finally:
+        server.close()
+        await server.wait_closed()

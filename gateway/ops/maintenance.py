@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from gateway.config import RetentionSettings
+from gateway.runner import Runner
 from gateway.units import format_duration
 from gateway.errors import MaintenanceError, StoreError, StoreLocked
 from gateway.logs import log_event
@@ -270,30 +271,31 @@ def _require_current_schema(conn: sqlite3.Connection) -> None:
                                f" {SCHEMA_VERSION} on: start `faxgw serve` once to upgrade it")
 
 
-class Retention:
-    """Runner: every [retention] interval, one purge pass (`purge_once`); a failing pass is logged, not fatal.
+class Retention(Runner):
+    """Runner: every [retention] interval, one purge pass (`purge_once`); a failing pass is retried.
 
     Each batch is one short write through the writer, so intake's commits
     wait for one batch at most, never for the whole pass.
     """
 
+    name = "retention"
+    expected = (StoreError,)
+
     def __init__(self, settings: RetentionSettings, writer: Writer, *,
                  clock: Callable[[], datetime] = utcnow) -> None:
+        super().__init__(clock=clock)
         self.settings = settings
         self.writer = writer
-        self.clock = clock
+        self.retry_max = settings.interval  # a failing pass is tried again, at the latest an interval later
 
-    async def run(self) -> None:
+    async def prepare(self) -> None:
         # Soon after the start, then every interval: a gateway restarted more
         # often than the interval still purges.
-        await asyncio.sleep(min(self.settings.interval, 30))
-        while True:
-            try:
-                await self.purge_once()
-            except StoreError as exc:
-                log_event(log, "retention-failed", level=logging.WARNING, error=str(exc),
-                          action="tried again in the next interval")
-            await asyncio.sleep(self.settings.interval)
+        await self._wait(min(self.settings.interval, 30))
+
+    async def step(self) -> float:
+        await self.purge_once()
+        return self.settings.interval
 
     async def purge_once(self) -> Purged:
         now = self.clock()

@@ -38,9 +38,11 @@ from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import ClaimedJob, JobState
 from gateway.rules import JobCodeRules
-from gateway.store import Writer, add_event, backoff, claim_due, count_due, iso, parse_iso, record_outcome
+from gateway.store import Writer, add_event, claim_due, count_due, iso, parse_iso, record_outcome
 
 from gateway.outbound.upstream import Endpoint, UpstreamConnection
+from gateway.runner import Runner
+from gateway.units import backoff
 
 log = logging.getLogger("faxgw.forward")
 POLL_INTERVAL = 1.0  # operator actions from other processes are seen within this time
@@ -49,10 +51,18 @@ OUTCOME_RETRY_INITIAL = 0.5  # seconds before an outcome the store refused is tr
 OUTCOME_RETRY_MAX = 30.0  # ...up to this
 
 
-class Forwarder:
+class Forwarder(Runner):
+    """Runner: each round counts the due jobs and hands out tickets; the workers claim, send and record."""
+
+    name = "forwarder"
+    idle = POLL_INTERVAL  # operator actions from other processes are seen within this time
+    expected = (StoreError,)  # a store that cannot be read for now: tried again after the backoff
+    retry_max = 10.0
+
     def __init__(self, *, settings: UpstreamSettings, endpoint: Endpoint, writer: Writer,
                  jobcode: JobCodeRules, hostname: str, clock: Callable[[], datetime],
                  notify_states: frozenset[str] = frozenset(), on_notice: Callable[[], None] = lambda: None) -> None:
+        super().__init__(clock=clock)
         self.settings = settings
         self.notify_states = notify_states
         self.on_notice = on_notice
@@ -60,15 +70,12 @@ class Forwarder:
         self.writer = writer
         self.jobcode = jobcode
         self.hostname = hostname
-        self.clock = clock
-        self._wake = asyncio.Event()
         self._tickets: asyncio.Queue[None] = asyncio.Queue()  # one per due job a free worker may claim
         self._busy = 0  # workers holding a ticket
         self._claiming = 0  # workers holding a ticket that have not claimed their job yet
         self._unrecorded: dict[int, str] = {}  # job id -> code: outcomes the store has not taken yet
         self._finishing: set[asyncio.Task[None]] = set()  # outcomes being committed
         self._paused_until = 0.0  # monotonic time: set after a set-up failure
-        self._stopping = False
         self._dispatcher_done = asyncio.Event()
         self._shutdown_done = asyncio.Event()
         self.last_success: datetime | None = None
@@ -83,10 +90,6 @@ class Forwarder:
             return False
         return self.last_success is None or self.last_setup_failure_at > self.last_success
 
-    def wake(self) -> None:
-        """Called by intake after a commit: there is new work."""
-        self._wake.set()
-
     async def shutdown(self, grace: float) -> None:
         """Stop claiming, let sends in flight finish and their outcomes be recorded.
 
@@ -94,8 +97,7 @@ class Forwarder:
         normal stop or restart must not do that to anyone's fax. No job is
         claimed without being sent at once, so none waits to be given back.
         """
-        self._stopping = True
-        self._wake.set()
+        self.stop()
         await self._dispatcher_done.wait()
         while not self._tickets.empty():  # tickets no worker took: no job was claimed for them
             self._tickets.get_nowait()
@@ -123,7 +125,7 @@ class Forwarder:
         ]
         try:
             try:
-                await self._dispatch()
+                await super().run()  # the rounds: step() until shutdown() stops them
             finally:
                 self._dispatcher_done.set()
             await self._shutdown_done.wait()  # shutdown() lets sends in flight finish
@@ -135,26 +137,15 @@ class Forwarder:
                 task.cancel()
             await asyncio.gather(*self._finishing, return_exceptions=True)
 
-    async def _dispatch(self) -> None:
-        """Hand out one ticket per due job, to at most as many workers as are free."""
-        while not self._stopping:
-            self._wake.clear()  # set again by a commit or a worker finishing while this counts
-            free = self.settings.concurrency - self._busy - self._tickets.qsize()
-            if free > 0 and time.monotonic() >= self._paused_until:
-                try:
-                    now = self.clock()
-                    horizon = iso(now + timedelta(seconds=self.settings.retry_max + CLOCK_SLACK))
-                    due = await self.writer.run(count_due, iso(now), free + self._claiming, horizon)
-                except StoreError as exc:
-                    log.error("cannot look for due jobs: %s", exc)
-                    due = 0
-                for _ in range(min(free, due - self._claiming)):
-                    self._tickets.put_nowait(None)
-            try:
-                async with asyncio.timeout(POLL_INTERVAL):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+    async def step(self) -> None:
+        """Hand out one ticket per due job, to at most as many workers as are free; then wait for work."""
+        free = self.settings.concurrency - self._busy - self._tickets.qsize()
+        if free > 0 and time.monotonic() >= self._paused_until:
+            now = self.clock()
+            horizon = iso(now + timedelta(seconds=self.settings.retry_max + CLOCK_SLACK))
+            due = await self.writer.run(count_due, iso(now), free + self._claiming, horizon)
+            for _ in range(min(free, due - self._claiming)):
+                self._tickets.put_nowait(None)
 
     async def _worker(self, connection: UpstreamConnection) -> None:
         try:
@@ -174,7 +165,7 @@ class Forwarder:
                     log.exception("a forwarder worker failed unexpectedly")
                 finally:
                     self._busy -= 1
-                    self._wake.set()
+                    self.wake()
         finally:
             connection.abort()
 
@@ -182,7 +173,7 @@ class Forwarder:
         """With a ticket: get the connection ready, then claim one job and send it."""
         self._claiming += 1
         try:
-            if self._stopping:
+            if self.stopping:
                 return
             failure: UpstreamError | None = None
             try:
@@ -304,14 +295,14 @@ class Forwarder:
         """
         lifetime = self.settings.max_queue_lifetime
         age = (self.clock() - parse_iso(job.created_at)).total_seconds()
-        waited = sum(backoff(n, self.settings.retry_initial, self.settings.retry_max).total_seconds()
+        waited = sum(backoff(n, self.settings.retry_initial, self.settings.retry_max)
                      for n in range(1, job.attempts + 1))
         return JobState.EXPIRED if age >= lifetime and waited >= lifetime / 2 else JobState.DEFERRED
 
     async def _record(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None) -> None:
         next_at = iso(self.clock()) if state is JobState.QUEUED else None
         if state is JobState.DEFERRED:
-            delay = backoff(job.attempts, self.settings.retry_initial, self.settings.retry_max)
+            delay = timedelta(seconds=backoff(job.attempts, self.settings.retry_initial, self.settings.retry_max))
             next_at = iso(self.clock() + delay)
             detail = f"{detail}; next attempt {next_at}"
         reason = detail if state is JobState.HELD else None

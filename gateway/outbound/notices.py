@@ -24,12 +24,14 @@ from typing import Any
 
 from gateway.outbound import mime
 from gateway.config import Settings
-from gateway.errors import UpstreamRejected
+from gateway.errors import StoreError, UpstreamRejected
 from gateway.logs import log_event
 from gateway.models import NULL_SENDER
 from gateway.store import Writer, iso
 from gateway.store import reports as db
 from gateway.outbound.upstream import Endpoint, UpstreamConnection
+from gateway.runner import Runner
+from gateway.units import backoff
 
 log = logging.getLogger("faxgw.notices")
 POLL_INTERVAL = 2.0
@@ -81,47 +83,63 @@ def _text(text: str, subtype: str) -> MIMEText:
     return MIMEText(text, subtype, "us-ascii" if text.isascii() else "utf-8")
 
 
-class Notifier:
-    """Sends queued notices through the relay; retries with backoff; one bad notice never stops it."""
+class Notifier(Runner):
+    """Runner: sends queued notices through the relay; retries with backoff; one bad notice never stops it.
+
+    A notice sent whose outcome the store would not take (a full disk) is
+    kept here and recorded first in the next round, so it is neither lost
+    nor sent twice.
+    """
+
+    name = "notifier"
+    idle = POLL_INTERVAL
+    expected = (StoreError,)  # a full disk: logged without a traceback, tried again
 
     def __init__(self, settings: Settings, writer: Writer, endpoint: Endpoint, *,
                  clock: Callable[[], datetime]) -> None:
+        super().__init__(clock=clock)
         self.settings = settings
         self.writer = writer
-        self.clock = clock
         relay = settings.notifications.relay
         self.endpoint = endpoint if relay is None else Endpoint(host=relay[0], port=relay[1], tls="none")
         self.hostname = settings.smtp.hostname
         self.from_address = settings.notifications.from_address or f"MAILER-DAEMON@{self.hostname}"
-        self._wake = asyncio.Event()
+        self.connection = UpstreamConnection(self.endpoint)
+        self._unrecorded: list[tuple[int, str, dict[str, Any]]] = []  # (notice id, state, fields) to write
 
-    def wake(self) -> None:
-        self._wake.set()
+    async def prepare(self) -> None:
+        await self.writer.run(db.requeue_interrupted_notifications)
+
+    async def step(self) -> float | None:
+        while self._unrecorded:
+            notice_id, state, fields = self._unrecorded[0]
+            await self.writer.run(partial(db.finish_notification, **fields), notice_id, iso(self.clock()), state)
+            self._unrecorded.pop(0)
+        notices = await self.writer.run(db.claim_notifications, iso(self.clock()), 8)
+        for notice in notices:
+            await self._send(self.connection, notice)
+        if notices:
+            return 0
+        await self.connection.close()
+        return None
 
     async def run(self) -> None:
-        await self.writer.run(db.requeue_interrupted_notifications)
-        connection = UpstreamConnection(self.endpoint)
         try:
-            while True:
-                notices = await self.writer.run(db.claim_notifications, iso(self.clock()), 8)
-                for notice in notices:
-                    await self._send(connection, notice)
-                if not notices:
-                    await connection.close()
-                    self._wake.clear()
-                    try:
-                        async with asyncio.timeout(POLL_INTERVAL):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        pass
+            await super().run()
         finally:
-            connection.abort()
+            self.connection.abort()
+
+    async def _finish(self, notice_id: int, state: str, **fields: Any) -> None:
+        """Record a notice's outcome; if the store refuses, keep it for the next round (which raises now)."""
+        try:
+            await self.writer.run(partial(db.finish_notification, **fields), notice_id, iso(self.clock()), state)
+        except Exception:
+            self._unrecorded.append((notice_id, state, fields))
+            raise
 
     async def _send(self, connection: UpstreamConnection, notice: dict[str, Any]) -> None:
-        now = iso(self.clock())
         if notice["mail_from"] in ("", NULL_SENDER):
-            await self.writer.run(partial(db.finish_notification, error="the fax had a null sender"),
-                                  notice["id"], now, "skipped")
+            await self._finish(notice["id"], "skipped", error="the fax had a null sender")
             return
         try:
             message = build_notice(notice, hostname=self.hostname, from_address=self.from_address)
@@ -130,11 +148,11 @@ class Notifier:
         except Exception as exc:  # any failure: retry later, or give up after a day
             error = getattr(exc, "reply", None) or str(exc) or type(exc).__name__
             final = notice["attempts"] >= GIVE_UP_AFTER or isinstance(exc, UpstreamRejected)
-            retry_at = None if final else iso(self.clock() + timedelta(minutes=2 ** notice["attempts"]))
-            await self.writer.run(partial(db.finish_notification, error=error, next_attempt_at=retry_at),
-                                  notice["id"], now, "failed" if final else "pending")
+            retry_at = None if final else iso(self.clock() + timedelta(
+                seconds=backoff(notice["attempts"] + 1, 60, 86400)))  # 2, 4, 8... minutes
+            await self._finish(notice["id"], "failed" if final else "pending", error=error, next_attempt_at=retry_at)
             log_event(log, "notice", level=logging.WARNING, code=notice["code"], to=notice["mail_from"],
                       result="given up" if final else "retry", problem=error)
             return
-        await self.writer.run(db.finish_notification, notice["id"], now, "sent")
+        await self._finish(notice["id"], "sent")
         log_event(log, "notice", code=notice["code"], to=notice["mail_from"], state=notice["state"], result="sent")

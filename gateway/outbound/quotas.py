@@ -48,7 +48,7 @@ from pypdf import PdfReader
 from gateway import replies
 from gateway.outbound import mime
 from gateway.replies import refuse
-from gateway.units import span
+from gateway.units import backoff, span
 from gateway.config import LimitSettings, Settings, client_key, in_networks
 from gateway.models import FaxNumber, Recipient, Refusal, Reply
 from gateway.outbound.policy import Policy
@@ -227,7 +227,7 @@ class AuthThrottle:
     def failed(self, client: str, user: str | None = None) -> tuple[int, float]:
         """Count a failure; return the failures in a row (of the client or the user, the more) and the delay."""
         count = max(self._count(f"client:{client}"), self._count(f"user:{user}") if user is not None else 0)
-        return count, min(self.maximum, self.delay * 2 ** min(count - 1, 32))
+        return count, backoff(count, self.delay, self.maximum)
 
     def _count(self, key: str) -> int:
         now = self.monotonic()

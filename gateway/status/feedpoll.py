@@ -60,6 +60,8 @@ from gateway.status.feedxml import (
     fax_elements,
     read_rows,
 )
+from gateway.runner import Runner
+from gateway.units import backoff
 from gateway.store import Writer, iso, parse_iso
 from gateway.store import feedlog as feed_db
 
@@ -91,13 +93,26 @@ class _Claim:
     clock_reset: bool = False
 
 
-class FeedPoller:
-    """Polls the XML data feed and applies its rows; `run()` for the service, `poll_now()` for one poll."""
+class FeedPoller(Runner):
+    """Polls the XML data feed and applies its rows; a runner for the service, `poll_now()` for one poll.
+
+    A poll is a round: every [feed] interval, never closer than min_interval.
+    Feed errors and outages back off (min_interval, doubling, at most an hour
+    or the interval); a store error raises, and the runner retries with the
+    same backoff. The runner itself never stops on an error.
+    """
+
+    name = "feed"
+    expected = (Exception,)  # logged masked and without a traceback: an error's text may quote the URL
+    error_event = "feed-error"
+    logger = log
 
     def __init__(self, settings: Settings, writer: Writer, policy: CorrelationPolicy, *,
                  clock: Callable[[], datetime] = store.utcnow) -> None:
         if not settings.feed.url:
             raise ConfigError("feed.url is not set: there is no XML data feed to poll")
+        super().__init__(clock=clock)
+        self._failures = 0  # polls in a row that failed (a round that raises counts in loop_state too)
         self.settings = settings
         self.feed = settings.feed
         self.writer = writer
@@ -113,23 +128,16 @@ class FeedPoller:
 
     # --- the runner ---------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Poll every [feed] interval, never closer than min_interval, until cancelled.
+    async def step(self) -> float:
+        result = await self.poll_now(manual=False)
+        self._failures = self._failures + 1 if result.error else 0
+        return self._delay(result, self._failures)
 
-        Feed errors and outages back off (min_interval, doubling, at most an
-        hour or the interval); the runner itself never stops on an error.
-        """
-        failures = 0
-        while True:
-            try:
-                result = await self.poll_now(manual=False)
-            except Exception as exc:  # the store is unusable for now: try again later
-                failures += 1
-                log_event(log, "feed-error", level=logging.ERROR, problem=self._mask(f"{type(exc).__name__}: {exc}"))
-                await asyncio.sleep(self._backoff(failures))
-                continue
-            failures = failures + 1 if result.error else 0
-            await asyncio.sleep(self._delay(result, failures))
+    def retry_delay(self, failures: int) -> float:
+        return self._backoff(failures)
+
+    def describe_error(self, exc: BaseException) -> str:
+        return self._mask(f"{type(exc).__name__}: {exc}")
 
     def _delay(self, result: PollResult, failures: int) -> float:
         """Seconds until the next poll: the allowed moment, the interval, or the backoff."""
@@ -144,8 +152,7 @@ class FeedPoller:
         return max(soonest, self.feed.interval)
 
     def _backoff(self, failures: int) -> float:
-        base = max(self.feed.min_interval, 1.0)
-        return min(base * 2 ** max(failures - 1, 0), max(MAX_BACKOFF, self.feed.interval))
+        return backoff(failures, max(self.feed.min_interval, 1.0), max(MAX_BACKOFF, self.feed.interval))
 
     # --- one poll ---------------------------------------------------------------------------
 

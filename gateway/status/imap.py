@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 from imap_tools import MailBox, MailBoxStartTls, MailBoxUnencrypted
 from imap_tools.mailbox import BaseMailBox
@@ -37,7 +38,8 @@ from gateway.config import ImapSettings
 from gateway.logs import log_event
 from gateway.status.inbound import StatusMail, Verdict, apply_verdict
 from gateway.models import Channel
-from gateway.store import Writer, get_meta, set_meta
+from gateway.runner import Runner
+from gateway.store import Writer, get_meta, set_meta, utcnow
 
 log = logging.getLogger("faxgw.imap")
 SLICE = 1.0  # seconds: how often a waiting reader checks whether it should stop
@@ -59,9 +61,18 @@ class ImapState:
     left_alone: int = 0
 
 
-class ImapReader:
+class ImapReader(Runner):
+    """Runner: one IMAP session per round, in a worker thread; a failed session is retried with backoff."""
+
+    name = "imap"
+    expected = (Exception,)  # network, TLS, server: all mean "try again later"
+    error_event = "imap-error"
+    logger = log
+    retry_max = MAX_BACKOFF
+
     def __init__(self, settings: ImapSettings, status: StatusMail, writer: Writer, *,
-                 read_meta: Callable[[str], str | None]) -> None:
+                 read_meta: Callable[[str], str | None], clock: Callable[[], datetime] = utcnow) -> None:
+        super().__init__(clock=clock)
         self.settings = settings
         self.status = status
         self.writer = writer
@@ -71,31 +82,29 @@ class ImapReader:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._key = f"imap:{settings.username}@{settings.host}/{settings.mailbox}"
 
-    async def run(self) -> None:
-        """Read the mailbox until cancelled; reconnect with backoff on any failure."""
+    async def step(self) -> float:
+        """Read the mailbox until the session fails (raised: backoff) or the service stops."""
         self._loop = asyncio.get_running_loop()
-        delay = 1.0
+        started = time.monotonic()
         try:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    await asyncio.to_thread(self._session)
-                except Stopping:
-                    return
-                except Exception as exc:  # network, TLS, server: all mean "try again later"
-                    self.state.connected = False
-                    self.state.last_error = f"{type(exc).__name__}: {exc}"
-                    log_event(log, "imap-error", level=logging.WARNING, server=self._where(),
-                              problem=self.state.last_error, retry_in=round(delay, 1))
-                if time.monotonic() - started > 60:
-                    delay = 1.0  # the session worked for a while: start the backoff afresh
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_BACKOFF)
-        finally:
-            self._stop.set()
+            await asyncio.to_thread(self._session)
+        except Stopping:
+            self.stopping = True
+            return 0
+        except Exception as exc:
+            self.state.connected = False
+            self.state.last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() - started > 60:
+                self.loop_state.failures = 0  # the session worked for a while: start the backoff afresh
+            raise
+        return 0
 
     def stop(self) -> None:
+        super().stop()
         self._stop.set()
+
+    def where(self) -> dict[str, str]:
+        return {"server": self._where()}
 
     # --- the session (in the worker thread) ---------------------------------------------
 

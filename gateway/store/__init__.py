@@ -30,9 +30,9 @@ from gateway.store.base import (
 from gateway.store.jobs import (
     ACTIONS,
     add_event,
-    backoff,
     claim_due,
     count_due,
+    count_jobs,
     enqueue_notification,
     get_job,
     insert_message,
@@ -48,7 +48,7 @@ from gateway.store.schema import SCHEMA_VERSION, migrate
 from gateway.store.writer import Writer
 
 __all__ = [
-    "ACTIONS", "SCHEMA_VERSION", "StoreLock", "Writer", "add_event", "backoff", "claim_due", "connect", "count_due", "enqueue_notification",
+    "ACTIONS", "SCHEMA_VERSION", "StoreLock", "Writer", "add_event", "claim_due", "connect", "count_due", "count_jobs", "enqueue_notification",
     "get_job", "get_meta", "insert_message", "is_disk_full", "iso", "list_jobs", "migrate", "new_code",
     "next_due", "operator_action", "parse_iso", "record_outcome", "recover_sending", "set_meta", "utcnow",
     "waiting_jobs",

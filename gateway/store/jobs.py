@@ -267,7 +267,6 @@ def waiting_jobs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return [dict(row) for row in rows]
 
 
-def backoff(attempts: int, initial: float, maximum: float) -> timedelta:
-    """Exponential backoff after `attempts` tries: initial, 2x, 4x... up to maximum."""
-    return timedelta(seconds=min(maximum, initial * 2 ** max(0, attempts - 1)))
-
+def count_jobs(conn: sqlite3.Connection, state: str) -> int:
+    """How many jobs are in `state` (health's unknown jobs)."""
+    return conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0]

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.models import JobState
-from gateway.store import parse_iso, utcnow
+from gateway.store import job_counts, parse_iso, utcnow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # The *_created series only double the output; Prometheus does not need them.
@@ -73,10 +73,7 @@ class StoreCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         conn = self.read_store()
         try:
-            counts = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
-            oldest = conn.execute(
-                "SELECT MIN(created_at) FROM jobs WHERE state IN ('queued', 'deferred', 'sending')"
-            ).fetchone()[0]
+            counts, oldest = job_counts(conn)
         finally:
             conn.close()
         jobs = GaugeMetricFamily("faxgw_jobs", "Jobs by state", labels=["state"])

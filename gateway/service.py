@@ -161,10 +161,9 @@ class Service:
             self._backup_before_migrate(conn)
             store.migrate(conn)
             self._hold_restored_jobs(conn)
-            conn.execute("BEGIN IMMEDIATE")
-            interrupted = store.recover_sending(conn, store.iso(self.clock()))
-            store.set_meta(conn, "mode", "sandbox" if self.settings.sandbox_mode else "production")
-            conn.execute("COMMIT")
+            with store.immediate(conn):
+                interrupted = store.recover_sending(conn, store.iso(self.clock()))
+                store.set_meta(conn, "mode", "sandbox" if self.settings.sandbox_mode else "production")
         finally:
             conn.close()
         if interrupted:

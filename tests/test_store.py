@@ -7,7 +7,10 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
+
 from gateway import store
+from gateway.models import FaxNumber, NewMessage, Recipient
 
 
 def test_a_second_connection_in_the_process_keeps_the_first_ones_locks(tmp_path):
@@ -43,3 +46,33 @@ def test_iso_is_the_fixed_width_form_strftime_gives():
                           tzinfo=rng.choice(zones))
         assert store.iso(moment) == moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         assert store.parse_iso(store.iso(moment)) == moment
+
+
+def test_the_state_machine_allows_only_its_moves(tmp_path):
+    """Every state change goes through store.transition(): a move the table lacks is refused."""
+    from gateway.models import JobState
+    from gateway.store.states import MOVES, allowed_from
+
+    conn = store.connect(tmp_path / "s.sqlite3")
+    store.migrate(conn)
+    message = NewMessage(raw=b"Subject: x\r\n\r\nx\r\n", mail_from="a@b.example", client="127.0.0.1", helo="h",
+                         auth_user=None, header_from="a@b.example", smtputf8=False, needs_8bitmime=False,
+                         recipients=[Recipient("x@fax.localhost", FaxNumber("+12125551234"))])
+    with conn:
+        (code,) = store.insert_message(conn, message, store.iso(store.utcnow()))
+    job_id = conn.execute("SELECT id FROM jobs WHERE code = ?", (code,)).fetchone()[0]
+    now = store.iso(store.utcnow())
+    assert all(not MOVES[state] for state in JobState if state.final and state is not JobState.EXPIRED
+               and state is not JobState.REJECTED)
+    with pytest.raises(ValueError, match="no move from"):
+        store.transition(conn, job_id, JobState.DELIVERED, now=now, source="test", detail="x",
+                         expect={JobState.QUEUED})
+    # Not from a state the job is not in: nothing changes, no event.
+    assert not store.transition(conn, job_id, JobState.SUBMITTED, now=now, source="test", detail="x")
+    assert store.transition(conn, job_id, JobState.SENDING, now=now, source="test", detail="attempt 1", attempts=1)
+    assert store.transition(conn, job_id, JobState.SUBMITTED, now=now, source="test", detail="accepted")
+    job = store.get_job(conn, code)
+    assert (job["state"], job["attempts"]) == ("submitted", 1)
+    assert [e["state"] for e in job["events"]] == ["queued", "sending", "submitted"]
+    assert JobState.QUEUED not in MOVES[JobState.SUBMITTED] and JobState.SUBMITTED in allowed_from(JobState.DELIVERED)
+    conn.close()

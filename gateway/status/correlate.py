@@ -34,7 +34,7 @@ from datetime import timedelta
 from gateway.config import Settings
 from gateway.errors import InvalidTransition, UnknownJob
 from gateway.models import FINAL_STATES, JobState, Result, StatusReport, Trust
-from gateway.store import enqueue_notification, iso, parse_iso
+from gateway.store import enqueue_notification, immediate, iso, parse_iso
 from gateway.store import reports as db
 
 
@@ -138,8 +138,7 @@ def apply_pending(conn: sqlite3.Connection, report: StatusReport, now: str, poli
 def match_by_hand(conn: sqlite3.Connection, report_id: int, code: str, now: str,
                   policy: CorrelationPolicy) -> Outcome:
     """`faxgw match`: an operator links an unmatched report to a job; it is applied like any other."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         row = db.get_report(conn, report_id)
         job = db.job_by(conn, code=code)
         if job is None:
@@ -151,10 +150,6 @@ def match_by_hand(conn: sqlite3.Connection, report_id: int, code: str, now: str,
         db.mark_matched(conn, report_id, job["id"], kind)
         db.note_on_job(conn, job["id"], now, "operator", f"status report #{report_id} linked by hand: {kind}",
                        flag=False)
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return Outcome(kind, code, detail)
 
 

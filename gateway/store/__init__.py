@@ -20,6 +20,7 @@ from __future__ import annotations
 from gateway.store.base import (
     StoreLock,
     connect,
+    immediate,
     get_meta,
     is_disk_full,
     iso,
@@ -29,10 +30,10 @@ from gateway.store.base import (
 )
 from gateway.store.jobs import (
     ACTIONS,
-    add_event,
     claim_due,
     count_due,
     count_jobs,
+    job_counts,
     enqueue_notification,
     get_job,
     insert_message,
@@ -44,12 +45,13 @@ from gateway.store.jobs import (
     recover_sending,
     waiting_jobs,
 )
+from gateway.store.states import MOVES, add_event, transition
 from gateway.store.schema import SCHEMA_VERSION, migrate
 from gateway.store.writer import Writer
 
 __all__ = [
-    "ACTIONS", "SCHEMA_VERSION", "StoreLock", "Writer", "add_event", "claim_due", "connect", "count_due", "count_jobs", "enqueue_notification",
+    "ACTIONS", "MOVES", "SCHEMA_VERSION", "StoreLock", "Writer", "add_event", "claim_due", "connect", "immediate", "count_due", "count_jobs", "job_counts", "enqueue_notification",
     "get_job", "get_meta", "insert_message", "is_disk_full", "iso", "list_jobs", "migrate", "new_code",
-    "next_due", "operator_action", "parse_iso", "record_outcome", "recover_sending", "set_meta", "utcnow",
+    "next_due", "operator_action", "parse_iso", "record_outcome", "recover_sending", "set_meta", "transition", "utcnow",
     "waiting_jobs",
 ]

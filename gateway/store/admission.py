@@ -19,28 +19,18 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from gateway.models import NewMessage
-from gateway.store.jobs import add_event, insert_message
+from gateway.models import JobState, NewMessage
+from gateway.store.jobs import insert_message
+from gateway.store.states import transition
 
-if TYPE_CHECKING:  # imported by schema.migrate() only when a store is opened for writing
-    import sqlite_utils
 
 # Earlier jobs that do not make a later fax a duplicate: they never reached
 # the recipient, so sending the documents again is the sender's retry.
 NOT_SENT = ("cancelled", "failed", "rejected", "expired")
 # Jobs that do not make a number "faxed before": waiting for an operator, or never sent.
 NOT_APPROVED = ("held", "cancelled", "rejected", "expired")
-
-
-def migration_intake_facts(db: sqlite_utils.Database) -> None:
-    """Intake facts for limits and the duplicate guard, with the indexes their daily counts use."""
-    jobs = db["jobs"]
-    for column, kind in (("sender_key", str), ("client", str), ("document_pages", int), ("document_digest", str)):
-        jobs.add_column(column, kind)
-    jobs.create_index(["sender_key", "created_at"])
-    jobs.create_index(["client", "created_at"])
 
 
 # --- values in and out ---------------------------------------------------------------------
@@ -197,9 +187,6 @@ def _over_quota(conn: sqlite3.Connection, admission: Admission, faxes: int) -> O
 
 
 def _hold(conn: sqlite3.Connection, code: str, reason: str, now: str) -> None:
-    job_id = conn.execute(
-        "UPDATE jobs SET state = 'held', reason = ?, next_attempt_at = NULL, updated_at = ?"
-        " WHERE code = ? RETURNING id",
-        (reason, now, code),
-    ).fetchone()[0]
-    add_event(conn, job_id, now, "intake", "held", f"held: {reason}; `faxgw release {code}` sends it")
+    job_id = conn.execute("SELECT id FROM jobs WHERE code = ?", (code,)).fetchone()[0]
+    transition(conn, job_id, JobState.HELD, now=now, source="intake", expect={JobState.QUEUED},
+               detail=f"held: {reason}; `faxgw release {code}` sends it", reason=reason, next_attempt_at=None)

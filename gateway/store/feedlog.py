@@ -23,7 +23,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from gateway.store.base import get_meta, set_meta
-from gateway.store.jobs import add_event
+from gateway.models import JobState
+from gateway.store.states import add_event, transition
 from gateway.store.reports import REPORT_COLUMNS
 
 LAST_REQUEST = "feed:last_request_at"
@@ -83,14 +84,8 @@ def reconcile_candidates(conn: sqlite3.Connection, *, overdue_before: str, ignor
 
 def requeue_unknown(conn: sqlite3.Connection, job_id: int, now: str, detail: str) -> bool:
     """Send an `unknown` job again (the operator allowed it); False if it is no longer unknown."""
-    changed = conn.execute(
-        "UPDATE jobs SET state = 'queued', next_attempt_at = ?, updated_at = ?, last_result = ?"
-        " WHERE id = ? AND state = 'unknown'",
-        (now, now, detail, job_id),
-    ).rowcount
-    if changed:
-        add_event(conn, job_id, now, RECONCILE, "queued", detail)
-    return bool(changed)
+    return transition(conn, job_id, JobState.QUEUED, now=now, source=RECONCILE, detail=detail,
+                      expect={JobState.UNKNOWN}, next_attempt_at=now, last_result=detail)
 
 
 def mark_looked_up(conn: sqlite3.Connection, job_id: int, now: str, detail: str) -> None:

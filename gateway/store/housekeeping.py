@@ -19,10 +19,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.models import FINAL_STATES
+from gateway.models import FINAL_STATES, JobState
 from gateway.store.base import get_meta, set_meta
 from gateway.store.feedlog import LAST_REQUEST
-from gateway.store.jobs import add_event
+from gateway.store.states import add_event, transition
 
 BACKUP_TAKEN_AT = "backup:taken_at"  # meta key, present only in a backup copy
 BACKUP_SOURCE = "backup:source"
@@ -97,12 +97,9 @@ def hold_restored(conn: sqlite3.Connection, now: str, taken_at: str | None) -> l
     for row in rows:
         detail = (f"restored from a backup {when} (was {row['state']}): it may have been sent since;"
                   " check with GreenFax, then `faxgw release` or `faxgw cancel`")
-        conn.execute(
-            "UPDATE jobs SET state = 'held', reason = ?, next_attempt_at = NULL, updated_at = ?, last_result = ?"
-            " WHERE id = ?",
-            (RESTORE_REASON, now, f"restored from a backup {when} (was {row['state']})", row["id"]),
-        )
-        add_event(conn, row["id"], now, "restore", "held", detail)
+        transition(conn, row["id"], JobState.HELD, now=now, source="restore", detail=detail,
+                   expect={JobState(row["state"])}, reason=RESTORE_REASON, next_attempt_at=None,
+                   last_result=f"restored from a backup {when} (was {row['state']})")
     conn.execute("DELETE FROM meta WHERE key IN (?, ?)", (BACKUP_TAKEN_AT, BACKUP_SOURCE))
     # The feed's last request may have been after the backup: count one as
     # made now, so GreenFax's minimum interval holds whatever happened since.

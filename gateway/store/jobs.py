@@ -15,7 +15,10 @@ from typing import Any
 
 from gateway.errors import InvalidTransition, UnknownJob
 from gateway.models import ClaimedJob, JobState, NewMessage
+from gateway.store.base import immediate
+from gateway.store.states import Expr, add_event, transition
 
+WAITING_TO_SEND = frozenset({JobState.QUEUED, JobState.DEFERRED})
 CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTVWXYZ"  # no 0/O, 1/I/L, U: read aloud safely
 
 
@@ -31,13 +34,6 @@ def new_secret() -> str:
     bounce that presents it is a bounce of ours.
     """
     return base64.b32encode(secrets.token_bytes(10)).decode("ascii").lower()
-
-
-def add_event(conn: sqlite3.Connection, job_id: int, now: str, source: str, state: str | None, detail: str) -> None:
-    conn.execute(
-        "INSERT INTO events (job_id, at, source, state, detail) VALUES (?, ?, ?, ?, ?)",
-        (job_id, now, source, state, detail),
-    )
 
 
 def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: str) -> list[str]:
@@ -104,11 +100,8 @@ def claim_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | Non
     claimed = []
     for row in rows:
         attempt = row["attempts"] + 1
-        conn.execute(
-            "UPDATE jobs SET state = 'sending', attempts = ?, updated_at = ? WHERE id = ?",
-            (attempt, now, row["id"]),
-        )
-        add_event(conn, row["id"], now, "forwarder", "sending", f"attempt {attempt}")
+        transition(conn, row["id"], JobState.SENDING, now=now, source="forwarder", detail=f"attempt {attempt}",
+                   expect=WAITING_TO_SEND, attempts=attempt)
         claimed.append(ClaimedJob(
             id=row["id"], code=row["code"], secret=row["secret"], number=row["number"], attempts=attempt,
             created_at=row["created_at"], raw=row["raw"], mail_from=row["mail_from"] or "",
@@ -129,17 +122,15 @@ def record_outcome(
     have taken it further (a fast service reports before our reply arrives),
     and the attempt is then recorded as an event alone.
     """
-    changed = conn.execute(
-        "UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = ?, last_result = ?,"
-        " upstream_reply = COALESCE(?, upstream_reply), reason = ? WHERE id = ? AND state = 'sending'",
-        (state.value, now, next_attempt_at, detail, reply, reason, job_id),
-    ).rowcount
+    event = detail + (f": {reply}" if reply else "")
+    changed = transition(conn, job_id, state, now=now, source="forwarder", detail=event, expect={JobState.SENDING},
+                         next_attempt_at=next_attempt_at, last_result=detail, reason=reason,
+                         upstream_reply=Expr("COALESCE(?, upstream_reply)", reply))
     if not changed:
         conn.execute("UPDATE jobs SET upstream_reply = COALESCE(?, upstream_reply) WHERE id = ?", (reply, job_id))
+        add_event(conn, job_id, now, "forwarder", None, event)
     elif notify:
         enqueue_notification(conn, job_id, now)
-    add_event(conn, job_id, now, "forwarder", state.value if changed else None,
-              detail + (f": {reply}" if reply else ""))
 
 
 def enqueue_notification(conn: sqlite3.Connection, job_id: int, now: str) -> None:
@@ -154,13 +145,9 @@ def recover_sending(conn: sqlite3.Connection, now: str) -> list[str]:
     """Jobs left in `sending` by a crash become `unknown`: the upstream may have them."""
     rows = conn.execute("SELECT id, code FROM jobs WHERE state = 'sending'").fetchall()
     for row in rows:
-        conn.execute(
-            "UPDATE jobs SET state = 'unknown', updated_at = ?, next_attempt_at = NULL,"
-            " last_result = 'interrupted while sending' WHERE id = ?",
-            (now, row["id"]),
-        )
-        add_event(conn, row["id"], now, "startup", "unknown",
-                  "the gateway stopped while sending this job; not resent automatically")
+        transition(conn, row["id"], JobState.UNKNOWN, now=now, source="startup", expect={JobState.SENDING},
+                   detail="the gateway stopped while sending this job; not resent automatically",
+                   next_attempt_at=None, last_result="interrupted while sending")
     return [row["code"] for row in rows]
 
 
@@ -184,8 +171,7 @@ ACTIONS: dict[str, tuple[frozenset[JobState], JobState]] = {
 def operator_action(conn: sqlite3.Connection, code: str, action: str, now: str) -> JobState:
     """Apply `faxgw retry|release|cancel CODE` as one conditional update plus its event."""
     allowed, target = ACTIONS[action]
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         row = conn.execute("SELECT id, state, message_id FROM jobs WHERE code = ?", (code.upper(),)).fetchone()
         if row is None:
             raise UnknownJob(f"no job with code {code}")
@@ -197,15 +183,8 @@ def operator_action(conn: sqlite3.Connection, code: str, action: str, now: str) 
         if target is JobState.QUEUED and not conn.execute(
                 "SELECT length(raw) FROM messages WHERE id = ?", (row["message_id"],)).fetchone()[0]:
             raise InvalidTransition(f"{code} cannot be sent again: its message was purged after the retention period")
-        conn.execute(
-            "UPDATE jobs SET state = ?, updated_at = ?, next_attempt_at = ? WHERE id = ?",
-            (target.value, now, now if target is JobState.QUEUED else None, row["id"]),
-        )
-        add_event(conn, row["id"], now, "operator", target.value, f"faxgw {action} (was {state.value})")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+        transition(conn, row["id"], target, now=now, source="operator", detail=f"faxgw {action} (was {state.value})",
+                   expect={state}, next_attempt_at=now if target is JobState.QUEUED else None)
     return target
 
 
@@ -270,3 +249,11 @@ def waiting_jobs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
 def count_jobs(conn: sqlite3.Connection, state: str) -> int:
     """How many jobs are in `state` (health's unknown jobs)."""
     return conn.execute("SELECT COUNT(*) FROM jobs WHERE state = ?", (state,)).fetchone()[0]
+
+
+def job_counts(conn: sqlite3.Connection) -> tuple[dict[str, int], str | None]:
+    """Jobs by state, and when the oldest job still waiting to be sent was created (the metrics)."""
+    counts = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+    oldest = conn.execute("SELECT MIN(created_at) FROM jobs WHERE state IN ('queued', 'deferred', 'sending')"
+                          ).fetchone()[0]
+    return counts, oldest

@@ -8,11 +8,12 @@ from functools import lru_cache
 from typing import Any
 
 from gateway.errors import InvalidTransition, UnknownJob
-from gateway.models import Channel, Result, StatusReport, Trust
+from gateway.models import Channel, JobState, Result, StatusReport, Trust
 from gateway.store.base import iso, parse_iso
-from gateway.store.jobs import add_event
+from gateway.store.states import Expr, add_event, transition
 
 WAITING = ("submitted", "unknown", "sending")  # states a report may resolve
+WAITING_STATES = frozenset(JobState(state) for state in WAITING)
 
 
 def report_seen(conn: sqlite3.Connection, dedup_key: str) -> sqlite3.Row | None:
@@ -60,15 +61,13 @@ def insert_report(conn: sqlite3.Connection, report: StatusReport, now: str, outc
 def apply_result(conn: sqlite3.Connection, job_id: int, report: StatusReport, now: str, *, summary: str,
                  source: str, flagged: bool) -> None:
     """Move a waiting job to the report's final state, keeping what the report told."""
-    conn.execute(
-        "UPDATE jobs SET state = ?, reason = ?, updated_at = ?, last_result = ?, next_attempt_at = NULL,"
-        " pages = COALESCE(?, pages), duration = COALESCE(?, duration), cost = COALESCE(?, cost),"
-        " reference_id = COALESCE(reference_id, ?), reported_at = ?, flagged = MAX(COALESCE(flagged, 0), ?)"
-        " WHERE id = ?",
-        (report.result.value, report.reason, now, summary, report.pages, report.duration, report.cost,
-         report.reference_id, _stored_time(report.reported_at) if report.reported_at else now, int(flagged), job_id),
-    )
-    add_event(conn, job_id, now, source, report.result.value, summary)
+    transition(conn, job_id, JobState(report.result.value), now=now, source=source, detail=summary, expect=WAITING_STATES,
+               reason=report.reason, last_result=summary, next_attempt_at=None,
+               pages=Expr("COALESCE(?, pages)", report.pages), duration=Expr("COALESCE(?, duration)", report.duration),
+               cost=Expr("COALESCE(?, cost)", report.cost),
+               reference_id=Expr("COALESCE(reference_id, ?)", report.reference_id),
+               reported_at=_stored_time(report.reported_at) if report.reported_at else now,
+               flagged=Expr("MAX(COALESCE(flagged, 0), ?)", int(flagged)))
 
 
 @lru_cache(maxsize=64)
@@ -80,14 +79,9 @@ def _stored_time(moment: datetime) -> str:
 def submit_unknown(conn: sqlite3.Connection, job_id: int, reference_id: str | None, now: str, *,
                    source: str, detail: str) -> bool:
     """An `unknown` job the service says it has (the feed's Pending) becomes `submitted`."""
-    changed = conn.execute(
-        "UPDATE jobs SET state = 'submitted', updated_at = ?, last_result = ?,"
-        " reference_id = COALESCE(reference_id, ?) WHERE id = ? AND state = 'unknown'",
-        (now, detail, reference_id, job_id),
-    ).rowcount
-    if changed:
-        add_event(conn, job_id, now, source, "submitted", detail)
-    return bool(changed)
+    return transition(conn, job_id, JobState.SUBMITTED, now=now, source=source, detail=detail,
+                      expect={JobState.UNKNOWN}, last_result=detail,
+                      reference_id=Expr("COALESCE(reference_id, ?)", reference_id))
 
 
 def link_reference(conn: sqlite3.Connection, job_id: int, reference_id: str | None) -> None:

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.errors import StoreError
-from gateway.store.admission import migration_intake_facts
 
 if TYPE_CHECKING:  # imported in migrate(): read-only commands (faxgw status) start faster without it
     import sqlite_utils
@@ -87,6 +86,15 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX jobs_message ON jobs (message_id)")
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """Intake facts for limits and the duplicate guard, with the indexes their daily counts use."""
+    jobs = db["jobs"]
+    for column, kind in (("sender_key", str), ("client", str), ("document_pages", int), ("document_digest", str)):
+        jobs.add_column(column, kind)
+    jobs.create_index(["sender_key", "created_at"])
+    jobs.create_index(["client", "created_at"])
+
+
 def _migration_5(db: sqlite_utils.Database) -> None:
     """`faxgw status --sender`: the created_at index holds the sender too, so that a search by sender (a
     substring, which no index finds) reads the index alone and only the jobs it matches, newest first."""
@@ -102,7 +110,7 @@ def _migration_6(db: sqlite_utils.Database) -> None:
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3,
-                                                              migration_intake_facts, _migration_5, _migration_6]
+                                                              _migration_4, _migration_5, _migration_6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

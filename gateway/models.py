@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TypedDict
 from datetime import datetime
 
 
@@ -113,6 +114,42 @@ class NewMessage:
     needs_8bitmime: bool
     recipients: list[Recipient] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)  # filled by the store
+
+
+class JobSummary(TypedDict):
+    """A job as lists show it (`faxgw status`, `/api/jobs`); times as the store writes them (ISO, UTC)."""
+
+    code: str
+    number: str  # E.164
+    sender: str
+    state: str  # a JobState value
+    created_at: str
+    updated_at: str
+    last_result: str | None
+    attempts: int
+    next_attempt_at: str | None
+    reason: str | None
+
+
+class JobEvent(TypedDict):
+    at: str
+    source: str
+    state: str | None  # the state the job entered, None for an event without a change
+    detail: str
+
+
+class JobDetail(JobSummary):
+    """One job with what its own page shows (`faxgw show`, `/api/jobs/CODE`)."""
+
+    recipient: str
+    upstream_reply: str | None
+    reference_id: str | None
+    pages: int | None
+    duration: int | None
+    cost: str | None
+    reported_at: str | None
+    flagged: int | None
+    events: list[JobEvent]
 
 
 @dataclass(frozen=True, slots=True)

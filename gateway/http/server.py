@@ -43,7 +43,7 @@ from gateway.status.batches import Batched
 from gateway.status.correlate import CorrelationPolicy, apply_report
 from gateway.status.notify import notify_report
 from gateway.store import Writer, get_job, iso, list_jobs, utcnow
-from gateway.store import reports as reports_db
+from gateway import store
 
 log = logging.getLogger("faxgw.http")
 # Everything after "/notify/", however the path is spelt: a token may hold an
@@ -214,7 +214,7 @@ class Web:
 
         def read(conn: sqlite3.Connection) -> dict[str, Any]:
             job = get_job(conn, code)
-            job["reports"] = reports_db.reports_for_job(conn, code)
+            job["reports"] = store.reports_for_job(conn, code)
             return job
 
         try:

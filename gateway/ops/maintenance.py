@@ -35,7 +35,7 @@ from gateway.units import format_duration
 from gateway.errors import MaintenanceError, StoreError, StoreLocked
 from gateway.logs import log_event
 from gateway.store import SCHEMA_VERSION, StoreLock, Writer, connect, iso, utcnow
-from gateway.store import housekeeping as db
+from gateway import store as db  # the store's names; `store` here is a store's path
 
 log = logging.getLogger("faxgw.maintenance")
 BATCH_PAUSE = 0.01  # seconds between two purge batches: the writer serves intake in between

@@ -44,7 +44,7 @@ from gateway.outbound.policy import SUBJECT_MAILBOX, Policy, shown
 from gateway.replies import refuse
 from gateway.status.inbound import StatusMail, receive, status_reply
 from gateway.store import Writer, iso, utcnow
-from gateway.store.admission import Admitted, Duplicate, admit_message
+from gateway.store import Admitted, Duplicate, admit_message
 
 log = logging.getLogger("faxgw.intake")
 

@@ -28,10 +28,10 @@ from gateway.errors import StoreError, UpstreamRejected
 from gateway.logs import log_event
 from gateway.models import NULL_SENDER
 from gateway.store import Writer, iso
-from gateway.store import reports as db
 from gateway.outbound.upstream import Endpoint, UpstreamConnection
 from gateway.runner import Runner
 from gateway.units import backoff
+from gateway import store
 
 log = logging.getLogger("faxgw.notices")
 POLL_INTERVAL = 2.0
@@ -108,14 +108,14 @@ class Notifier(Runner):
         self._unrecorded: list[tuple[int, str, dict[str, Any]]] = []  # (notice id, state, fields) to write
 
     async def prepare(self) -> None:
-        await self.writer.run(db.requeue_interrupted_notifications)
+        await self.writer.run(store.requeue_interrupted_notifications)
 
     async def step(self) -> float | None:
         while self._unrecorded:
             notice_id, state, fields = self._unrecorded[0]
-            await self.writer.run(partial(db.finish_notification, **fields), notice_id, iso(self.clock()), state)
+            await self.writer.run(partial(store.finish_notification, **fields), notice_id, iso(self.clock()), state)
             self._unrecorded.pop(0)
-        notices = await self.writer.run(db.claim_notifications, iso(self.clock()), 8)
+        notices = await self.writer.run(store.claim_notifications, iso(self.clock()), 8)
         for notice in notices:
             await self._send(self.connection, notice)
         if notices:
@@ -132,7 +132,7 @@ class Notifier(Runner):
     async def _finish(self, notice_id: int, state: str, **fields: Any) -> None:
         """Record a notice's outcome; if the store refuses, keep it for the next round (which raises now)."""
         try:
-            await self.writer.run(partial(db.finish_notification, **fields), notice_id, iso(self.clock()), state)
+            await self.writer.run(partial(store.finish_notification, **fields), notice_id, iso(self.clock()), state)
         except Exception:
             self._unrecorded.append((notice_id, state, fields))
             raise

@@ -53,7 +53,7 @@ from gateway.config import LimitSettings, Settings, client_key, in_networks
 from gateway.models import FaxNumber, Recipient, Refusal, Reply
 from gateway.outbound.policy import Policy
 from gateway.store import Writer, iso, parse_iso, utcnow
-from gateway.store.admission import (
+from gateway.store import (
     Admission,
     DailyQuota,
     Duplicate,

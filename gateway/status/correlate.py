@@ -35,7 +35,7 @@ from gateway.config import Settings
 from gateway.errors import InvalidTransition, UnknownJob
 from gateway.models import FINAL_STATES, JobState, Result, StatusReport, Trust
 from gateway.store import enqueue_notification, immediate, iso, parse_iso
-from gateway.store import reports as db
+from gateway import store
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def summary(report: StatusReport) -> str:
 def apply_report(conn: sqlite3.Connection, report: StatusReport, now: str, policy: CorrelationPolicy,
                  scope: MatchScope = DEFAULT_SCOPE) -> Outcome:
     """Correlate a new report and apply it; the report is stored with its outcome."""
-    seen = db.report_seen(conn, report.dedup_key)
+    seen = store.report_seen(conn, report.dedup_key)
     if seen is not None:
         return _seen_again(conn, report, seen, now, policy, scope)
     job, why, nothing = _match(conn, report, policy, now, scope)
@@ -102,7 +102,7 @@ def apply_report(conn: sqlite3.Connection, report: StatusReport, now: str, polic
         kind, detail = (scope.no_match if nothing else "unmatched"), why
     else:
         kind, detail = _apply_to(conn, report, job, now, policy)
-    db.insert_report(conn, report, now, kind, job["id"] if job is not None else None,
+    store.insert_report(conn, report, now, kind, job["id"] if job is not None else None,
                      why if kind == "applied" else detail)
     return Outcome(kind, job["code"] if job is not None else None, detail)
 
@@ -115,22 +115,22 @@ def apply_pending(conn: sqlite3.Connection, report: StatusReport, now: str, poli
     `submitted` (with an event); any other job changes nothing and only
     learns GreenFax's job id. The report is stored once (outcome `pending`).
     """
-    seen = db.report_seen(conn, report.dedup_key)
+    seen = store.report_seen(conn, report.dedup_key)
     if seen is not None:
         return _seen_again(conn, report, seen, now, policy, scope)
     job, why, nothing = _match(conn, report, policy, now, scope)
     ref = f", ref {report.reference_id}" if report.reference_id else ""
     if job is None:
         kind, detail = (scope.no_match if nothing else "unmatched"), why
-    elif job["state"] == JobState.UNKNOWN.value and db.submit_unknown(
+    elif job["state"] == JobState.UNKNOWN.value and store.submit_unknown(
             conn, job["id"], report.reference_id, now, source=report.channel.value,
             detail=f"GreenFax has it: listed as pending (by {report.channel.value}{ref})"):
         kind, detail = "applied", f"{job['code']} is with GreenFax (pending): submitted"
     else:
-        if job["state"] in db.WAITING:
-            db.link_reference(conn, job["id"], report.reference_id)
+        if job["state"] in store.WAITING:
+            store.link_reference(conn, job["id"], report.reference_id)
         kind, detail = "pending", f"{job['code']} is still pending at GreenFax"
-    db.insert_report(conn, report, now, kind, job["id"] if job is not None else None,
+    store.insert_report(conn, report, now, kind, job["id"] if job is not None else None,
                      why if kind == "applied" else detail)
     return Outcome(kind, job["code"] if job is not None else None, detail)
 
@@ -139,16 +139,16 @@ def match_by_hand(conn: sqlite3.Connection, report_id: int, code: str, now: str,
                   policy: CorrelationPolicy) -> Outcome:
     """`faxgw match`: an operator links an unmatched report to a job; it is applied like any other."""
     with immediate(conn):
-        row = db.get_report(conn, report_id)
-        job = db.job_by(conn, code=code)
+        row = store.get_report(conn, report_id)
+        job = store.job_by(conn, code=code)
         if job is None:
             raise UnknownJob(f"no job with code {code}")
         if row["outcome"] != "unmatched":
             raise InvalidTransition(f"status report {report_id} is {row['outcome']}, not unmatched")
-        report = db.report_from_row(row)
+        report = store.report_from_row(row)
         kind, detail = _apply_to(conn, report, job, now, policy)
-        db.mark_matched(conn, report_id, job["id"], kind)
-        db.note_on_job(conn, job["id"], now, "operator", f"status report #{report_id} linked by hand: {kind}",
+        store.mark_matched(conn, report_id, job["id"], kind)
+        store.note_on_job(conn, job["id"], now, "operator", f"status report #{report_id} linked by hand: {kind}",
                        flag=False)
     return Outcome(kind, code, detail)
 
@@ -164,7 +164,7 @@ def _seen_again(conn: sqlite3.Connection, report: StatusReport, seen: sqlite3.Ro
         return Outcome("duplicate", None, f"report already received (#{seen['id']}), still unmatched")
     kind, detail = _apply_to(conn, report, job, now, policy)
     if kind != "unmatched":
-        db.mark_matched(conn, seen["id"], job["id"], kind)
+        store.mark_matched(conn, seen["id"], job["id"], kind)
     return Outcome(kind, job["code"], detail)
 
 
@@ -173,7 +173,7 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
     """What a matched report does to its job; returns (outcome, detail)."""
     if report.result is None and any(note.startswith("informational") for note in report.notes):
         # A delayed or relayed DSN: worth a line in the job's history, no change.
-        db.note_on_job(conn, job["id"], now, report.channel.value, report.notes[0], flag=False)
+        store.note_on_job(conn, job["id"], now, report.channel.value, report.notes[0], flag=False)
         return "informational", report.notes[0]
     if report.result is None:
         return "unmatched", f"result {report.result_text!r} not understood"
@@ -183,24 +183,24 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
         if state.value == report.result.value:
             # Another report of the same outcome (often another channel): recorded, changes nothing.
             detail = f"{job['code']} is already {state.value}"
-            db.note_on_job(conn, job["id"], now, source, f"also reported: {summary(report)}", flag=False)
+            store.note_on_job(conn, job["id"], now, source, f"also reported: {summary(report)}", flag=False)
             return "duplicate", detail
         detail = f"contradicting report: {summary(report)}; the job stays {state.value} (flagged for review)"
-        db.note_on_job(conn, job["id"], now, source, detail, flag=True)
+        store.note_on_job(conn, job["id"], now, source, detail, flag=True)
         return "contradicting", detail
-    if state.value not in db.WAITING:
+    if state.value not in store.WAITING:
         detail = f"report for a job never submitted ({state.value}): {summary(report)} (flagged for review)"
-        db.note_on_job(conn, job["id"], now, source, detail, flag=True)
+        store.note_on_job(conn, job["id"], now, source, detail, flag=True)
         return "flagged", detail
     impossible = report.result is Result.DELIVERED and report.pages == 0
     text = summary(report) + ("; delivered with 0 pages is impossible (flagged)" if impossible else "")
     conflict = bool(job["reference_id"] and report.reference_id and job["reference_id"] != report.reference_id)
     if conflict:
         # Matched by another key (the job code), yet GreenFax's id differs: kept, and said, never overwritten.
-        db.note_on_job(conn, job["id"], now, source, f"reference id conflict: the job has {job['reference_id']},"
+        store.note_on_job(conn, job["id"], now, source, f"reference id conflict: the job has {job['reference_id']},"
                        f" this report says {report.reference_id}; {job['reference_id']} kept (flagged for review)",
                        flag=True)
-    db.apply_result(conn, job["id"], report, now, summary=text, source=source, flagged=impossible or conflict)
+    store.apply_result(conn, job["id"], report, now, summary=text, source=source, flagged=impossible or conflict)
     if report.result.value in policy.notify_states:
         enqueue_notification(conn, job["id"], now)
     return "applied", text
@@ -216,11 +216,11 @@ def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPo
     if report.trust is Trust.UNTRUSTED:
         return _match_untrusted(conn, report)
     if report.job_code:
-        job = db.job_by(conn, code=report.job_code)
+        job = store.job_by(conn, code=report.job_code)
         if job is not None:
             return job, "by job code", False
     if report.reference_id:
-        job = db.job_by(conn, reference_id=report.reference_id)
+        job = store.job_by(conn, reference_id=report.reference_id)
         if job is not None:
             return job, "by GreenFax reference id", False
     if not report.trusted:
@@ -231,7 +231,7 @@ def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPo
         return None, "no job code, reference id or fax number", False
     anchor = report.reported_at or parse_iso(now)
     until = iso(anchor + scope.created_before_report) if scope.created_before_report is not None else None
-    waiting = db.waiting_by_number(conn, report.fax_number, iso(anchor - policy.window), until)
+    waiting = store.waiting_by_number(conn, report.fax_number, iso(anchor - policy.window), until)
     # A job whose own keys the report contradicts is another fax to the same number.
     candidates = [job for job in waiting if _contradiction(job, report) is None]
     if len(candidates) == 1:
@@ -262,16 +262,16 @@ def _match_untrusted(conn: sqlite3.Connection, report: StatusReport) -> tuple[sq
     named = f" names {report.job_code} but" if report.job_code else ""
     if not report.job_code or not report.job_secret:
         return None, f"untrusted report{named} carries no job secret (kept for review: `faxgw match`)", False
-    job = db.job_by(conn, code=report.job_code)
+    job = store.job_by(conn, code=report.job_code)
     if job is None or not job["secret"] or not hmac.compare_digest(job["secret"], report.job_secret):
         return None, f"untrusted report{named} carries a wrong job secret (kept for review)", False
-    if job["state"] not in db.WAITING and job["state"] != (report.result.value if report.result else None):
+    if job["state"] not in store.WAITING and job["state"] != (report.result.value if report.result else None):
         return None, f"untrusted report names {report.job_code}, which is not waiting for a result", False
     return job, "by job code and the job's secret", False
 
 
 def keep_unrecognised(conn: sqlite3.Connection, report: StatusReport, now: str) -> Outcome:
     """Mail to a status address that no rule recognised: kept raw for review, once."""
-    if db.report_seen(conn, report.dedup_key) is None:
-        db.insert_report(conn, report, now, "unrecognised", None, "not recognised as a status mail")
+    if store.report_seen(conn, report.dedup_key) is None:
+        store.insert_report(conn, report, now, "unrecognised", None, "not recognised as a status mail")
     return Outcome("unrecognised", None, "kept for review")

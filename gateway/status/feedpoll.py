@@ -63,7 +63,6 @@ from gateway.status.feedxml import (
 from gateway.runner import Runner
 from gateway.units import backoff
 from gateway.store import Writer, iso, parse_iso
-from gateway.store import feedlog as feed_db
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -257,23 +256,23 @@ class FeedPoller(Runner):
 
     def _claim(self, conn: Any, now: datetime) -> _Claim:
         """Check GreenFax's minimum interval and, if it allows a request, record it and plan its window."""
-        stored = feed_db.last_request(conn)
+        stored = store.last_request(conn)
         last = when(stored)
-        status = feed_db.load_status(conn)
+        status = store.load_status(conn)
         if last is not None and last - now > CLOCK_TOLERANCE:
-            feed_db.record_request(conn, iso(now))  # the clock went back: the last request counts as now
+            store.record_request(conn, iso(now))  # the clock went back: the last request counts as now
             return _Claim(False, now + self._min_interval, last, status, clock_reset=True)
         if last is not None and now < last + self._min_interval:
             return _Claim(False, last + self._min_interval, last, status)
         window = self._plan(conn, now)
-        feed_db.record_request(conn, iso(now))
+        store.record_request(conn, iso(now))
         return _Claim(True, now + self._min_interval, now, status, window)
 
     def _plan(self, conn: Any, now: datetime) -> Window:
         """From the stored next start (or the backfill), pulled back for reconciliation, at most 90 days."""
         today = now.astimezone(self.zone).date()
         try:
-            start = date.fromisoformat(feed_db.next_start(conn) or "")
+            start = date.fromisoformat(store.next_start(conn) or "")
         except ValueError:
             start = today - timedelta(days=self.feed.backfill_days)
         earliest = self._candidates(conn, now, limit=1)  # they come oldest first
@@ -292,7 +291,7 @@ class FeedPoller(Runner):
         """
         now = iso(self.clock())
         try:
-            with feed_db.savepoint(conn, "feed_chunk"):
+            with store.savepoint(conn, "feed_chunk"):
                 outcomes = [self._apply_row(conn, row, now) for row in rows]
         except Exception:
             if not conn.in_transaction:
@@ -306,7 +305,7 @@ class FeedPoller(Runner):
         listed: set[str] = set()
         for row in rows:
             try:
-                with feed_db.savepoint(conn):
+                with store.savepoint(conn):
                     outcome = self._apply_row(conn, row, now)
             except Exception as exc:  # one bad row is logged and set aside; the others go on
                 counts["error"] += 1
@@ -324,13 +323,13 @@ class FeedPoller(Runner):
         assert claim.window is not None
         now = iso(self.clock())
         counts = counts + self._reconcile(conn, claim, listed, now)
-        feed_db.set_next_start(conn, (claim.window.end - timedelta(days=1)).isoformat())
+        store.set_next_start(conn, (claim.window.end - timedelta(days=1)).isoformat())
         status = {
             "last_poll_at": iso(claim.last_request_at) if claim.last_request_at else now, "window": str(claim.window),
             "rows": rows, "outcomes": dict(counts), "by": "manual" if manual else "scheduled",
-            "error": None, "error_at": None, "more": claim.window.more, "unknown_jobs": feed_db.count_unknown(conn),
+            "error": None, "error_at": None, "more": claim.window.more, "unknown_jobs": store.count_unknown(conn),
         }
-        feed_db.save_status(conn, status)
+        store.save_status(conn, status)
         return status
 
     def _apply_row(self, conn: Any, row: FeedRow, now: str) -> Outcome:
@@ -369,28 +368,28 @@ class FeedPoller(Runner):
 
     def _verdict(self, conn: Any, job: Any, listed: bool, window: Window, now: str) -> str:
         if listed:
-            feed_db.mark_looked_up(conn, job["id"], now, f"listed in the feed ({window}) without a final status")
+            store.mark_looked_up(conn, job["id"], now, f"listed in the feed ({window}) without a final status")
             return "looked_up"
         if job["state"] == "submitted":
-            feed_db.mark_looked_up(conn, job["id"], now, f"not in the feed ({window}) yet; waiting for a status report")
+            store.mark_looked_up(conn, job["id"], now, f"not in the feed ({window}) yet; waiting for a status report")
             return "looked_up"
         if self.settings.reconcile.resend_unknown:
-            feed_db.requeue_unknown(conn, job["id"], now, f"{RESENT} ({window}); [reconcile] resend_unknown is on")
+            store.requeue_unknown(conn, job["id"], now, f"{RESENT} ({window}); [reconcile] resend_unknown is on")
             return "resent"
-        feed_db.mark_looked_up(conn, job["id"], now, f"{WAITING} ({window}): check with GreenFax, then"
+        store.mark_looked_up(conn, job["id"], now, f"{WAITING} ({window}): check with GreenFax, then"
                                f" `faxgw retry {job['code']}` or `faxgw cancel {job['code']}`")
         return "waiting"
 
     def _candidates(self, conn: Any, now: datetime, limit: int | None = None) -> list[Any]:
         overdue = iso(now - timedelta(seconds=self.settings.reconcile.after))
         ignore = WAITING if self.settings.reconcile.resend_unknown else None
-        return feed_db.reconcile_candidates(conn, overdue_before=overdue, ignore_marker=ignore, limit=limit)
+        return store.reconcile_candidates(conn, overdue_before=overdue, ignore_marker=ignore, limit=limit)
 
     def _record_failure(self, conn: Any, problem: str, claim: _Claim) -> None:
-        status = feed_db.load_status(conn)
+        status = store.load_status(conn)
         status.update(error=problem, error_at=iso(claim.last_request_at or self.clock()),
                       failed_window=str(claim.window))
-        feed_db.save_status(conn, status)
+        store.save_status(conn, status)
 
     # --- HTTP ---------------------------------------------------------------------------------
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from gateway.store import feedlog as feed_db
 from gateway.store import parse_iso
+from gateway import store
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class FeedState:
     def from_store(cls, conn: Any, min_interval: float) -> FeedState:
         """The stored facts, read by another process (`faxgw feed status`, the health check)."""
         state = cls()
-        state.update(feed_db.load_status(conn), feed_db.last_request(conn), min_interval)
+        state.update(store.load_status(conn), store.last_request(conn), min_interval)
         return state
 
 

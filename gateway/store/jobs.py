@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 from gateway.errors import InvalidTransition, UnknownJob
-from gateway.models import ClaimedJob, JobState, NewMessage
+from gateway.models import ClaimedJob, JobDetail, JobState, JobSummary, NewMessage
 from gateway.store.base import immediate
 from gateway.store.states import Expr, add_event, transition
 
@@ -196,7 +196,7 @@ JOB_COLUMNS = "code, number, sender, state, created_at, updated_at, last_result,
 def list_jobs(
     conn: sqlite3.Connection, *, states: Iterable[str] = (), number: str | None = None,
     sender: str | None = None, since: str | None = None, limit: int = 50,
-) -> list[dict[str, Any]]:
+) -> list[JobSummary]:
     clauses, params = [], []
     states = list(states)
     if states:
@@ -218,10 +218,10 @@ def list_jobs(
     )
     cursor.row_factory = None  # plain tuples: a Row and then a dict per job cost more than the query
     names = [column[0] for column in cursor.description]
-    return [dict(zip(names, row)) for row in cursor]
+    return [dict(zip(names, row)) for row in cursor]  # type: ignore[misc]  # JOB_COLUMNS are JobSummary's keys
 
 
-def get_job(conn: sqlite3.Connection, code: str) -> dict[str, Any]:
+def get_job(conn: sqlite3.Connection, code: str) -> JobDetail:
     row = conn.execute(
         f"SELECT id, recipient, upstream_reply, reference_id, pages, duration, cost, reported_at, flagged,"
         f" {JOB_COLUMNS} FROM jobs WHERE code = ?",
@@ -235,15 +235,15 @@ def get_job(conn: sqlite3.Connection, code: str) -> dict[str, Any]:
             "SELECT at, source, state, detail FROM events WHERE job_id = ? ORDER BY id", (job.pop("id"),)
         )
     ]
-    return job
+    return job  # type: ignore[return-value]  # the columns above are JobDetail's keys
 
 
-def waiting_jobs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def waiting_jobs(conn: sqlite3.Connection) -> list[JobSummary]:
     rows = conn.execute(
         f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'deferred', 'sending', 'held', 'unknown')"
         " ORDER BY COALESCE(next_attempt_at, '9999'), created_at"
     ).fetchall()
-    return [dict(row) for row in rows]
+    return [dict(row) for row in rows]  # type: ignore[misc]
 
 
 def count_jobs(conn: sqlite3.Connection, state: str) -> int:

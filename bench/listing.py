@@ -27,9 +27,7 @@ Generation alone runs with synchronous=OFF (a fixture, not the gateway).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import shutil
 import sqlite3
@@ -43,6 +41,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from benchlib import machine  # bench/ is sys.path[0] when this runs as a script
+from benchlib.gatewayproc import render_config
+from benchlib.report import fixed_row, write_json
 from gateway import store
 from gateway.jobfilter import parse_filter
 from gateway.store.jobs import CODE_ALPHABET
@@ -267,36 +268,77 @@ def time_command(config: Path, options: list[str], runs: int) -> list[float]:
 
 
 def write_config(directory: Path, store_path: Path) -> Path:
+    """A config for `faxgw status` on the store (the upstream is never contacted)."""
     config = directory / "faxgw.toml"
-    config.write_text(f'[store]\npath = "{store_path}"\n[upstream]\nhost = "127.0.0.1"\nport = 2526\ntls = "none"\n'
-                      'account_sender = "faxes@office.example"\nreturn_path = "fax-bounce@office.example"\n')
+    config.write_text(render_config({
+        "store": {"path": str(store_path)},
+        "upstream": {"host": "127.0.0.1", "port": 2526, "tls": "none", "account_sender": "faxes@office.example",
+                     "return_path": "fax-bounce@office.example"}}))
     return config
 
 
-def main() -> None:
+def python_start_ms(runs: int) -> float:
+    """Python's own start (`python -c pass`), median of `runs`, for comparison with the command."""
+    startup = [0.0] * runs
+    for i in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        startup[i] = time.perf_counter() - started
+    return median_ms(startup)
+
+
+def measure(conn: sqlite3.Connection, path: Path, config: Path, options: list[str], runs: int,
+            have_cli: bool) -> dict[str, Any]:
+    """One filter: its rows and SQL, the query in-process, in the sqlite3 shell, and the whole command."""
+    sql, count = captured_sql(conn, options)
+    query = time_query(conn, options, runs)
+    row: dict[str, Any] = {"options": options, "rows": count, "query_ms": median_ms(query), "sql": sql}
+    if have_cli:
+        repeat = max(1, min(200, int(0.2 / max(statistics.median(query), 1e-5))))
+        row["sqlite3_ms"] = median_ms(time_sqlite_cli(path, sql, max(3, runs // 2), repeat))
+    command = time_command(config, options, runs)
+    row["command_ms"], row["command_max_ms"] = median_ms(command), round(max(command) * 1000, 1)
+    row["command_min_ms"] = round(min(command) * 1000, 1)
+    return row
+
+
+TABLE_SPEC = "<30 >6 >9 >10 >6 >10 >7 >7"
+
+
+def print_results(args: argparse.Namespace, facts: dict[str, Any], results: dict[str, Any]) -> None:
+    print(f"store: {facts['path']} ({facts['bytes'] / 2**20:.0f} MiB, {args.jobs:,} jobs"
+          f"{', cached' if facts['cached'] else ', generated in ' + str(facts['generated_seconds']) + ' s'}"
+          f"{', migrated ' + facts['migrated'] if 'migrated' in facts else ''}); python start"
+          f" {results['python_start_ms']} ms")
+    print(fixed_row(["filter", "rows", "query ms", "sqlite3 ms", "ratio", "command ms", "best", "worst"], TABLE_SPEC))
+    for name, row in results["filters"].items():
+        cli = row.get("sqlite3_ms")
+        ratio = f"{row['query_ms'] / cli:.2f}" if cli else "-"
+        print(fixed_row([name, row["rows"], row["query_ms"], cli if cli is not None else "-", ratio,
+                         row["command_ms"], row["command_min_ms"], row["command_max_ms"]], TABLE_SPEC))
+    print(f"load average {results['machine']['load'][0]:.2f} when started (2 cores: above 1 means others were busy)")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=1_000_000, help="jobs in the store")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/faxgw-bench"), help="where the store is cached")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per figure")
     parser.add_argument("--only", help="filters to run, comma-separated (default: all)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     have_cli = shutil.which("sqlite3") is not None
     if not have_cli:
         print("sqlite3 command-line tool not found (apt-get install -y sqlite3): its column stays empty",
               file=sys.stderr)
     path, facts = prepare(args.workdir, args.jobs)
-    results: dict[str, Any] = {
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,
-                    "load": os.getloadavg()},
-        "store": facts, "filters": {},
-    }
-    startup = [0.0] * args.runs
-    for i in range(args.runs):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        startup[i] = time.perf_counter() - started
-    results["python_start_ms"] = median_ms(startup)
+    results: dict[str, Any] = {"machine": machine.brief("cores", "python", "sqlite", "load"),
+                               "store": facts, "filters": {}}
+    results["python_start_ms"] = python_start_ms(args.runs)
     chosen = filters(facts["newest"])
     if args.only:
         chosen = {name: chosen[name] for name in args.only.split(",")}
@@ -305,31 +347,11 @@ def main() -> None:
         config = write_config(Path(tmp), path)
         time_command(config, [], 1)  # warm the page cache and the bytecode
         for name, options in chosen.items():
-            sql, count = captured_sql(conn, options)
-            query = time_query(conn, options, args.runs)
-            row: dict[str, Any] = {"options": options, "rows": count, "query_ms": median_ms(query), "sql": sql}
-            if have_cli:
-                repeat = max(1, min(200, int(0.2 / max(statistics.median(query), 1e-5))))
-                row["sqlite3_ms"] = median_ms(time_sqlite_cli(path, sql, max(3, args.runs // 2), repeat))
-            command = time_command(config, options, args.runs)
-            row["command_ms"], row["command_max_ms"] = median_ms(command), round(max(command) * 1000, 1)
-            row["command_min_ms"] = round(min(command) * 1000, 1)
-            results["filters"][name] = row
+            results["filters"][name] = measure(conn, path, config, options, args.runs, have_cli)
     conn.close()
-    print(f"store: {facts['path']} ({facts['bytes'] / 2**20:.0f} MiB, {args.jobs:,} jobs"
-          f"{', cached' if facts['cached'] else ', generated in ' + str(facts['generated_seconds']) + ' s'}"
-          f"{', migrated ' + facts['migrated'] if 'migrated' in facts else ''}); python start"
-          f" {results['python_start_ms']} ms")
-    print(f"{'filter':30} {'rows':>6} {'query ms':>9} {'sqlite3 ms':>10} {'ratio':>6} {'command ms':>10}"
-          f" {'best':>7} {'worst':>7}")
-    for name, row in results["filters"].items():
-        cli = row.get("sqlite3_ms")
-        ratio = f"{row['query_ms'] / cli:.2f}" if cli else "-"
-        print(f"{name:30} {row['rows']:>6} {row['query_ms']:>9} {cli if cli is not None else '-':>10} {ratio:>6}"
-              f" {row['command_ms']:>10} {row['command_min_ms']:>7} {row['command_max_ms']:>7}")
-    print(f"load average {results['machine']['load'][0]:.2f} when started (2 cores: above 1 means others were busy)")
+    print_results(args, facts, results)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

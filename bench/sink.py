@@ -1,7 +1,7 @@
 """A cheap SMTP sink for the benchmark: speaks real SMTP, counts arrivals, keeps nothing.
 
-Run as a subprocess by bench/throughput.py (it is not a test and not part of
-the gateway):
+Run as a subprocess by bench/throughput.py and bench/soak.py (FastSink in
+bench/benchlib/sinks.py); it is not a test and not part of the gateway:
 
     python bench/sink.py --listen 127.0.0.1:PORT
 

@@ -33,122 +33,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
-import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
-from xml.sax.saxutils import escape
 from zoneinfo import ZoneInfo
 
 import aiohttp
 import aiosmtplib
+import psutil
 from aiohttp import web
 from yarl import URL
 
+from benchlib import machine, procs  # bench/ is sys.path[0] when this runs as a script
+from benchlib.gatewayproc import GatewayProcess, Sections
+from benchlib.procs import free_port
+from benchlib.profiling import Profiler
+from benchlib.report import fixed_row, write_json
+from benchlib.sampling import process_cpu_seconds, thread_seconds
+from benchlib.statusload import ACCOUNT_SENDER, FEED_ZONE, feed_body, mails, notify_urls, seed
 from gateway import config, store
-from gateway.models import FaxNumber, NewMessage, Recipient
-from gateway.sandbox.notifycall import notify_parameters
-from gateway.sandbox.server import SandboxFax
-from gateway.sandbox.statusmail import status_email
+from gateway.models import Channel
 from gateway.status.correlate import CorrelationPolicy
 from gateway.status.feedpoll import FeedPoller
 from gateway.status.feedxml import parse_feed
 from gateway.status.inbound import StatusMail, receive
 from gateway.status.mailrules import load_rules
-from gateway.models import Channel
 
-ACCOUNT_SENDER = "faxes@bench.example"
 NOTIFY_TOKEN = "bench-notify-token-0123456789"
-FEED_ZONE = "America/New_York"
 TIME_LIMIT = 300  # seconds: no measurement runs longer than this
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# --- the workload ---------------------------------------------------------------------------------
-
-
-def seed(path: Path, count: int, *, with_references: bool = False, age: float = 0) -> list[tuple[str, str, int]]:
-    """A store with `count` submitted jobs, each to its own number; returns (code, digits, reference id).
-
-    `with_references`: every other job already knows its GreenFax reference id
-    (as after an earlier report), so half the feed rows match by it. `age`:
-    the jobs were created that many seconds ago.
-    """
-    conn = store.connect(path)
-    store.migrate(conn)
-    jobs = []
-    conn.execute("BEGIN")
-    for n in range(count):
-        digits = f"1212{5_000_000 + n:07d}"
-        message = NewMessage(raw=b"Subject: bench\r\n\r\nx\r\n", mail_from="erp@bench.example", client="127.0.0.1",
-                             helo="bench", auth_user=None, header_from="erp@bench.example", smtputf8=False,
-                             needs_8bitmime=False, recipients=[Recipient(f"{digits}@greenfax.com",
-                                                                         FaxNumber("+" + digits))])
-        (code,) = store.insert_message(conn, message, store.iso(store.utcnow()))
-        jobs.append((code, digits, 9_000_000 + n))
-        if with_references and n % 2 == 0:
-            conn.execute("UPDATE jobs SET reference_id = ? WHERE code = ?", (str(9_000_000 + n), code))
-    conn.execute("UPDATE jobs SET state = 'submitted', created_at = ?, updated_at = ?",
-                 (store.iso(store.utcnow() - timedelta(seconds=age)),) * 2)
-    conn.execute("COMMIT")
-    conn.close()
-    return jobs
-
-
-def fax(index: int, code: str, digits: str, reference: int, now: datetime) -> SandboxFax:
-    """One fax's outcome, as GreenFax reports it; every fourth one failed (busy)."""
-    ok = index % 4 != 0
-    return SandboxFax(reference_id=reference, number=digits, code=code, sender=ACCOUNT_SENDER, envelope_sender="",
-                      raw=b"", result="delivered" if ok else "failed", reason=None if ok else "busy",
-                      pages=2 if ok else 0, received_at=now)
-
-
-def mails(jobs: list[tuple[str, str, int]]) -> list[bytes]:
-    now = datetime.now(UTC)
-    return [status_email(fax(i, *job, now), ACCOUNT_SENDER) for i, job in enumerate(jobs)]
-
-
-def feed_body(jobs: list[tuple[str, str, int]], since: float) -> bytes:
-    """A feed answer listing every job, in the format gateway/status/feedxml.py documents.
-
-    The rows' times are spread over the last `since` seconds, in the account's zone.
-    """
-    start = datetime.now(ZoneInfo(FEED_ZONE)) - timedelta(seconds=since)
-    lines = ['<?xml version="1.0" encoding="UTF-8"?>', "<outbound>"]
-    for i, (_code, digits, reference) in enumerate(jobs):
-        ok = i % 4 != 0
-        stamp = (start + timedelta(seconds=since * i / len(jobs))).strftime("%Y-%m-%d %H:%M:%S")
-        values = {"jobid": reference, "faxnumber": digits, "sender": ACCOUNT_SENDER,
-                  "status": "Success" if ok else "Busy", "pages": 2 if ok else 0, "duration": 52 if ok else 0,
-                  "cost": "0.20" if ok else "0.00", "timestamp": stamp}
-        lines.append("  <fax>" + "".join(f"<{k}>{escape(str(v))}</{k}>" for k, v in values.items()) + "</fax>")
-    lines.append("</outbound>")
-    return ("\n".join(lines) + "\n").encode()
-
-
-def notify_urls(base: str, jobs: list[tuple[str, str, int]]) -> list[URL]:
-    now = datetime.now(UTC)
-    return [URL(f"{base}?{urlencode(notify_parameters(fax(i, *job, now)))}", encoded=True)
-            for i, job in enumerate(jobs)]
-
-
-def settings_for(tmp: Path, port: int, **sections: dict[str, Any]) -> config.Settings:
-    data: dict[str, Any] = {
+def sections(tmp: Path, port: int, **extra: dict[str, Any]) -> Sections:
+    """The gateway's config for a measurement: SMTP and status mail on `port`, the store in `tmp`."""
+    data: Sections = {
         "smtp": {"listen": [f"127.0.0.1:{port}"]},
         "http": {"listen": ["127.0.0.1:0"]},
         "store": {"path": str(tmp / "store.sqlite3")},
@@ -159,9 +79,18 @@ def settings_for(tmp: Path, port: int, **sections: dict[str, Any]) -> config.Set
                    "require_dkim": False, "trusted_networks": ["127.0.0.0/8"], "max_messages_per_minute": 0},
         "notifications": {"enabled": False},
     }
-    for name, values in sections.items():
+    for name, values in extra.items():
         data[name] = {**data.get(name, {}), **values}
+    return data
+
+
+def settings_for(data: Sections, tmp: Path) -> config.Settings:
     return config.validate(data, source="bench", base=tmp)
+
+
+def served(data: Sections, log_level: str, **extra: dict[str, Any]) -> Sections:
+    """The same config for a gateway subprocess: its own HTTP port, `[log] level`, and `extra` sections."""
+    return {**data, "http": {"listen": [f"127.0.0.1:{free_port()}"]}, "log": {"level": log_level}, **extra}
 
 
 def applied(path: Path, count: int) -> int:
@@ -181,71 +110,40 @@ def result(name: str, count: int, elapsed: float, path: Path, cpu: float, **extr
             "applied": applied(path, count), **extra}
 
 
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of process `pid` (the main thread's id is the pid)."""
-    times = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue  # the thread ended
-        times[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return times
-
-
-def thread_split(pid: int, before: dict[int, float], count: int) -> dict[str, float]:
+def thread_split(pid: int, before: dict[str, float], count: int) -> dict[str, float]:
     """CPU microseconds per item of the main thread and of the others, busiest first."""
-    after = thread_cpu(pid)
+    after = thread_seconds([psutil.Process(pid)])
     used = sorted(((after[t] - before.get(t, 0.0), t) for t in after), reverse=True)
-    return {("main" if t == pid else f"thread-{t}"): round(seconds / count * 1e6, 1)
-            for seconds, t in used if seconds > 0}
+    return {t: round(seconds / count * 1e6, 1) for seconds, t in used if seconds > 0}
 
 
-def cpu_seconds(pid: int | None = None) -> float:
-    """CPU time (user + system) of this process, or of process `pid` (from /proc)."""
-    if pid is None:
-        return time.process_time()
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def gateway_threads(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of the gateway ("main", "thread-ID")."""
+    return thread_seconds([psutil.Process(pid)])
 
 
-@contextlib.contextmanager
-def gateway(tmp: Path, settings: config.Settings, extra: str = "", log_level: str = "warning",
-            also_wait_for: int | None = None, profile: Path | None = None, gil: bool = False) -> Iterator[int]:
-    """`faxgw serve` in a subprocess on the settings' store and ports, until the block ends.
+@contextlib.asynccontextmanager
+async def gateway(tmp: Path, data: Sections, *, ports: list[int], profile: Path | None = None,
+                  gil: bool = False) -> AsyncIterator[int]:
+    """`faxgw serve` in a subprocess on this config, until the block ends; waits until `ports` take
+    connections.
 
     `profile`: py-spy records the gateway (all threads, raw collapsed stacks) into this file; `gil`:
     only the thread holding the GIL (Python's CPU, not waits).
     """
-    smtp_port = settings.smtp.listen[0][1]
-    cfg = tmp / "faxgw.toml"
-    cfg.write_text(
-        f'[http]\nlisten = ["127.0.0.1:{free_port()}"]\n[smtp]\nlisten = ["127.0.0.1:{smtp_port}"]\n'
-        f'[store]\npath = "{settings.store.path}"\n'
-        f'[upstream]\nhost = "127.0.0.1"\nport = {settings.upstream.port}\ntls = "none"\n'
-        f'account_sender = "{ACCOUNT_SENDER}"\nreturn_path = "bounce@bench.example"\n'
-        f'[status]\nlisten = ["127.0.0.1:{smtp_port}"]\ntrusted_sender_domains = ["sandbox.greenfax.localhost"]\n'
-        'require_dkim = false\ntrusted_networks = ["127.0.0.0/8"]\nmax_messages_per_minute = 0\n'
-        f'[notifications]\nenabled = false\n[log]\nlevel = "{log_level}"\n{extra}')
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(cfg), "serve"],
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = GatewayProcess(tmp)
+    profiler = Profiler(gil=gil, rate=200, settle=0.5)
     try:
-        wait_listening(smtp_port, proc)
-        if also_wait_for:
-            wait_listening(also_wait_for, proc)
-        spy = None
+        try:
+            await proc.start(data, ports=ports, banner=False, timeout=30)
+        except RuntimeError as exc:
+            raise SystemExit(str(exc)) from exc
         if profile is not None:
-            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(proc.pid),
-                                    "--threads", "--rate", "200", "--format", "raw", "--output", str(profile),
-                                    *(["--gil"] if gil else [])],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(0.5)
+            await profiler.start(proc.pid, profile)
         yield proc.pid
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-        if spy is not None:
-            spy.wait(30)
+        await proc.stop(grace=15)
+        await profiler.stop(interrupt=False)  # py-spy ends with the gateway
 
 
 def profile_path(args: argparse.Namespace, name: str) -> Path | None:
@@ -253,19 +151,6 @@ def profile_path(args: argparse.Namespace, name: str) -> Path | None:
         return None
     args.profile.mkdir(parents=True, exist_ok=True)
     return args.profile / f"{name}.txt"
-
-
-def wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the gateway exited with {proc.returncode} before listening")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit("the gateway did not start listening within 30 s")
 
 
 # --- the measurements ---------------------------------------------------------------------------------
@@ -278,20 +163,21 @@ async def closed_loop(queue: list[Any], workers: int, work: Callable[[Any], Awai
         while queue:
             await work(queue.pop())
 
-    cpu, started = cpu_seconds(pid), time.perf_counter()
+    cpu, started = process_cpu_seconds(pid), time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(workers))), TIME_LIMIT)
-    return time.perf_counter() - started, cpu_seconds(pid) - cpu
+    return time.perf_counter() - started, process_cpu_seconds(pid) - cpu
 
 
 async def pipeline(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     jobs = seed(tmp / "store.sqlite3", args.jobs)
-    settings = settings_for(tmp, free_port())
+    settings = settings_for(sections(tmp, free_port()), tmp)
     status = StatusMail(settings, load_rules())
     writer = store.Writer(settings.store.path)
     writer.start()
     try:
-        elapsed, cpu = await closed_loop(mails(jobs), args.concurrency,
-                                         lambda raw: receive(status, writer, raw, channel=Channel.IMAP, client="127.0.0.1"))
+        elapsed, cpu = await closed_loop(
+            mails(jobs), args.concurrency,
+            lambda raw: receive(status, writer, raw, channel=Channel.IMAP, client="127.0.0.1"))
     finally:
         writer.close()
     return result("mails", args.jobs, elapsed, settings.store.path, cpu, concurrency=args.concurrency)
@@ -300,31 +186,26 @@ async def pipeline(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 async def over_smtp(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     jobs = seed(tmp / "store.sqlite3", args.jobs)
     queue = mails(jobs)
-    settings = settings_for(tmp, free_port())
-    port = settings.smtp.listen[0][1]
-    with gateway(tmp, settings, log_level=args.log_level, profile=profile_path(args, "smtp"),
-                 gil=args.profile_gil) as pid:
+    port = free_port()
+    data = sections(tmp, port)
+    settings = settings_for(data, tmp)
+    async with gateway(tmp, served(data, args.log_level), ports=[port], profile=profile_path(args, "smtp"),
+                       gil=args.profile_gil) as pid:
         async def client() -> None:
             async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False) as smtp:
                 while queue:
                     await smtp.sendmail("status@sandbox.greenfax.localhost", [ACCOUNT_SENDER], queue.pop())
 
-        cpu, threads, started = cpu_seconds(pid), thread_cpu(pid), time.perf_counter()
+        cpu, threads, started = process_cpu_seconds(pid), gateway_threads(pid), time.perf_counter()
         await asyncio.wait_for(asyncio.gather(*(client() for _ in range(args.sessions))), TIME_LIMIT)
-        elapsed, cpu = time.perf_counter() - started, cpu_seconds(pid) - cpu
+        elapsed, cpu = time.perf_counter() - started, process_cpu_seconds(pid) - cpu
         threads = thread_split(pid, threads, args.jobs)
     return result("mails", args.jobs, elapsed, settings.store.path, cpu, sessions=args.sessions,
                   cpu_us_per_thread=threads)
 
 
-async def feed(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
-    count = args.feed_rows
-    jobs = seed(tmp / "store.sqlite3", count, with_references=True, age=86400 + 600)
-    body = feed_body(jobs, since=86400)
-    parse_started = time.perf_counter()
-    parse_feed(body, ZoneInfo(FEED_ZONE))
-    parse_seconds = time.perf_counter() - parse_started
-
+async def serve_feed(body: bytes) -> tuple[web.AppRunner, int]:
+    """The feed's one answer on a loopback port; returns the runner (to clean up) and the port."""
     async def outbound(request: web.Request) -> web.Response:
         return web.Response(body=body, content_type="text/xml")
 
@@ -334,22 +215,35 @@ async def feed(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
-    settings = settings_for(tmp, free_port(), greenfax={"timezone": FEED_ZONE},
-                            feed={"url": f"http://127.0.0.1:{port}/api/xml/outbound.php", "accountid": "bench",
-                                  "password": "bench", "min_interval": 1})
+    return runner, runner.addresses[0][1]
+
+
+async def timed_poll(poller: FeedPoller) -> tuple[Any, float, float]:
+    """One poll of the feed; returns it with its elapsed and CPU seconds (this process)."""
+    cpu, started = process_cpu_seconds(), time.perf_counter()
+    polled = await asyncio.wait_for(poller.poll_now(manual=True), TIME_LIMIT)
+    return polled, time.perf_counter() - started, process_cpu_seconds() - cpu
+
+
+async def feed(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    count = args.feed_rows
+    jobs = seed(tmp / "store.sqlite3", count, with_references=True, age=86400 + 600)
+    body = feed_body(jobs, since=86400)
+    parse_started = time.perf_counter()
+    parse_feed(body, ZoneInfo(FEED_ZONE))
+    parse_seconds = time.perf_counter() - parse_started
+    runner, port = await serve_feed(body)
+    settings = settings_for(sections(tmp, free_port(), greenfax={"timezone": FEED_ZONE},
+                                     feed={"url": f"http://127.0.0.1:{port}/api/xml/outbound.php",
+                                           "accountid": "bench", "password": "bench", "min_interval": 1}), tmp)
     writer = store.Writer(settings.store.path)
     writer.start()
     try:
         poller = FeedPoller(settings, writer, CorrelationPolicy.from_settings(settings))
-        cpu, started = cpu_seconds(), time.perf_counter()
-        polled = await asyncio.wait_for(poller.poll_now(manual=True), TIME_LIMIT)
-        elapsed, cpu = time.perf_counter() - started, cpu_seconds() - cpu
+        polled, elapsed, cpu = await timed_poll(poller)
         # The same answer again, as the overlapping windows bring it: every row was seen before.
         await asyncio.sleep(settings.feed.min_interval + 0.1)
-        again_cpu, started = cpu_seconds(), time.perf_counter()
-        again = await asyncio.wait_for(poller.poll_now(manual=True), TIME_LIMIT)
-        again_elapsed, again_cpu = time.perf_counter() - started, cpu_seconds() - again_cpu
+        again, again_elapsed, again_cpu = await timed_poll(poller)
     finally:
         writer.close()
         await runner.cleanup()
@@ -367,13 +261,15 @@ async def feed(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 async def notify(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     count = args.notify_calls
     jobs = seed(tmp / "store.sqlite3", count)
-    settings = settings_for(tmp, free_port())
+    port = free_port()
+    data = sections(tmp, port)
+    settings = settings_for(data, tmp)
     http_port = free_port()
-    extra = f'[notify]\ntoken = "{NOTIFY_TOKEN}"\nlisten = ["127.0.0.1:{http_port}"]\n'
+    extra = {"notify": {"token": NOTIFY_TOKEN, "listen": [f"127.0.0.1:{http_port}"]}}
     queue = notify_urls(f"http://127.0.0.1:{http_port}/greenfax/notify/{NOTIFY_TOKEN}", jobs)
     refused: list[int] = []
-    with gateway(tmp, settings, extra, log_level=args.log_level, also_wait_for=http_port,
-                 profile=profile_path(args, "notify"), gil=args.profile_gil) as pid:
+    async with gateway(tmp, served(data, args.log_level, **extra), ports=[port, http_port],
+                       profile=profile_path(args, "notify"), gil=args.profile_gil) as pid:
         connector = aiohttp.TCPConnector(limit=args.connections, force_close=False)
         async with aiohttp.ClientSession(connector=connector) as session:
             async def call(url: URL) -> None:
@@ -382,9 +278,9 @@ async def notify(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                     if response.status != 200:
                         refused.append(response.status)
 
-            client, threads = cpu_seconds(), thread_cpu(pid)
+            client, threads = process_cpu_seconds(), gateway_threads(pid)
             elapsed, cpu = await closed_loop(queue, args.connections, call, pid)
-            client, threads = cpu_seconds() - client, thread_split(pid, threads, count)
+            client, threads = process_cpu_seconds() - client, thread_split(pid, threads, count)
     if refused:
         raise SystemExit(f"{len(refused)} Notify calls were refused: {sorted(set(refused))}")
     return result("calls", count, elapsed, settings.store.path, cpu, connections=args.connections,
@@ -394,7 +290,7 @@ async def notify(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 MEASUREMENTS = {"pipeline": pipeline, "smtp": over_smtp, "feed": feed, "notify": notify}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(MEASUREMENTS), help="measurements to run, comma-separated")
     parser.add_argument("--jobs", type=int, default=4000, help="status mails (and jobs) per mail measurement")
@@ -409,21 +305,23 @@ def main() -> None:
     parser.add_argument("--profile-gil", action="store_true", help="with --profile: only samples holding the GIL")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    names = [name.strip() for name in args.only.split(",") if name.strip()]
-    unknown = set(names) - set(MEASUREMENTS)
+    args.names = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(args.names) - set(MEASUREMENTS)
     if unknown:
         parser.error(f"unknown measurement(s): {', '.join(sorted(unknown))}")
-    results: dict[str, Any] = {"machine": {"cores": os.cpu_count(), "python": platform.python_version(),
-                                           "kernel": platform.release(), "load": os.getloadavg(),
-                                           "cpu": platform.processor() or platform.machine()}}
+    return args
+
+
+# The results table: (heading, key in a measurement's results), with the column's format.
+COLUMNS = [("unit", "unit"), ("count", "count"), ("seconds", "seconds"), ("per s", "per_second"),
+           ("CPU us/item", "cpu_us_per_item"), ("CPU %", "cpu_percent")]
+COLUMN_SPEC = "<10 <6 >7 >8 >9 >11 >6"
+
+
+def print_results(names: list[str], results: dict[str, Any]) -> None:
+    print(fixed_row(["path"] + [heading for heading, _key in COLUMNS], COLUMN_SPEC))
     for name in names:
-        with tempfile.TemporaryDirectory() as tmp:
-            results[name] = asyncio.run(MEASUREMENTS[name](Path(tmp), args))
-    print(f"{'path':10} {'unit':6} {'count':>7} {'seconds':>8} {'per s':>9} {'CPU us/item':>11} {'CPU %':>6}")
-    for name in names:
-        r = results[name]
-        print(f"{name:10} {r['unit']:6} {r['count']:>7} {r['seconds']:>8} {r['per_second']:>9}"
-              f" {r['cpu_us_per_item']:>11} {r['cpu_percent']:>6}")
+        print(fixed_row([name] + [results[name][key] for _heading, key in COLUMNS], COLUMN_SPEC))
     print("(CPU: the gateway process for smtp and notify; this process, with the feed's HTTP server, otherwise)")
     for name in ("smtp", "notify"):
         if name in results:
@@ -435,9 +333,19 @@ def main() -> None:
         again = results["feed"]["again"]
         print(f"(feed: parsing alone {results['feed']['parse_only_per_second']} rows/s; the same answer polled again,"
               f" every row a duplicate: {again['per_second']} rows/s, {again['cpu_us_per_item']} CPU us/row)")
+
+
+def main() -> int:
+    args = parse_args()
+    results: dict[str, Any] = {"machine": machine.brief("cores", "python", "kernel", "load", "cpu")}
+    for name in args.names:
+        with tempfile.TemporaryDirectory() as tmp:
+            results[name] = procs.run_async(MEASUREMENTS[name](Path(tmp), args))
+    print_results(args.names, results)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(procs.run_main(main, "the benchmark"))

@@ -44,7 +44,7 @@ class Reply:
     text: str
 
     def __str__(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
+        return f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
 
     @property
     def temporary(self) -> bool:

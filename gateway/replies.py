@@ -57,6 +57,10 @@ NO_NUMBER_IN_SUBJECT = Reply(
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients in one message (limit {limit}); send the rest in another message")
 
 STATUS_RECIPIENT_OK = Reply(250, "2.1.5", "Status address OK")
+STATUS_ONLY_LISTENER = Reply(550, "5.7.1", "<{address}> is not a status address; this listener takes status mail only")
+NULL_SENDER_NO_FAX = Reply(550, "5.7.1", "The null sender <> cannot send faxes")
+STATUS_KEPT = Reply(250, "2.0.0", "Kept for review: not recognised as a status mail (see faxgw unmatched)")
+STATUS_APPLIED = Reply(250, "2.0.0", "Status report {outcome}{for_job}")
 MIXED_KINDS = Reply(
     452, "4.5.3", "Status mail and faxes cannot share one message; send the rest in another message"
 )
@@ -79,6 +83,15 @@ DUPLICATE_FAX = Reply(
     550, "5.7.1", "Duplicate fax: the same documents went to {number} as job {code} at {at} {zone}, less than"
     " {window} ago; not sent again"
 )
+
+# --- the protocol (aiosmtpd's wording, with enhanced codes where it had none) ---
+
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+DATA_SYNTAX = Reply(501, "5.5.4", "Syntax: DATA")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+VRFY_UNREADABLE = Reply(502, "5.5.2", "Could not VRFY that address")
+MAIL_OK = Reply(250, "", "OK")
 
 # --- the session ---
 
@@ -127,6 +140,11 @@ STORE_FAILED = Reply(451, "4.3.0", "Local error while storing the message; it wa
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
 
 
+def fill(reply: Reply, **values: object) -> Reply:
+    """The reply with its placeholders filled in."""
+    return Reply(reply.code, reply.enhanced, reply.text.format(**values))
+
+
 def refuse(reply: Reply, check: str, **values: object) -> Refusal:
     """A refusal by the check named `check` (a bounded label for logs and metrics), its placeholders filled in."""
-    return Refusal(Reply(reply.code, reply.enhanced, reply.text.format(**values)), check)
+    return Refusal(fill(reply, **values), check)

@@ -14,17 +14,18 @@ import logging
 import signal
 import sqlite3
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from gateway import store
 from gateway.ops import maintenance
 from gateway.config import SANDBOX_FEED_ACCOUNT, Settings
-from gateway.errors import ConfigError, StoreError
+from gateway.errors import ConfigError
 from gateway.outbound.forward import Forwarder
 from gateway.http.guard import DescriptorBudget, raise_descriptor_limit
-from gateway.outbound.intake import Intake, Role, smtp_factory
+from gateway.outbound.intake import Intake
+from gateway.outbound.smtpserver import Role, smtp_factory
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.health import health_report

@@ -48,7 +48,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import store
-from gateway.outbound import intake, mime, tnef
+from gateway.outbound import mime, tnef
+from gateway.outbound.smtpserver import has_long_line
 from gateway.models import Channel, FaxNumber, NewMessage, Recipient, Refusal, StatusReport
 from gateway.outbound.policy import SUBJECT_MAILBOX, Policy
 from gateway.rules import load_addressing
@@ -770,7 +771,7 @@ def test_inspect_never_raises_and_the_forwarder_unwraps_what_the_intake_accepted
 def test_the_long_line_check_finds_exactly_the_lines_over_the_limit(lines, limit, final_crlf):
     data = b"\r\n".join(lines) + (b"\r\n" if final_crlf and lines else b"")
     expected = bool(data) and max(map(len, data.split(b"\r\n"))) > limit
-    assert intake._has_long_line(data, limit) == expected
+    assert has_long_line(data, limit) == expected
 
 
 @FAST

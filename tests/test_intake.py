@@ -903,3 +903,12 @@ async def test_refused_messages_are_not_forwarded(gateway, sandbox, connect):
     await asyncio.sleep(0.3)  # give a wrongly queued message time to arrive as well
     assert [f.code for f in sandbox.faxes] == [code]
     assert fax.code == code
+
+
+def test_the_protocol_fork_mirrors_the_installed_aiosmtpd():
+    """gateway/outbound/smtpserver.py copies and extends methods of one aiosmtpd version: an upgrade must read it."""
+    import aiosmtpd
+
+    from gateway.outbound.smtpserver import AIOSMTPD_MIRRORED
+
+    assert aiosmtpd.__version__ == AIOSMTPD_MIRRORED

@@ -686,12 +686,16 @@ async def test_parallel_guesses_for_one_user_get_454_beyond_two_at_a_time(gatewa
     assert_reply(await clients[0].command(auth_plain()), 235, "2.7.0")
 
 
-async def test_two_guessing_connections_do_not_lock_the_user_out(gateway, connect, users):
+async def test_two_guessing_connections_do_not_lock_the_user_out(gateway, connect, users, caplog):
+    caplog.set_level(logging.INFO, logger="faxgw")
     gw = await gateway(smtp={**AUTH_LISTENER, "users": users},
-                       limits={"auth_failure_delay": 3, "auth_failure_delay_max": 3})
+                       limits={"auth_failure_delay": 5, "auth_failure_delay_max": 5})
     guessers = [await connect(gw.port) for _ in range(2)]
     pending = [asyncio.ensure_future(g.command(auth_plain(password=f"guess-{n}"))) for n, g in enumerate(guessers)]
-    await asyncio.sleep(0.5)  # both guesses are checked and now wait out their delay
+    for _ in range(100):  # both guesses are checked and now wait out their delay
+        if caplog.text.count("result=failed") == 2:
+            break
+        await asyncio.sleep(0.05)
     assert_reply(await (await connect(gw.port)).command(auth_plain()), 235, "2.7.0")
     for answer in await asyncio.gather(*pending):
         assert_refused(answer, 535, "5.7.8")

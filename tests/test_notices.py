@@ -10,7 +10,7 @@ import pytest
 from conftest import codes_in, fax_message
 
 from gateway import store
-from gateway.outbound.intake import NullSenderSMTP
+from gateway.outbound.smtpserver import NullSenderSMTP
 from gateway.models import NULL_SENDER
 
 pytestmark = pytest.mark.timeout(60)

@@ -2,27 +2,31 @@
 
 `backup` and `purge` work while `faxgw serve` runs; `restore` refuses to.
 Errors are one line (gateway.cli.main.main turns GatewayError into `faxgw:
-error: ...`). This module does not import gateway.cli.main (which adds these
-commands), so either may be imported first; commands receive cli.py's
-Context as click's `obj`.
+error: ...`). gateway/cli/main.py adds these commands to the group; they
+receive its Context as click's `obj`, and this module imports it for typing
+only, so either may be imported first.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
+from gateway.cli.table import human_size
 from gateway.units import format_duration
+
+if TYPE_CHECKING:
+    from gateway.cli.main import Context
 
 
 @click.command()
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="Replace PATH if it exists.")
 @click.pass_obj
-def backup(obj: Any, path: Path, force: bool) -> None:
+def backup(obj: Context, path: Path, force: bool) -> None:
     """Copy the store to PATH, consistently, also while `faxgw serve` runs.
 
     The copy is readable by its owner only (mode 0600). Put it back with
@@ -44,7 +48,7 @@ def backup(obj: Any, path: Path, force: bool) -> None:
 @click.command()
 @click.argument("source", metavar="BACKUP", type=click.Path(dir_okay=False, path_type=Path))
 @click.pass_obj
-def restore(obj: Any, source: Path) -> None:
+def restore(obj: Context, source: Path) -> None:
     """Put a backup in place of the store; refused while `faxgw serve` runs.
 
     Every job not finished in the backup becomes `held`, with an event that
@@ -79,7 +83,7 @@ def restore(obj: Any, source: Path) -> None:
 @click.option("--dry-run", is_flag=True, help="Only show what would be purged.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def purge(obj: Any, dry_run: bool, as_json: bool) -> None:
+def purge(obj: Context, dry_run: bool, as_json: bool) -> None:
     """Purge message bodies and raw status mails older than [retention] period, now.
 
     Bodies go once every job of the message is final (delivered, failed,
@@ -124,12 +128,3 @@ def purge(obj: Any, dry_run: bool, as_json: bool) -> None:
         click.echo(f"{'space given back:':22} {human_size(result.freed)}")
     for copy in result.copies:
         click.echo(f"{'old copy of the store:':22} {copy} {'would be removed' if dry_run else 'removed'}")
-
-
-def human_size(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{size} B"

@@ -5,8 +5,9 @@ GreenFax's minimum interval is kept in the store, so a manual poll and the
 service's poller never come closer than [feed] min_interval. Errors are one
 line (gateway.cli.main.main turns GatewayError into `faxgw: error: ...`).
 
-This module does not import gateway.cli.main (which adds this group), so either
-may be imported first; commands receive cli.py's Context as click's `obj`.
+gateway/cli/main.py adds this group; its commands receive main.py's Context
+as click's `obj`, and this module imports it for typing only, so either may
+be imported first.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from gateway import store
+from gateway.cli.table import table
 from gateway.config import Settings
 from gateway.errors import ConfigError, FeedPollRefused, GatewayError
 
 if TYPE_CHECKING:
+    from gateway.cli.main import Context
     from gateway.status.feedstate import PollResult
 
 # The feed's own modules are imported by the commands that use them: every faxgw command imports this one.
@@ -39,7 +42,7 @@ def feed() -> None:
 
 @feed.command()
 @click.pass_obj
-def poll(obj: Any) -> None:
+def poll(obj: Context) -> None:
     """Poll the feed now if GreenFax's minimum interval allows it, else say exactly when it will.
 
     Exits non-zero when it did not poll or the poll failed.
@@ -81,7 +84,7 @@ async def _poll_once(settings: Settings) -> PollResult:
 @feed.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def status(obj: Any, as_json: bool) -> None:
+def status(obj: Context, as_json: bool) -> None:
     """The last poll, its window, the rows it saw, and when the next poll is allowed.
 
     \b
@@ -126,26 +129,22 @@ def status(obj: Any, as_json: bool) -> None:
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100000), help="At most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 @click.pass_obj
-def foreign(obj: Any, limit: int, as_json: bool) -> None:
+def foreign(obj: Context, limit: int, as_json: bool) -> None:
     """Feed rows of faxes not sent through this gateway (another sender, or no job matches), newest first.
 
     \b
     Example:
       faxgw feed foreign --limit 20
     """
-    from gateway.store import feedlog as feed_db
+    from gateway import store
 
-    rows = feed_db.foreign_rows(obj.read_store(), limit=limit)
+    rows = store.foreign_rows(obj.read_store(), limit=limit)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     columns = [("id", "ID"), ("received_at", "RECEIVED"), ("reference_id", "JOB ID"), ("number", "NUMBER"),
                ("result_text", "STATUS"), ("reported_at", "TIME"), ("note", "NOTE")]
-    cells = [[title for _key, title in columns]]
-    cells += [["-" if row.get(key) is None else str(row[key]) for key, _title in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    for line in cells:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    click.echo(table(rows, columns))
 
 
 def _iso(moment: Any) -> str | None:

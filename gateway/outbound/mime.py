@@ -26,7 +26,6 @@ from email.message import Message, MIMEPart
 
 from gateway.outbound import tnef
 from gateway.models import Attachment, MessageFacts, Refusal, Reply
-from gateway.errors import TnefError
 
 # Headers the forwarded copy does not carry over: the addressing is replaced,
 # and a signature over the changed headers would only fail verification.

@@ -10,7 +10,6 @@ sender, so it can never cause a bounce loop, and never to a null sender.
 
 from __future__ import annotations
 
-import asyncio
 import email.policy
 import email.utils
 import logging

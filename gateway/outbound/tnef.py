@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import tnefparse
 
-from gateway.errors import GatewayError, TnefError
+from gateway.errors import TnefError
 from gateway.models import MessageFacts, Refusal, Reply
 
 # tnefparse logs every oddity of a damaged file (at WARNING and ERROR); the

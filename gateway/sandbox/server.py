@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from PIL import Image
 from pypdf import PdfReader
 
-from gateway.outbound.intake import NullSenderSMTP
+from gateway.outbound.smtpserver import NullSenderSMTP
 from gateway.logs import log_event
 from gateway.models import NULL_SENDER
 

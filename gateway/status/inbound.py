@@ -26,15 +26,20 @@ import email.policy
 import email.utils
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from email.message import Message
+from typing import Any
 
 import dkim
 
+from gateway import replies
 from gateway.config import Settings, in_networks
+from gateway.errors import StoreError, StoreFull
 from gateway.logs import log_event
 from gateway.metrics import Metrics
-from gateway.models import Channel, Reply, StatusReport, Trust
+from gateway.models import Channel, Refusal, Reply, StatusReport, Trust
+from gateway.replies import refuse
 from gateway.status.batches import Gathered
 from gateway.status.correlate import (
     CorrelationPolicy,
@@ -256,10 +261,61 @@ def _within(domain: str, parent: str) -> bool:
     return domain == parent or domain.endswith("." + parent)
 
 
+class StatusHandler:
+    """The SMTP side of status mail: what a listener that takes status mail does with its status recipients.
+
+    Asked by the intake's handler (gateway/outbound/intake.py) for every
+    recipient on such a listener: a status address is taken here (within
+    `[status] max_recipients`, never beside a fax), and at DATA the mail is
+    understood, correlated and stored before the 250, within the client's
+    `[status] max_messages_per_minute`. `limits` is the intake's quota keeper
+    and `log_refusal` its one way of logging a refusal.
+    """
+
+    def __init__(self, status: StatusMail, writer: Writer, *, limits: Any,
+                 log_refusal: Callable[..., None]) -> None:
+        self.status = status
+        self.writer = writer
+        self.limits = limits
+        self.log_refusal = log_refusal
+
+    def takes(self, address: str) -> bool:
+        return self.status.is_status_address(address)
+
+    def take_recipient(self, envelope: Any, address: str) -> Refusal | None:
+        limit = self.status.settings.status.max_recipients
+        if envelope.fax_recipients:
+            return refuse(replies.MIXED_KINDS, "mixed")
+        if len(envelope.status_recipients) >= limit:
+            return refuse(replies.TOO_MANY_RECIPIENTS, "recipients", limit=limit)
+        envelope.rcpt_tos.append(address)
+        envelope.status_recipients.append(address)
+        return None
+
+    async def receive(self, server: Any, session: Any, envelope: Any) -> str:
+        """Mail to a status address: parsed, correlated and stored before the 250, never faxed."""
+        client = session.peer[0] if session.peer else "?"
+        refusal = self.limits.take_status_message(client)
+        if refusal is not None:
+            self.log_refusal(session, refusal, stage="data", sender=envelope.mail_from or "")
+            return str(refusal.reply)
+        try:
+            outcome, verdict = await receive(self.status, self.writer, envelope.content, channel=Channel.SMTP,
+                                             envelope_rcpts=tuple(envelope.status_recipients), client=client)
+        except StoreFull:
+            return str(replies.STORE_FULL)
+        except StoreError as exc:
+            log.error("store write failed: %s", exc)
+            return str(replies.STORE_FAILED)
+        server.junk_commands = server.errors = 0  # an accepted message: an MX's RSET between mails is no junk
+        return str(status_reply(outcome, verdict))
+
+
 def status_reply(outcome: Outcome, verdict: Verdict) -> Reply:
     if verdict.kind == "unrecognised":
-        return Reply(250, "2.0.0", "Kept for review: not recognised as a status mail (see faxgw unmatched)")
-    return Reply(250, "2.0.0", f"Status report {outcome.kind}{' for ' + outcome.job_code if outcome.job_code else ''}")
+        return replies.STATUS_KEPT
+    return replies.fill(replies.STATUS_APPLIED, outcome=outcome.kind,
+                        for_job=f" for {outcome.job_code}" if outcome.job_code else "")
 
 
 async def receive(status: StatusMail, writer: Writer, raw: bytes, *, channel: Channel,

@@ -10,8 +10,6 @@ import base64
 import secrets
 import sqlite3
 from collections.abc import Iterable
-from datetime import timedelta
-from typing import Any
 
 from gateway.errors import InvalidTransition, UnknownJob
 from gateway.models import ClaimedJob, JobDetail, JobState, JobSummary, NewMessage

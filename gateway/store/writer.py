@@ -14,7 +14,6 @@ fsynced to the WAL first (synchronous=FULL).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import sqlite3
 import threading

@@ -6,7 +6,6 @@ CLI and the API turn it into their own one-line error.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -77,15 +76,10 @@ def parse_number(value: str | None, region: str) -> str | None:
     """Any common notation of a number, in E.164, without the intake's refusals: past jobs stay findable."""
     if not value:
         return None
-    import phonenumbers  # here: `faxgw status` without --number does without its import time
+    # Imported here: `faxgw status` without --number does without phonenumbers' import time.
+    from gateway.numbers import NotANumber, read_number
 
-    problem = "expected a fax number such as \"+1 212 555 0123\" or 12125550123"
-    if not re.fullmatch(r"\+?[0-9 ()./-]+", value):
-        raise FilterError("number", f"{value!r}: {problem}")
-    try:
-        parsed = phonenumbers.parse(value, region)
-    except phonenumbers.NumberParseException:
-        raise FilterError("number", f"{value!r}: {problem}") from None
-    if not phonenumbers.is_valid_number(parsed):
-        raise FilterError("number", f"{value!r} is not a valid phone number")
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    number = read_number(value, region)
+    if isinstance(number, NotANumber):
+        raise FilterError("number", number.message)
+    return number.e164

@@ -11,9 +11,9 @@ import tomllib
 from importlib import resources
 from typing import Any, Literal
 
-import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gateway import numbers
 from gateway.errors import ConfigError
 
 RULES_PACKAGE = "gateway.shipped_rules"
@@ -53,7 +53,7 @@ class NumberRules(_Table):
     @field_validator("default_region")
     @classmethod
     def _region(cls, value: str) -> str:
-        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+        if value.upper() not in numbers.REGIONS:
             raise ValueError("expected an ISO 3166 region code known to phonenumbers, e.g. \"US\" or \"DE\"")
         return value.upper()
 
@@ -61,7 +61,7 @@ class NumberRules(_Table):
     @classmethod
     def _types(cls, value: list[str]) -> list[str]:
         for name in value:
-            if not hasattr(phonenumbers.PhoneNumberType, name):
+            if name not in numbers.KINDS:
                 raise ValueError(f"{name!r} is not a phonenumbers number type (e.g. PREMIUM_RATE)")
         return value
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import phonenumbers
-from phonenumbers import NumberParseException, PhoneNumberType
 
 from gateway import replies
 from gateway.replies import refuse
 from gateway.config import Settings, in_networks
-from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal, Reply
+from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal
+from gateway.numbers import NotANumber, read_number, region_of
 from gateway.rules import AddressingRules
 
 # The separators people write in numbers; the subject pattern of the rules admits the same.
@@ -108,7 +107,7 @@ class Policy:
         return Recipient(address, number)
 
     def parse_number(self, text: str, *, international: bool, address: str) -> FaxNumber | Refusal:
-        """Validate and normalise one fax number to E.164 with phonenumbers."""
+        """Validate and normalise one fax number to E.164 (gateway/numbers.py)."""
         rules = self.rules.numbers
         compact = text.replace(" ", "")
         if not compact or not _NUMBER_CHARS.match(compact) or not compact.isascii():
@@ -117,34 +116,31 @@ class Policy:
         digits = re.sub(r"[()./\-]", "", compact)
         if international and not digits.startswith("+"):
             digits = "+" + digits
-        try:
-            parsed = phonenumbers.parse(digits, rules.default_region)
-        except NumberParseException as exc:
-            return refuse(replies.BAD_NUMBER, "number-invalid", address=address,
-                          problem=f"not a fax number ({exc.args[0] if exc.args else exc})")
-        if not phonenumbers.is_valid_number(parsed):
-            hint = " (write the country code first, e.g. 12125550123)" if international else ""
-            return refuse(replies.BAD_NUMBER, "number-invalid", address=address,
-                          problem=f"{digits} is not a valid phone number{hint}")
-        e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-        if parsed.country_code in rules.refused_country_codes:
+        number = read_number(digits, rules.default_region)
+        if isinstance(number, NotANumber):
+            if number.reason is not None:
+                problem = f"not a fax number ({number.reason})"
+            else:
+                hint = " (write the country code first, e.g. 12125550123)" if international else ""
+                problem = f"{digits} is not a valid phone number{hint}"
+            return refuse(replies.BAD_NUMBER, "number-invalid", address=address, problem=problem)
+        e164 = number.e164
+        if number.country_code in rules.refused_country_codes:
             return refuse(replies.NUMBER_REFUSED, "number-satellite", address=address,
                           problem=f"{e164} is a satellite or non-geographic number; faxes to it are refused")
-        kind = phonenumbers.number_type(parsed)
-        refused_types = {getattr(PhoneNumberType, name): name for name in rules.refused_types}
-        if kind in refused_types:
-            label = refused_types[kind].lower().replace("_", "-")
+        if number.kind in rules.refused_types:
+            label = number.kind.lower().replace("_", "-")
             return refuse(replies.NUMBER_REFUSED, "number-type", address=address,
                           problem=f"{e164} is a {label} number; faxes to it are refused")
-        region = phonenumbers.region_code_for_number(parsed)
-        if region != rules.default_region and not rules.allow_international:
+        if number.region != rules.default_region and not rules.allow_international:
             return refuse(replies.NUMBER_REFUSED, "number-international", address=address,
-                          problem=f"{e164} is international ({region}); international faxes are not allowed here")
+                          problem=f"{e164} is international ({number.region}); international faxes are not"
+                                  " allowed here")
         return FaxNumber(e164)
 
     def foreign_region(self, number: FaxNumber) -> str | None:
         """The region of a number outside the default region (an international fax), else None."""
-        region = phonenumbers.region_code_for_number(phonenumbers.parse(number.e164))
+        region = region_of(number.e164)
         return None if region == self.rules.numbers.default_region else region
 
     def number_from_subject(self, subject: str, address: str) -> FaxNumber | Refusal:

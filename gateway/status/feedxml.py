@@ -39,8 +39,8 @@ from xml.parsers import expat
 
 import defusedxml
 
-from gateway.errors import FeedRefused, FeedUnavailable, GatewayError
-from gateway.status.mailrules import normalise_number
+from gateway.errors import FeedRefused, FeedUnavailable
+from gateway.numbers import normalise_number
 from gateway.status.report import dedup_key, parse_time
 from gateway.models import Channel, Result, StatusReport, Trust
 
@@ -85,7 +85,7 @@ def parse_feed(body: bytes, zone: tzinfo) -> list[FeedRow]:
 
 def read_rows(elements: list[ET.Element], zone: tzinfo) -> list[FeedRow]:
     """The <fax> elements (from fax_elements) as rows; the poller reads them a chunk at a time."""
-    return [row_report(_fields(element), _raw(element), zone) for element in elements]
+    return [row_report(_fields(element), row_xml(element), zone) for element in elements]
 
 
 def fax_elements(body: bytes) -> list[ET.Element]:
@@ -191,7 +191,7 @@ def _key(tag: object) -> str:
     return _NOT_KEY.sub("", text.lower())
 
 
-def _raw(element: ET.Element) -> str:
+def row_xml(element: ET.Element) -> str:
     """ET.tostring(element, encoding="unicode"), written directly for a row of plain fields.
 
     A row without namespaces or attributes whose children hold text only is

@@ -5,7 +5,7 @@ FIELD-NOTES); Python's email parser reads them, and as a last resort the raw
 bytes are read as text. A status mail is never lost to a parse error.
 
 A plain mail (ASCII only, no encoded words, simple addresses, text parts
-only, no defects: what a status service sends) is read by `_quick()`, which
+only, no defects: what a status service sends) is read by `quick_reading()`, which
 gives exactly the ParsedMail mail-parser's reading gives (tests/test_mailparse.py
 compares the two on the shared corpus and on generated mails) without
 mail-parser's forensic work (Received and Date analysis, attachment
@@ -105,14 +105,14 @@ def _decode(payload: bytes, charset: str | None) -> str:
 def parse_mail(raw: bytes) -> ParsedMail:
     """Parse any bytes into a ParsedMail; never raises."""
     try:
-        quick = _quick(raw)
+        quick = quick_reading(raw)
     except Exception as exc:  # the quick reading only declines; a surprise here must not lose the mail
         log.debug("the quick reading failed (%s); using mail-parser", type(exc).__name__)
         quick = None
     if quick is not None:
         return quick
     try:
-        return _with_mailparser(raw)
+        return with_mailparser(raw)
     except Exception as exc:
         log.debug("mail-parser failed (%s); using the email package", type(exc).__name__)
     try:
@@ -122,7 +122,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
     return ParsedMail(raw=raw, text=_lines(raw.decode("utf-8", "replace")), parser="raw")
 
 
-def _with_mailparser(raw: bytes) -> ParsedMail:
+def with_mailparser(raw: bytes) -> ParsedMail:
     parsed = mailparser.parse_from_bytes(raw)
     headers = {str(k).lower(): str(v) for k, v in (parsed.headers or {}).items()}
     from_addr = parsed.from_[0][1] if parsed.from_ else ""
@@ -142,7 +142,7 @@ _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 _MAILBOX = re.compile(rf"(?:([A-Za-z0-9]+(?: [A-Za-z0-9]+)*) <({_ADDRESS})>|<({_ADDRESS})>|({_ADDRESS}))")
 
 
-def _quick(raw: bytes) -> ParsedMail | None:
+def quick_reading(raw: bytes) -> ParsedMail | None:
     """mail-parser's reading of a plain mail, or None when the mail is anything but plain."""
     if not raw.isascii():
         return None

@@ -25,18 +25,17 @@ import email.policy
 import re
 import tomllib
 from dataclasses import dataclass
-from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import phonenumbers
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.outbound import mime
 from gateway.config import check_zone
 from gateway.errors import ConfigError
+from gateway.numbers import normalise_number
 from gateway.status.mailparse import ParsedMail
 from gateway.status.report import dedup_key, parse_time
 from gateway.models import REASONS, Channel, Result, StatusReport, Trust
@@ -352,59 +351,6 @@ def _result(compiled: Compiled, text: str | None) -> tuple[Result | None, str | 
 
 def _reason(compiled: Compiled, text: str) -> str | None:
     return next((reason for pattern, reason in compiled.reasons if pattern.fullmatch(text.strip())), None)
-
-
-@lru_cache(maxsize=4096)
-def normalise_number(text: str | None) -> str | None:
-    """GreenFax writes numbers with their country code; store them in E.164.
-
-    Cached: the same numbers come back in every channel's report (and, in an
-    office, fax after fax), and phonenumbers takes a while over each.
-    """
-    if not text:
-        return None
-    digits = _NOT_DIGIT.sub("", text)
-    if not digits:
-        return None
-    if _plainly_e164(digits):
-        return "+" + digits
-    try:
-        parsed = phonenumbers.parse("+" + digits.removeprefix("00"))
-    except phonenumbers.NumberParseException:
-        return "+" + digits
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
-
-
-_NOT_DIGIT = re.compile(r"[^0-9]")
-
-
-def _plainly_e164(digits: str) -> bool:
-    """Whether phonenumbers would give "+" + digits back, known without its full parse.
-
-    It gives back something else only for a number it reads (a known country
-    code, then a national number) whose national number starts with that
-    country's national prefix (the 0 of +44 020...), which it removes. Any
-    other number comes back as it is: unchanged when it is read, or as
-    "+" + digits when it cannot be read at all. Numbers starting with 0 (or
-    00) take the full parse.
-    """
-    if digits[0] == "0":
-        return False
-    for length in (1, 2, 3):  # phonenumbers tries the shortest country code first
-        code = int(digits[:length])
-        if code in phonenumbers.COUNTRY_CODE_TO_REGION_CODE:
-            prefix = _national_prefix(code)
-            return prefix is None or prefix.match(digits[length:]) is None
-    return True  # no country code: phonenumbers cannot read it
-
-
-@cache
-def _national_prefix(code: int) -> re.Pattern[str] | None:
-    """The pattern phonenumbers strips from the start of a national number of this country code, if any."""
-    region = phonenumbers.region_code_for_country_code(code)
-    metadata = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(code, region)
-    prefix = metadata.national_prefix_for_parsing if metadata is not None else None
-    return re.compile(prefix) if prefix else None
 
 
 def _int(text: str | None) -> int | None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from urllib.parse import quote_plus
+from urllib.parse import urlencode
 
-from gateway.status.mailrules import normalise_number
+from gateway.numbers import normalise_number
 from gateway.status.report import dedup_key, parse_time
 from gateway.models import Channel, Result, StatusReport, Trust
 from gateway.errors import MissingParameters
@@ -48,7 +48,7 @@ def notify_report(query: Mapping[str, str], *, trusted: bool) -> StatusReport:
         raise MissingParameters("missing " + " and ".join(missing))
     result, reason = RESULTS.get(_NOT_LETTER.sub("", values["result"].lower()), (None, None))
     # The raw call, in a canonical order, is both what is kept and what identifies a repeat.
-    raw = _urlencode(sorted((k, v) for k, v in values.items()))
+    raw = urlencode(sorted((k, v) for k, v in values.items()))
     return StatusReport(
         channel=Channel.NOTIFY, trust=Trust.TRUSTED if trusted else Trust.AUTHENTIC, raw=raw, result=result, result_text=values["result"],
         reason=reason, fax_number=normalise_number(values.get("destination")), pages=_int(values.get("pages")),
@@ -62,16 +62,6 @@ def notify_report(query: Mapping[str, str], *, trusted: bool) -> StatusReport:
 
 
 _NOT_LETTER = re.compile(r"[^a-z]")
-_URL_SAFE = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote_plus leaves as it is (urllib's always-safe characters)
-
-
-def _urlencode(pairs: list[tuple[str, str]]) -> str:
-    """urllib.parse.urlencode(pairs), without quote_plus's cost for the values that need no quoting."""
-    return "&".join(f"{_quote(key)}={_quote(value)}" for key, value in pairs)
-
-
-def _quote(text: str) -> str:
-    return text if _URL_SAFE.fullmatch(text) else quote_plus(text)
 
 
 def _int(text: str | None) -> int | None:

@@ -48,7 +48,7 @@ def _parse_time(text: str, formats: list[str], default_zone: tzinfo) -> datetime
         text = _ZONE_WORD.sub("", text[: offset.start()].strip())
     for fmt in formats:
         try:
-            moment = _plain(text.strip()) if fmt == _PLAIN_FORMAT else None
+            moment = plain_time(text.strip()) if fmt == _PLAIN_FORMAT else None
             moment = moment or datetime.strptime(text.strip(), fmt)
         except ValueError:
             continue
@@ -60,7 +60,7 @@ def _parse_time(text: str, formats: list[str], default_zone: tzinfo) -> datetime
     return (moment if moment.tzinfo else moment.replace(tzinfo=zone)).astimezone(UTC)
 
 
-def _plain(text: str) -> datetime | None:
+def plain_time(text: str) -> datetime | None:
     """datetime.strptime(text, "%Y-%m-%d %H:%M:%S") for text in exactly that shape, without strptime's cost;
     None for anything else (strptime then decides, as before)."""
     match = _PLAIN_TIME.fullmatch(text)

@@ -55,7 +55,7 @@ class MissingParameters(BadInput):
 
 
 class TnefError(GatewayError):
-    """A winmail.dat cannot be unwrapped; `kind` is "damaged", "empty" or "layout" (a key of tnef.REPLIES)."""
+    """A winmail.dat cannot be unwrapped; `kind` is "damaged", "empty" or "layout" (a key of replies.WINMAIL_REFUSED)."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)

@@ -140,6 +140,20 @@ STORE_FAILED = Reply(451, "4.3.0", "Local error while storing the message; it wa
 INTERNAL_ERROR = Reply(451, "4.3.0", "Local error in processing; try again later")
 
 
+MIME_UNREADABLE = Reply(554, "5.6.0", "The message cannot be read as MIME ({problem}); attach the documents to a"
+                                      " plain message")
+_WINMAIL_FIX = ("send the email as HTML or plain text (Outlook: File > Options > Mail > Compose messages in"
+                " HTML format) so the documents are attached as they are")
+WINMAIL_REFUSED = {  # by the kind of tnef.TnefError
+    "damaged": Reply(554, "5.6.3", "The attachment winmail.dat (Outlook Rich Text) is damaged and its documents"
+                                   f" cannot be read: {_WINMAIL_FIX}"),
+    "empty": Reply(554, "5.6.3", "The attachment winmail.dat (Outlook Rich Text) holds no document to fax:"
+                                 f" {_WINMAIL_FIX}"),
+    "layout": Reply(554, "5.6.3", "The attachment winmail.dat (Outlook Rich Text) cannot be unwrapped in this"
+                                  f" message: {_WINMAIL_FIX}"),
+}
+
+
 def fill(reply: Reply, **values: object) -> Reply:
     """The reply with its placeholders filled in."""
     return Reply(reply.code, reply.enhanced, reply.text.format(**values))

@@ -7,7 +7,7 @@ import email.policy
 
 from conftest import ACCOUNT_SENDER, NUMBER, codes_in, fax_message, pdf_bytes
 
-from gateway.outbound import mime
+from gateway.outbound import mimeparse
 
 
 async def test_pdf_fax_is_forwarded_with_body_bytes_unchanged(gateway, sandbox):
@@ -26,7 +26,7 @@ async def test_pdf_fax_is_forwarded_with_body_bytes_unchanged(gateway, sandbox):
     assert len(secret) == 16 and fax.envelope_sender == f"fax-bounce+{code}.{secret}@gw.office.example"
     assert fax.number == NUMBER
     # Body bytes as received, headers rewritten as DESIGN.md says.
-    assert mime.split(fax.raw)[1] == mime.split(original)[1]
+    assert mimeparse.split(fax.raw)[1] == mimeparse.split(original)[1]
     forwarded = email.message_from_bytes(fax.raw, policy=email.policy.default)
     assert forwarded["From"] == ACCOUNT_SENDER
     assert forwarded["Reply-To"] == "erp@legacy.example"

@@ -47,8 +47,8 @@ from conftest import ACCOUNT_SENDER, NUMBER, SandboxServer, codes_in, fax_messag
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway import store
-from gateway.outbound import mime, tnef
+from gateway import replies, store
+from gateway.outbound import mime, mimeparse, tnef, winmail
 from gateway.outbound.smtpserver import has_long_line
 from gateway.models import Channel, FaxNumber, NewMessage, Recipient, Refusal, StatusReport
 from gateway.outbound.policy import SUBJECT_MAILBOX, Policy
@@ -757,9 +757,9 @@ def test_inspect_never_raises_and_the_forwarder_unwraps_what_the_intake_accepted
     refusal = mime.refusal(facts)
     assert refusal is None or (refusal.reply.code == 554 and refusal.check in ("tnef", "mime"))
     try:
-        unwrapped = mime.unwrap_tnef(raw)
+        unwrapped = winmail.unwrap_tnef(raw)
     except tnef.TnefError as exc:
-        assert exc.kind in tnef.REPLIES
+        assert exc.kind in replies.WINMAIL_REFUSED
         assert refusal is not None, f"the intake would accept what the forwarder cannot unwrap: {exc}"
     else:
         assert unwrapped is None or unwrapped.documents > 0
@@ -781,16 +781,16 @@ def test_delimiter_lines_are_found_exactly_where_a_multiline_regex_finds_them(ra
     start, end = sorted(min(c, len(raw)) for c in cut)
     regex = re.compile(rb"(?m)^--b(--)?[ \t]*(?:\r\n|\r|\n|\Z)")
     expected = [(m.start(), m.end(), bool(m[1])) for m in regex.finditer(raw, start, end)]
-    assert list(mime._delimiters(raw, start, end, b"--b")) == expected
+    assert list(mimeparse.delimiters(raw, start, end, b"--b")) == expected
 
 
 def test_a_body_full_of_delimiter_lookalikes_is_not_read_on_the_event_loop():
     """inspect_inline() and the forwarder's check give up (a worker thread reads it); inspect() still answers."""
     lookalikes = (b"Content-Type: multipart/mixed; boundary=\"x\"\r\nMIME-Version: 1.0\r\n\r\n"
                   + b"--xy\r\n" * 5000 + b"--x\r\nContent-Type: text/plain\r\n\r\nhello\r\n--x--\r\n")
-    assert mime.inspect_inline(lookalikes) is None and not mime.without_winmail(lookalikes)
+    assert mime.inspect_inline(lookalikes) is None and not winmail.without_winmail(lookalikes)
     assert mime.inspect(lookalikes) == mime.inspect(lookalikes, quick=False)
-    assert mime.without_winmail(fax_message())
+    assert winmail.without_winmail(fax_message())
 
 
 def tree(message) -> list[tuple]:
@@ -805,7 +805,7 @@ def tree(message) -> list[tuple]:
 def test_the_quick_parse_reads_every_message_as_the_email_package_does(raw):
     raw = re.sub(rb"\r?\n|\r", b"\r\n", raw)  # as the intake stores it
     full = email.message_from_bytes(raw, policy=email.policy.compat32)
-    assert tree(mime.parse(raw)) == tree(full)
+    assert tree(mimeparse.parse(raw)) == tree(full)
     assert mime.inspect(raw) == mime.inspect(raw, quick=False)
     assert mime.inspect_inline(raw) in (None, mime.inspect(raw))
 
@@ -813,15 +813,15 @@ def test_the_quick_parse_reads_every_message_as_the_email_package_does(raw):
 def test_the_quick_parse_is_taken_for_an_ordinary_fax_and_not_for_broken_mime():
     """The property above is not vacuous: the quick path really reads ordinary faxes (and only those)."""
     ordinary = fax_message()
-    quick = mime._quick_entity(ordinary, 0, len(ordinary), 0)
+    quick = mimeparse.quick_entity(ordinary, 0, len(ordinary), 0)
     assert quick.is_multipart() and tree(quick) == tree(email.message_from_bytes(ordinary,
                                                                                  policy=email.policy.compat32))
     assert mime.inspect_inline(ordinary) == mime.inspect(ordinary, quick=False)
     assert mime.inspect_inline(b"Subject: x\r\n" * 5000 + b"\r\nbody\r\n") is None  # over its budget: a thread
     unclosed = ordinary[:ordinary.rindex(b"--\r\n")] + b"\r\n"  # no closing delimiter
-    with pytest.raises(mime._Unusual):
-        mime._quick_entity(unclosed, 0, len(unclosed), 0)
-    assert tree(mime.parse(unclosed)) == tree(email.message_from_bytes(unclosed, policy=email.policy.compat32))
+    with pytest.raises(mimeparse.Unusual):
+        mimeparse.quick_entity(unclosed, 0, len(unclosed), 0)
+    assert tree(mimeparse.parse(unclosed)) == tree(email.message_from_bytes(unclosed, policy=email.policy.compat32))
 
 
 @settings(FAST, max_examples=150)

@@ -31,7 +31,7 @@ from conftest import NUMBER, RunningGateway, codes_in, fax_message, pdf_bytes
 from PIL import Image
 
 from gateway import store
-from gateway.outbound import mime
+from gateway.outbound import mimeparse
 from gateway.outbound.passwords import hash_password
 from gateway.sandbox.server import SandboxSMTP
 
@@ -256,7 +256,7 @@ async def assert_still_serving(client: Client) -> str:
 
 def body(raw: bytes) -> bytes:
     """A message's body bytes, from the blank line after the header on."""
-    return mime.split(raw)[1]
+    return mimeparse.split(raw)[1]
 
 
 # --- messages ------------------------------------------------------------------------------

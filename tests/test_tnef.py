@@ -3,7 +3,7 @@
 - tnef.documents(): real winmail.dat samples (tests/data/tnef, from
   tnefparse) and streams written here; damaged and hostile streams are
   refused quickly as damaged, never with another exception or a hang.
-- mime.unwrap_tnef(): the winmail.dat part is replaced by ordinary
+- unwrap_tnef(): the winmail.dat part is replaced by ordinary
   attachments, every other byte of the message stays as it was.
 - Over SMTP through a running gateway and the sandbox: the fax that arrives
   carries the documents, the job's history says so, the store keeps the
@@ -43,6 +43,7 @@ from conftest import NUMBER, codes_in, fax_message, pdf_bytes
 
 from gateway import store
 from gateway.outbound import forward, mime, tnef
+from gateway.outbound.winmail import Unwrapped, unwrap_tnef, without_winmail
 from gateway.models import MessageFacts
 from gateway.errors import TnefError
 
@@ -264,13 +265,13 @@ def test_the_corpus_winmail_dat_parts_hold_no_document():
     assert seen == 6
 
 
-# --- mime.unwrap_tnef and inspect -------------------------------------------------------------------
+# --- unwrap_tnef and inspect -------------------------------------------------------------------
 
 
 def test_unwrap_replaces_winmail_dat_by_attachments_and_keeps_every_other_byte():
     data, first, second = two_pdfs()
     raw = outlook_mail(data)
-    unwrapped = mime.unwrap_tnef(raw)
+    unwrapped = unwrap_tnef(raw)
     assert unwrapped is not None and unwrapped.documents == 2
     assert unwrapped.note == "winmail.dat unwrapped: 2 documents"
     # Up to the winmail.dat part and from its end on, the bytes are the client's.
@@ -282,8 +283,8 @@ def test_unwrap_replaces_winmail_dat_by_attachments_and_keeps_every_other_byte()
         ("text/plain", None), ("application/pdf", "Überweisung März.pdf"), ("application/pdf", "Befund.pdf")]
     assert [p.get_payload(decode=True) for p in leaves[1:]] == [first, second]
     assert not email.message_from_bytes(unwrapped.raw, policy=email.policy.default).defects
-    assert mime.unwrap_tnef(unwrapped.raw) is None
-    assert mime.unwrap_tnef(fax_message()) is None
+    assert unwrap_tnef(unwrapped.raw) is None
+    assert unwrap_tnef(fax_message()) is None
 
 
 def test_a_winmail_dat_under_an_encoded_name_and_a_generic_type_is_found_and_unwrapped():
@@ -292,7 +293,7 @@ def test_a_winmail_dat_under_an_encoded_name_and_a_generic_type_is_found_and_unw
     raw = outlook_mail(data, content_type=("application", "octet-stream"))
     raw = raw.replace(b'"winmail.dat"', b'"=?utf-8?b?d2lubWFpbC5kYXQ=?="')
     assert b"winmail.dat" not in raw.lower() and b"application/ms-tnef" not in raw.lower()
-    unwrapped = mime.unwrap_tnef(raw)
+    unwrapped = unwrap_tnef(raw)
     assert unwrapped is not None and unwrapped.documents == 2
     assert [p.get_payload(decode=True) for p in parts(unwrapped.raw)[1:]] == [first, second]
     facts = mime.inspect(raw)
@@ -316,12 +317,12 @@ def test_unwrap_finds_winmail_dat_in_nested_parts_and_as_a_whole_message():
     outer.add_attachment(email.message_from_bytes(whole.as_bytes(policy=email.policy.SMTP),
                                                   policy=email.policy.SMTP))
     raw = outer.as_bytes(policy=email.policy.SMTP)
-    unwrapped = mime.unwrap_tnef(raw)
+    unwrapped = unwrap_tnef(raw)
     assert unwrapped is not None and unwrapped.documents == 4
     pdfs = [p.get_payload(decode=True) for p in parts(unwrapped.raw) if p.get_content_type() == "application/pdf"]
     assert pdfs == [first, second, first, second]
     # The message that was nothing but a winmail.dat is a multipart/mixed now; its other fields stay.
-    alone = mime.unwrap_tnef(whole.as_bytes(policy=email.policy.SMTP))
+    alone = unwrap_tnef(whole.as_bytes(policy=email.policy.SMTP))
     message = email.message_from_bytes(alone.raw, policy=email.policy.compat32)
     assert message.get_content_type() == "multipart/mixed" and message["Subject"] == "only winmail"
     assert [p.get_filename() for p in parts(alone.raw)] == ["Überweisung März.pdf", "Befund.pdf"]
@@ -331,7 +332,7 @@ def test_unwrap_reads_a_mail_without_its_closing_boundary_and_an_octet_stream_wi
     data, first, _second = two_pdfs()
     raw = outlook_mail(data, content_type=("application", "octet-stream"))
     cut = raw[:raw.rindex(b"\r\n--")] + b"\r\n"  # no closing delimiter, as 31 corpus mails
-    unwrapped = mime.unwrap_tnef(cut)
+    unwrapped = unwrap_tnef(cut)
     assert unwrapped is not None and unwrapped.documents == 2
     assert parts(unwrapped.raw)[1].get_payload(decode=True) == first
 
@@ -444,12 +445,11 @@ async def test_a_winmail_dat_that_fails_at_send_time_is_held_never_sent_blank(ga
     """Only a changed library could make the send-time unwrap fail after the intake's succeeded."""
     gw = await gateway()
 
-    def fails(raw: bytes) -> mime.Unwrapped | None:
+    def fails(raw: bytes) -> Unwrapped | None:
         raise tnef.TnefError("damaged", "the winmail.dat is damaged (simulated)")
 
-    # Only the forwarder's view of mime changes; the intake still unwraps (and so accepts) as always.
-    monkeypatch.setattr(forward, "mime", SimpleNamespace(unwrap_tnef=fails, rewrite_headers=mime.rewrite_headers,
-                                                         without_winmail=mime.without_winmail))
+    # Only the forwarder's view of winmail.py changes; the intake still unwraps (and so accepts) as always.
+    monkeypatch.setattr(forward, "winmail", SimpleNamespace(unwrap_tnef=fails, without_winmail=without_winmail))
     data, _first, _second = two_pdfs()
     code, reply = await submit(gw.port, outlook_mail(data))
     assert code == 250, reply

@@ -9,6 +9,11 @@ possible. Each worker keeps its connection open between jobs. One bad job
 never stops the runner: an unexpected error defers that job and is logged
 with its traceback. An outcome the store cannot take (a full disk) is
 retried until it can: a running gateway never leaves a job `sending`.
+
+The copy sent upstream is built by `rewrite_headers()`: a new header block
+in front of the original body bytes, which are never touched (DESIGN.md,
+"Sender identity"), except that a winmail.dat is replaced by the documents
+inside it (winmail.py).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 
-from gateway.outbound import mime
+from gateway.outbound import winmail
+from gateway.outbound.mimeparse import field_value, header_fields, split
 from gateway.config import UpstreamSettings
 from gateway.errors import (
     StoreError,
@@ -45,6 +51,13 @@ from gateway.runner import Runner
 from gateway.units import backoff
 
 log = logging.getLogger("faxgw.forward")
+
+# Headers the forwarded copy does not carry over: the addressing is replaced,
+# and a signature over the changed headers would only fail verification.
+DROPPED_HEADERS = frozenset(
+    {b"from", b"to", b"cc", b"bcc", b"reply-to", b"subject", b"message-id", b"return-path",
+     b"dkim-signature", b"sender", b"resent-to", b"resent-cc", b"resent-bcc"}
+)
 POLL_INTERVAL = 1.0  # operator actions from other processes are seen within this time
 CLOCK_SLACK = 3600.0  # seconds beyond retry_max before a next attempt counts as a clock jump
 OUTCOME_RETRY_INITIAL = 0.5  # seconds before an outcome the store refused is tried again, doubling...
@@ -206,7 +219,7 @@ class Forwarder(Runner):
         started = time.monotonic()
         to_address = f"{job.number.lstrip('+')}@{self.settings.domain}"
         try:
-            if mime.without_winmail(job.raw):  # an ordinary fax: its copy is built here, quickly
+            if winmail.without_winmail(job.raw):  # an ordinary fax: its copy is built here, quickly
                 message, note = self._prepare(job, to_address, unwrap=False)
             else:  # unusual MIME takes the email package, which must not stall the event loop
                 message, note = await asyncio.to_thread(self._prepare, job, to_address)
@@ -325,7 +338,7 @@ class Forwarder(Runner):
         replaced by the documents inside it (tnef.py says why here).
         """
         raw, note = job.raw, None
-        unwrapped = mime.unwrap_tnef(raw) if unwrap else None
+        unwrapped = winmail.unwrap_tnef(raw) if unwrap else None
         if unwrapped is not None:
             raw, note = unwrapped.raw, unwrapped.note
         now = self.clock()
@@ -333,11 +346,58 @@ class Forwarder(Runner):
         code_header = self.jobcode.header if self.jobcode.placement == "header" else None
         received = (f"by {self.hostname} (greenfax-gateway) with ESMTP id {job.code}\r\n"
                     f"\tfor <{to_address}>; {format_datetime(now)}")
-        return mime.rewrite_headers(
+        return rewrite_headers(
             raw, code=job.code, to_address=to_address, account_sender=self.settings.account_sender or "",
             received=received, message_id=_message_id(job, self.hostname),
             subject_tag=subject_tag, code_header=code_header, date=format_datetime(now),
         ), note
+
+
+def rewrite_headers(
+    raw: bytes, *, code: str, to_address: str, account_sender: str, received: str,
+    message_id: str, subject_tag: str | None, code_header: str | None, date: str,
+) -> bytes:
+    """The message as forwarded upstream: new header block, original body bytes.
+
+    From becomes the account's registered sender and the original From moves
+    to Reply-To; To is the one fax address; Cc and Bcc are dropped; the job
+    code goes where the rules place it.
+    """
+    block, body = split(raw)
+    kept: list[bytes] = []
+    original_from = b""
+    subject = b""
+    has_date = False
+    for name, field in header_fields(block):
+        if name == b"from":
+            original_from = field_value(field)
+        elif name == b"subject":
+            subject = field_value(field)
+        elif name == b"date":
+            has_date = True
+        if name in DROPPED_HEADERS or (code_header and name == code_header.lower().encode()):
+            continue
+        kept.append(field)
+    head = [
+        f"Received: {received}\r\n".encode(),
+        f"From: {account_sender}\r\n".encode(),
+        f"To: {to_address}\r\n".encode(),
+    ]
+    if original_from:
+        head.append(b"Reply-To: " + original_from + b"\r\n")
+    if subject_tag:
+        tag = subject_tag.encode()
+        head.append(b"Subject: " + (tag + b" " + subject if subject else tag) + b"\r\n")
+    elif subject:
+        head.append(b"Subject: " + subject + b"\r\n")
+    if code_header:
+        head.append(f"{code_header}: {code}\r\n".encode())
+    head.append(f"Message-ID: {message_id}\r\n".encode())
+    if not has_date:
+        head.append(f"Date: {date}\r\n".encode())
+    if not body:
+        body = b"\r\n"
+    return b"".join(head) + b"".join(kept) + body
 
 
 def _redacted(text: str | None, job: ClaimedJob) -> str | None:

@@ -21,7 +21,7 @@ from email.mime.text import MIMEText
 from functools import partial
 from typing import Any
 
-from gateway.outbound import mime
+from gateway.outbound import mimeparse
 from gateway.config import Settings
 from gateway.errors import StoreError, UpstreamRejected
 from gateway.logs import log_event
@@ -72,7 +72,7 @@ def build_notice(job: dict[str, Any], *, hostname: str, from_address: str) -> by
     delivery_status["Content-Type"] = "message/delivery-status"
     delivery_status.set_payload([per_message, per_recipient])
     report.attach(delivery_status)
-    headers = mime.split(job["raw"])[0].decode("utf-8", "replace")
+    headers = mimeparse.split(job["raw"])[0].decode("utf-8", "replace")
     report.attach(_text(headers, "rfc822-headers"))
     return report.as_bytes(policy=email.policy.SMTP)
 

@@ -1,4 +1,4 @@
-"""Limits: intake's abuse and cost controls. Intake asks, this module answers with a refusal or None.
+"""Quotas: intake's abuse and cost controls. Intake asks, this module answers with a refusal or None.
 
 Each refusal carries its exact reply, naming the limit and when it resets:
 
@@ -13,7 +13,7 @@ Each refusal carries its exact reply, naming the limit and when it resets:
   (451 4.7.1, with the time the oldest message leaves the minute);
 - RCPT, and again at DATA: faxes and pages per day per client and per
   sender (451 4.7.1, resetting at local midnight in [greenfax] timezone);
-- DATA: the documents' pages and digest and the hold reasons known before
+- DATA: the documents' pages and digest (documents.py) and the hold reasons known before
   the store is asked; `store.limits.admit_message` then applies the daily
   limits, the duplicate guard and the hold rules in the same transaction as
   the insert.
@@ -27,10 +27,6 @@ so they survive restarts.
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
-import hashlib
-import io
 import math
 import time
 from collections import Counter, deque
@@ -38,15 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
-from email.message import Message
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from PIL import Image
-from pypdf import PdfReader
 
 from gateway import replies
 from gateway.outbound import mime
+from gateway.outbound.documents import DocumentFacts, document_facts
 from gateway.replies import refuse
 from gateway.units import backoff, span
 from gateway.config import LimitSettings, Settings, client_key, in_networks
@@ -107,66 +101,6 @@ def counted(amount: int, unit: str) -> str:
     if amount != 1:
         return f"{amount} {unit}"
     return f"1 {unit[:-2] if unit.endswith('xes') else unit[:-1]}"
-
-
-# --- the documents of a fax --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DocumentFacts:
-    pages: int | None = None  # pages of the documents, None when not counted
-    digest: str | None = None  # hash of the decoded documents, None when not made
-
-
-def document_facts(raw: bytes, *, pages: bool, digest: bool) -> DocumentFacts:
-    """Pages and digest of a fax email's documents; never raises.
-
-    PDF pages are counted with pypdf and TIFF pages with Pillow; any other
-    or unreadable document counts as one page, and a fax of a text body
-    alone as one. The digest hashes each document's decoded bytes (so a
-    resend with new MIME boundaries or another transfer encoding has the
-    same digest) in a sorted list, ignoring names; a fax with no document
-    hashes its text body instead. The documents inside a winmail.dat are
-    counted and hashed, as the forwarder sends them (mime.unwrap_tnef).
-    """
-    try:
-        message = email.message_from_bytes(raw, policy=email.policy.compat32)
-        unwrapped = mime.unwrap_tnef(raw, message)
-        if unwrapped is not None:
-            message = email.message_from_bytes(unwrapped.raw, policy=email.policy.compat32)
-        documents = [(part, part.get_payload(decode=True) or b"") for part in mime.document_parts(message)]
-    except Exception:  # noqa: BLE001 - a fax must never be lost to the page counter
-        return DocumentFacts(1 if pages else None, None)
-    count = max(1, sum(_pages(part, payload) for part, payload in documents)) if pages else None
-    return DocumentFacts(count, _digest(message, [payload for _part, payload in documents]) if digest else None)
-
-
-
-
-def _pages(part: Message, payload: bytes) -> int:
-    name = (part.get_filename() or "").lower()
-    kind = part.get_content_type()
-    try:
-        if kind == "application/pdf" or name.endswith(".pdf"):
-            return max(1, len(PdfReader(io.BytesIO(payload)).pages))
-        if kind == "image/tiff" or name.endswith((".tif", ".tiff")):
-            with Image.open(io.BytesIO(payload)) as image:
-                return max(1, getattr(image, "n_frames", 1))
-    except Exception:  # noqa: BLE001 - unreadable, encrypted, truncated: still a page for GreenFax
-        return 1
-    return 1
-
-
-def _digest(message: Message, documents: list[bytes]) -> str:
-    if documents:
-        hashes = sorted(hashlib.sha256(payload).hexdigest() for payload in documents)
-        return hashlib.sha256(("documents\n" + "\n".join(hashes)).encode()).hexdigest()
-    body = hashlib.sha256(b"body\n")
-    for part in message.walk():
-        if part.get_content_type() in ("text/plain", "text/html"):
-            text = part.get_payload(decode=True) or b""
-            body.update(b"\n".join(line.rstrip() for line in text.splitlines()).strip() + b"\n")
-    return body.hexdigest()
 
 
 # --- counting in memory --------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Outlook in "Rich Text" mode wraps a mail's attachments in one part,
 `winmail.dat` (application/ms-tnef), that only Outlook can read. Forwarded
 as it is, GreenFax sees no document and the fax goes out blank. This module
-reads the documents out of such a part; mime.unwrap_tnef() puts them back
+reads the documents out of such a part; winmail.unwrap_tnef() puts them back
 into the message as ordinary MIME attachments, the one body rewrite the
 gateway allows (DESIGN.md, "Job states").
 
@@ -48,7 +48,8 @@ from dataclasses import dataclass
 import tnefparse
 
 from gateway.errors import TnefError
-from gateway.models import MessageFacts, Refusal, Reply
+from gateway import replies
+from gateway.models import MessageFacts, Refusal
 
 # tnefparse logs every oddity of a damaged file (at WARNING and ERROR); the
 # gateway reports what matters in its own words.
@@ -96,18 +97,6 @@ _EXTRA_TYPES = {
 _TYPES = mimetypes.MimeTypes()
 _MIME_TYPE = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$")
 
-_HOW_TO_FIX = ("send the email as HTML or plain text (Outlook: File > Options > Mail > Compose messages in"
-               " HTML format) so the documents are attached as they are")
-REPLIES = {
-    "damaged": Reply(554, "5.6.3", "The attachment winmail.dat (Outlook Rich Text) is damaged and its documents"
-                                   f" cannot be read: {_HOW_TO_FIX}"),
-    "empty": Reply(554, "5.6.3", "The attachment winmail.dat (Outlook Rich Text) holds no document to fax:"
-                                 f" {_HOW_TO_FIX}"),
-    "layout": Reply(554, "5.6.3", "The attachment winmail.dat (Outlook Rich Text) cannot be unwrapped in this"
-                                  f" message: {_HOW_TO_FIX}"),
-}
-
-
 @dataclass(frozen=True, slots=True)
 class Document:
     """One file from inside a winmail.dat."""
@@ -126,7 +115,8 @@ def refusal(facts: MessageFacts) -> Refusal | None:
     """The refusal for a message whose winmail.dat mime.inspect() could not unwrap, if any."""
     for defect in facts.defects:
         if defect.startswith(DEFECT_PREFIX):
-            return Refusal(REPLIES.get(defect.removeprefix(DEFECT_PREFIX), REPLIES["damaged"]), "tnef")
+            return Refusal(replies.WINMAIL_REFUSED.get(defect.removeprefix(DEFECT_PREFIX),
+                                                       replies.WINMAIL_REFUSED["damaged"]), "tnef")
     return None
 
 

@@ -14,7 +14,6 @@ import asyncio
 import email
 import email.policy
 import email.utils
-import io
 import itertools
 import logging
 import re
@@ -24,9 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from PIL import Image
-from pypdf import PdfReader
 
+from gateway.outbound.documents import count_pages
 from gateway.outbound.smtpserver import NullSenderSMTP
 from gateway.logs import log_event
 from gateway.models import NULL_SENDER
@@ -186,30 +184,6 @@ class SandboxHandler:
         async with self.arrived:
             await asyncio.wait_for(self.arrived.wait_for(lambda: len(self.faxes) >= count), timeout)
         return self.faxes
-
-
-def count_pages(message: email.message.Message) -> int:
-    """Pages of the documents attached: PDF and TIFF pages are counted, other documents count as 1."""
-    pages = 0
-    for part in message.walk():
-        if part.is_multipart() or (part.get_content_maintype() == "text" and not part.get_filename()):
-            continue
-        payload = part.get_payload(decode=True) or b""
-        pages += _document_pages(part.get_content_type(), part.get_filename() or "", payload)
-    return max(pages, 1)
-
-
-def _document_pages(content_type: str, filename: str, payload: bytes) -> int:
-    name = filename.lower()
-    try:
-        if content_type == "application/pdf" or name.endswith(".pdf"):
-            return len(PdfReader(io.BytesIO(payload)).pages)
-        if content_type == "image/tiff" or name.endswith((".tif", ".tiff")):
-            with Image.open(io.BytesIO(payload)) as image:
-                return getattr(image, "n_frames", 1)
-    except Exception:  # an unreadable document still makes a (blank) page
-        return 1
-    return 1
 
 
 class SandboxSMTP(NullSenderSMTP):

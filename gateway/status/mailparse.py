@@ -27,7 +27,7 @@ from email.message import Message
 import mailparser
 from bs4 import BeautifulSoup
 
-from gateway.outbound import mime
+from gateway.outbound import mimeparse
 
 # mail-parser logs "Email content ... not handled" for many ordinary parts.
 logging.getLogger("mailparser").setLevel(logging.ERROR)
@@ -57,7 +57,7 @@ class ParsedMail:
         raw = self.raw
         if raw.count(b"\n") != raw.count(b"\r\n") or raw.count(b"\r") != raw.count(b"\r\n"):
             raw = re.sub(rb"\r\n|\r|\n", b"\r\n", raw)
-        return mime.split(raw)[1]
+        return mimeparse.split(raw)[1]
 
     def identity(self) -> tuple[str | None, bytes]:
         """What makes a copy of this mail the same mail (report.dedup_key): its Message-ID and body.
@@ -274,7 +274,7 @@ def _with_email(raw: bytes) -> ParsedMail:
             texts.append(text)
         elif part.get_content_type() == "text/html":
             htmls.append(html_to_text(text))
-    headers = {k.lower(): mime.decoded(str(v)) for k, v in message.items()}
+    headers = {k.lower(): mimeparse.decoded(str(v)) for k, v in message.items()}
     return ParsedMail(
         raw=raw, from_addr=email.utils.parseaddr(headers.get("from", ""))[1].lower(),
         to_addrs=tuple(a for _n, a in email.utils.getaddresses([headers.get("to", "")]) if a),

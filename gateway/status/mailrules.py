@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from gateway.outbound import mime
+from gateway.outbound import mimeparse
 from gateway.config import check_zone
 from gateway.errors import ConfigError
 from gateway.numbers import normalise_number
@@ -307,7 +307,7 @@ def original_headers(raw: bytes) -> dict[str, str]:
                 original = email.message_from_bytes(payload, policy=email.policy.compat32)
             else:
                 continue
-            return {name.lower(): mime.decoded(str(value)) for name, value in original.items()}
+            return {name.lower(): mimeparse.decoded(str(value)) for name, value in original.items()}
     except Exception:  # noqa: BLE001 - a status mail must never be lost to this
         pass
     return {}

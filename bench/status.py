@@ -55,6 +55,7 @@ from benchlib.report import fixed_row, write_json
 from benchlib.sampling import process_cpu_seconds, thread_seconds
 from benchlib.statusload import ACCOUNT_SENDER, FEED_ZONE, feed_body, mails, notify_urls, seed
 from gateway import config, store
+from gateway.rules import RulesInForce
 from gateway.models import Channel
 from gateway.status.correlate import CorrelationPolicy
 from gateway.status.feedpoll import FeedPoller
@@ -171,7 +172,7 @@ async def closed_loop(queue: list[Any], workers: int, work: Callable[[Any], Awai
 async def pipeline(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     jobs = seed(tmp / "store.sqlite3", args.jobs)
     settings = settings_for(sections(tmp, free_port()), tmp)
-    status = StatusMail(settings, load_rules())
+    status = StatusMail(settings, RulesInForce(mail=load_rules()))
     writer = store.Writer(settings.store.path)
     writer.start()
     try:

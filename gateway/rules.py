@@ -9,12 +9,16 @@ from __future__ import annotations
 import re
 import tomllib
 from importlib import resources
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway import numbers
 from gateway.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+    from gateway.status.mailrules import MailRules
 
 RULES_PACKAGE = "gateway.shipped_rules"
 
@@ -123,3 +127,43 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
+
+
+class RulesInForce:
+    """The rules the running gateway decides by: one object, given to every stage at construction.
+
+    `addressing` (rules/addressing.toml with the config's [addressing]
+    overrides) and `mail` (the status-mail rules) are read at each use; a
+    reload (SIGHUP) replaces both as a whole with `replace()`, so a check
+    sees the old rules or the new ones, never a mix (checks run on the event
+    loop, one at a time). Left out, either is the shipped default.
+    """
+
+    def __init__(self, addressing: AddressingRules | None = None, mail: MailRules | None = None) -> None:
+        self.replace(addressing if addressing is not None else load_addressing(), mail)
+
+    @classmethod
+    def load(cls, settings: Settings) -> RulesInForce:
+        """The rules the settings name; a broken file is a ConfigError."""
+        from gateway.status.mailrules import load_rules
+
+        return cls(load_addressing(settings.addressing), load_rules(settings.status.rule_files))
+
+    def replace(self, addressing: AddressingRules, mail: MailRules | None) -> None:
+        self.addressing = addressing
+        self.tag_pattern = addressing.tag_pattern()
+        self._mail = mail
+
+    @property
+    def mail(self) -> MailRules:
+        if self._mail is None:
+            from gateway.status.mailrules import load_rules
+
+            self._mail = load_rules()
+        return self._mail
+
+    @property
+    def code_header(self) -> str | None:
+        """The header the job code travels in, when the rules place it in a header."""
+        jobcode = self.addressing.jobcode
+        return jobcode.header if jobcode.placement == "header" else None

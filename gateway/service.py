@@ -33,14 +33,13 @@ from gateway.runner import Supervisor
 from gateway.outbound.notices import Notifier
 from gateway.outbound.passwords import PasswordChecker
 from gateway.outbound.policy import Policy
-from gateway.ops.reload import TLS_KINDS, LiveRules, load_reloadable, renew, server_context
-from gateway.rules import load_addressing
+from gateway.ops.reload import TLS_KINDS, load_reloadable, renew, server_context
+from gateway.rules import RulesInForce
 from gateway.sandbox.notifycall import NotifyCaller
 from gateway.sandbox.statusmail import StatusMailer, imap_delivery, smtp_delivery
 from gateway.status.feedpoll import FeedPoller
 from gateway.status.imap import ImapReader, meta_reader
 from gateway.status.inbound import StatusMail
-from gateway.status.mailrules import load_rules
 from gateway.outbound.upstream import Endpoint
 from gateway.http.server import Web
 
@@ -54,11 +53,11 @@ class Service:
     def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = store.utcnow) -> None:
         self.settings = settings
         self.clock = clock
-        self.rules = load_addressing(settings.addressing)
+        self.rules = RulesInForce.load(settings)  # every stage reads the rules in force through it
         path = settings.store.path
         self.read_store = lambda: store.connect(path, readonly=True)
         self.metrics = Metrics(self.read_store)
-        self.status_mail = StatusMail(settings, load_rules(settings.status.rule_files), metrics=self.metrics)
+        self.status_mail = StatusMail(settings, self.rules, metrics=self.metrics)
         self.lock = store.StoreLock(path)
         self.writer = store.Writer(path, max_size=settings.store.max_size)
         self.servers: list[asyncio.Server] = []
@@ -90,7 +89,7 @@ class Service:
             self.notifier = Notifier(self.settings, self.writer, endpoint, clock=self.clock)
             self.forwarder = Forwarder(
                 settings=self.settings.upstream, endpoint=endpoint, writer=self.writer,
-                jobcode=self.rules.jobcode, hostname=self.settings.smtp.hostname, clock=self.clock,
+                rules=self.rules, hostname=self.settings.smtp.hostname, clock=self.clock,
                 notify_states=self.status_mail.policy.notify_states, on_notice=self.notifier.wake,
             )
             self.forwarder.metrics = self.metrics
@@ -181,15 +180,11 @@ class Service:
                 ca_file=str(up.ca_file) if up.ca_file else None, helo_name=up.helo_name or self.settings.smtp.hostname,
                 connect_timeout=up.connect_timeout, timeout=up.timeout,
             )
-        from gateway.sandbox import SandboxHandler, start_sandbox
+        from gateway.sandbox import sandbox_handler, start_sandbox
 
         sb = self.settings.sandbox
-        credentials = (sb.username, sb.password.get_secret_value()) if sb.username and sb.password else None
-        self.sandbox = SandboxHandler(
-            domain=up.domain, account_sender=up.account_sender or "", code_pattern=self.rules.tag_pattern(),
-            code_header=self.rules.jobcode.header if self.rules.jobcode.placement == "header" else None,
-            credentials=credentials,
-        )
+        self.sandbox = sandbox_handler(self.settings, self.rules)
+        credentials = self.sandbox.credentials
         host, port = sb.listen[0]
         self.sandbox_server = await _bind(lambda: start_sandbox(self.sandbox, host, port), f"{host}:{port}",
                                           "[sandbox] listen")
@@ -229,7 +224,7 @@ class Service:
     async def _start_web(self) -> None:
         self.web = Web(self.settings, writer=self.writer, policy=self.status_mail.policy, metrics=self.metrics,
                        read_store=self.read_store, health=self.health,
-                       region=self.rules.numbers.default_region, nofile=self.nofile)
+                       rules=self.rules, nofile=self.nofile)
         await self.web.start()
 
     def _start_imap(self) -> None:
@@ -324,8 +319,7 @@ class Service:
             self.runners.add(retention)
 
     def _prepare_reload(self) -> None:
-        """What SIGHUP reaches: the rules through one live object, and the listeners' TLS contexts."""
-        self.rules = LiveRules(self.rules)  # type: ignore[assignment]
+        """What SIGHUP reaches besides the rules (self.rules): the listeners' TLS contexts."""
         self.tls_contexts: dict[str, list[ssl.SSLContext]] = {kind: [] for kind in TLS_KINDS}
 
     def reload(self) -> None:
@@ -342,14 +336,7 @@ class Service:
             log_event(log, "reload-refused", level=logging.ERROR, error=str(exc),
                       action="the rules and certificates in force stay; fix it and send SIGHUP again")
             return
-        self.rules.current = new.addressing  # type: ignore[attr-defined]
-        self.status_mail.rules = new.mail_rules
-        if self.forwarder is not None:
-            self.forwarder.jobcode = new.addressing.jobcode
-        if self.web is not None:
-            self.web.region = new.addressing.numbers.default_region
-        if self.sandbox is not None:
-            self.sandbox.code_pattern = new.addressing.tag_pattern()
+        self.rules.replace(new.addressing, new.mail_rules)
         log_event(log, "reloaded", tls=" ".join(new.certificates) or "none",
                   status_rules=len(new.mail_rules.rules),
                   restart_needed=" ".join(new.restart_needed) or None)

@@ -26,7 +26,7 @@ import pytest
 from pypdf import PdfWriter
 
 from gateway import config, store
-from gateway.rules import load_addressing
+from gateway.rules import RulesInForce
 from gateway.sandbox import SandboxHandler, start_sandbox
 from gateway.service import Service
 
@@ -104,9 +104,8 @@ class SandboxServer:
     server: asyncio.AbstractServer | None = None
 
     def __post_init__(self) -> None:
-        rules = load_addressing()
-        self.handler = SandboxHandler(domain="greenfax.com", account_sender=ACCOUNT_SENDER,
-                                      code_pattern=rules.tag_pattern(), code_header=None, credentials=None)
+        self.handler = SandboxHandler(domain="greenfax.com", account_sender=ACCOUNT_SENDER, rules=RulesInForce(),
+                                      credentials=None)
 
     async def start(self, **options: Any) -> None:
         self.server = await start_sandbox(self.handler, "127.0.0.1", self.port, **options)

@@ -28,6 +28,7 @@ import pytest
 from conftest import ACCOUNT_SENDER, RETURN_PATH, codes_in, settings_for
 
 from gateway import store
+from gateway.rules import RulesInForce
 from gateway.outbound import mime, mimeparse
 from gateway.status.inbound import StatusMail
 from gateway.status.mailparse import ParsedMail, parse_mail
@@ -70,7 +71,7 @@ def crlf(raw: bytes, style: str) -> bytes:
 
 
 def status_mail(tmp_path: Path) -> StatusMail:
-    return StatusMail(settings_for(tmp_path, 9), load_rules())
+    return StatusMail(settings_for(tmp_path, 9), RulesInForce(mail=load_rules()))
 
 
 # --- (a) the parser and the rules -------------------------------------------------------------

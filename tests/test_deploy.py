@@ -35,6 +35,7 @@ from conftest import NUMBER, fax_message, free_port, pdf_bytes
 from peers.postfix import PostfixInstance, unavailable_reason
 
 from gateway.outbound.passwords import hash_password
+from gateway.rules import RulesInForce
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -593,7 +594,7 @@ def test_the_scanner_page_uses_the_address_forms_the_gateway_accepts(tmp_path):
     finally:
         for key in env:
             os.environ.pop(key, None)
-    policy = Policy(settings, load_addressing(settings.addressing))
+    policy = Policy(settings, RulesInForce(load_addressing(settings.addressing)))
     page = (CLIENTS / "scanner-copier.md").read_text()
     addresses = set(re.findall(r"`([0-9+()./-]+@(?:greenfax\.com|fax\.localhost))`", page))
     assert len(addresses) >= 3

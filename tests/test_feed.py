@@ -45,7 +45,7 @@ from gateway import store
 from gateway.cli.feedcmd import feed as feed_group
 from gateway.metrics import Metrics
 from gateway.sandbox.feedserver import FEED, FEED_PATH, SandboxFeed, start_feed
-from gateway.sandbox.server import SandboxFax
+from gateway.sandbox.greenfax import SandboxFax
 from gateway.status.correlate import CorrelationPolicy
 from gateway.status.feedpoll import FeedPoller, PollResult
 from gateway.status.feedxml import parse_feed

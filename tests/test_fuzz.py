@@ -52,7 +52,7 @@ from gateway.outbound import mime, mimeparse, tnef, winmail
 from gateway.outbound.smtpserver import has_long_line
 from gateway.models import Channel, FaxNumber, NewMessage, Recipient, Refusal, StatusReport
 from gateway.outbound.policy import SUBJECT_MAILBOX, Policy
-from gateway.rules import load_addressing
+from gateway.rules import RulesInForce, load_addressing
 from gateway.service import Service
 from gateway.status.correlate import CorrelationPolicy, Outcome, apply_report, keep_unrecognised
 from gateway.status.feedxml import FeedRow, parse_feed
@@ -560,7 +560,7 @@ VALID_NUMBERS = ["+12125551234", "+13125550123", "+441632960961", "+4930123456",
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
-    return Policy(settings_for(tmp_path_factory.mktemp("policy"), 9), load_addressing())
+    return Policy(settings_for(tmp_path_factory.mktemp("policy"), 9), RulesInForce(load_addressing()))
 
 
 def written(number: str, style: int) -> str:
@@ -689,7 +689,7 @@ TEMPLATE = (DATA / "status" / "plaintext-success.eml").read_bytes()
 
 @pytest.fixture(scope="module")
 def status_mail(tmp_path_factory: pytest.TempPathFactory) -> StatusMail:
-    return StatusMail(settings_for(tmp_path_factory.mktemp("status"), 9), load_rules())
+    return StatusMail(settings_for(tmp_path_factory.mktemp("status"), 9), RulesInForce(mail=load_rules()))
 
 
 @st.composite

@@ -12,7 +12,7 @@ from conftest import ACCOUNT_SENDER, RunningGateway, codes_in, fax_message, send
 from peers.dovecot import DovecotInstance, unavailable_reason
 
 from gateway import config, store
-from gateway.sandbox.server import SandboxFax
+from gateway.sandbox.greenfax import SandboxFax
 from gateway.sandbox.statusmail import status_email
 from gateway.service import Service
 

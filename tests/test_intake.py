@@ -33,7 +33,7 @@ from PIL import Image
 from gateway import store
 from gateway.outbound import mimeparse
 from gateway.outbound.passwords import hash_password
-from gateway.sandbox.server import SandboxSMTP
+from gateway.sandbox.greenfax import SandboxSMTP
 
 SENDER = "erp@legacy.example"
 FAX = f"{NUMBER}@greenfax.com"

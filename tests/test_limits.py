@@ -53,7 +53,7 @@ from gateway.outbound.quotas import (
 )
 from gateway.models import FaxNumber, NewMessage, Recipient
 from gateway.outbound.policy import Policy
-from gateway.rules import load_addressing
+from gateway.rules import RulesInForce, load_addressing
 from gateway.store.admission import (
     Admission,
     Admitted,
@@ -193,7 +193,7 @@ def test_wrong_passwords_wait_longer_each_time_per_client_and_are_forgotten():
 
 def limits_for(clock: Clock, **sections: dict) -> IntakeLimits:
     settings = config.validate({"sandbox": {"enabled": True}, **sections}, source="test", base=Path("."))
-    return IntakeLimits(settings, Policy(settings, load_addressing()), writer=None,  # type: ignore[arg-type]
+    return IntakeLimits(settings, Policy(settings, RulesInForce(load_addressing())), writer=None,  # type: ignore[arg-type]
                         clock=clock.now, monotonic=clock.monotonic)
 
 

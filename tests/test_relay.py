@@ -37,7 +37,7 @@ from gateway import config, store
 from gateway.models import Recipient, Refusal
 from gateway.outbound.passwords import hash_password
 from gateway.outbound.policy import Policy
-from gateway.rules import load_addressing
+from gateway.rules import RulesInForce, load_addressing
 from gateway.service import Service
 
 SENDER = "erp@legacy.example"
@@ -517,7 +517,7 @@ async def test_a_status_listener_keeps_status_mail_and_relays_nothing(gateway, s
 # aiosmtpd refuses some forms itself (a domain ending in a dot, "a@b@c"), so the
 # tests above cannot show that the policy would refuse them too: these do.
 
-POLICY = Policy(config.sandbox_settings(), load_addressing())
+POLICY = Policy(config.sandbox_settings(), RulesInForce(load_addressing()))
 
 
 @settings(max_examples=3000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -540,7 +540,7 @@ def test_the_policy_refuses_forms_aiosmtpd_would_stop_first(address):
 def test_no_unicode_case_folding_reaches_a_fax_domain():
     """KELVIN SIGN lower-cases to an ASCII k: a local fax domain with a k must not be reached through it."""
     rules = load_addressing({"recipients": {"local_fax_domains": ["fax.work.example"]}})
-    policy = Policy(config.sandbox_settings(), rules)
+    policy = Policy(config.sandbox_settings(), RulesInForce(rules))
     assert isinstance(policy.classify_recipient("2125550123@fax.work.example"), Recipient)
     assert "\u212a".lower() == "k"
     refusal = policy.classify_recipient("2125550123@fax.wor\u212a.example")

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from gateway import config
+from gateway.rules import RulesInForce
 from gateway.errors import ConfigError
-from gateway.sandbox.server import OUTCOMES, SandboxFax
+from gateway.sandbox.greenfax import OUTCOMES, SandboxFax
 from gateway.sandbox.statusmail import status_email
 from gateway.status.inbound import StatusMail
 from gateway.status.mailrules import load_rules
@@ -140,7 +141,7 @@ def test_rules_test_shows_the_rule_and_every_field_of_each_shipped_layout(tmp_pa
 @pytest.mark.parametrize("result, reason", [("delivered", None), *OUTCOMES.values()])
 def test_sandbox_layout_reads_every_outcome_the_sandbox_reports(result, reason):
     settings = config.validate({"sandbox": {"enabled": True}}, source="test", base=Path("/nonexistent"))
-    status = StatusMail(settings, load_rules())
+    status = StatusMail(settings, RulesInForce(mail=load_rules()))
     fax = SandboxFax(reference_id=8591999, number="13125550123", code="FX7K3M9Q", sender=ACCOUNT_SENDER,
                      envelope_sender="x", raw=b"", result=result, reason=reason, pages=3 if reason is None else 0,
                      received_at=datetime(2026, 11, 27, 1, 2, 3, tzinfo=UTC))
@@ -351,7 +352,7 @@ def test_a_rule_reads_the_returned_original_a_header_and_a_reason_written_apart(
     own.write_text(RETURNS_ORIGINAL)
     settings = config.validate({"sandbox": {"enabled": True}, "status": {"rule_files": [str(own)]}},
                                source="test", base=tmp_path)
-    verdict = StatusMail(settings, load_rules(settings.status.rule_files)).understand(
+    verdict = StatusMail(settings, RulesInForce(mail=load_rules(settings.status.rule_files))).understand(
         ORIGINAL_ATTACHED, channel=Channel.SMTP)
 
     assert (verdict.kind, verdict.report.rule) == ("rule", "returns-original")

@@ -28,9 +28,10 @@ import pytest
 from conftest import ACCOUNT_SENDER, settings_for
 
 from gateway import store
+from gateway.rules import RulesInForce
 from gateway.errors import StoreError
 from gateway.models import Channel, FaxNumber, NewMessage, Recipient, Result, StatusReport, Trust
-from gateway.sandbox.server import SandboxFax
+from gateway.sandbox.greenfax import SandboxFax
 from gateway.sandbox.statusmail import status_email
 from gateway.status import inbound, mailparse
 from gateway.status.batches import Batched
@@ -243,7 +244,7 @@ async def test_batched_writes_fail_one_by_one(tmp_path):
 def status_mails(tmp_path: Path, codes: list[str]) -> tuple[StatusMail, list[bytes]]:
     status = StatusMail(settings_for(tmp_path, 9, status={"trusted_sender_domains": ["sandbox.greenfax.localhost"],
                                                           "require_dkim": False, "trusted_networks": ["127.0.0.0/8"]}),
-                        load_rules())
+                        RulesInForce(mail=load_rules()))
     return status, [status_email(SandboxFax(reference_id=1, number=f"1212555{1000 + n}", code=code,
                                             sender=ACCOUNT_SENDER, envelope_sender="", raw=b"", result="delivered",
                                             reason=None, pages=1, received_at=datetime.now(UTC)), ACCOUNT_SENDER)

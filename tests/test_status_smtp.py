@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway import config, store
-from gateway.sandbox.server import SandboxFax
+from gateway.sandbox.greenfax import SandboxFax
 from gateway.sandbox.statusmail import STATUS_SENDER, status_email
 from gateway.service import Service
 

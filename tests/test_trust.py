@@ -30,6 +30,7 @@ from test_status_smtp import (
 )
 
 from gateway.sandbox.statusmail import status_email
+from gateway.rules import RulesInForce
 
 pytestmark = pytest.mark.timeout(60)
 # The production defaults: greenfax.com is the trusted From domain, DKIM is required, no trusted networks.
@@ -213,7 +214,7 @@ def test_partial_and_piled_up_signatures_do_not_make_mail_trusted(tmp_path):
 
     key, record = rsa_key()
     status = StatusMail(settings_for(tmp_path, 9, status={"dkim_keys": {"fax2024._domainkey.greenfax.com": record}}),
-                        load_rules())
+                        RulesInForce(mail=load_rules()))
     report = plaintext_report(status="SUCCESS", number=NUMBER, code=None, reference="5003")
     assert status.trust_checks(signed(report, key))[0]
     headers = [b"from", b"to", b"subject", b"date", b"message-id", b"content-type", b"mime-version"]

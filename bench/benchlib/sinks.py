@@ -101,7 +101,7 @@ class SandboxInProcess:
 
     def _handler(self) -> Any:
         """The stand-in's SMTP handler, counting each fax it takes (and forgetting it)."""
-        from gateway.rules import load_addressing
+        from gateway.rules import RulesInForce
         from gateway.sandbox import SandboxHandler
 
         sink = self
@@ -119,9 +119,8 @@ class SandboxInProcess:
                     self.faxes.clear()  # keep the benchmark's memory flat
                 return reply
 
-        rules = load_addressing()
-        return CountingHandler(domain="greenfax.com", account_sender=ACCOUNT_SENDER,
-                               code_pattern=rules.tag_pattern(), code_header=None, credentials=None)
+        return CountingHandler(domain="greenfax.com", account_sender=ACCOUNT_SENDER, rules=RulesInForce(),
+                               credentials=None)
 
     async def start(self, workdir: Path) -> None:
         import logging

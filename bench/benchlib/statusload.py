@@ -18,7 +18,7 @@ from yarl import URL
 from gateway import store
 from gateway.models import FaxNumber, NewMessage, Recipient
 from gateway.sandbox.notifycall import notify_parameters
-from gateway.sandbox.server import SandboxFax
+from gateway.sandbox.greenfax import SandboxFax
 from gateway.sandbox.statusmail import status_email
 
 ACCOUNT_SENDER = "faxes@bench.example"

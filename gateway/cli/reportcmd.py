@@ -92,11 +92,12 @@ def rules_test(obj: Context, files: tuple[str, ...], as_json: bool) -> None:
     Example:
       faxgw rules test status-mail.eml
     """
+    from gateway.rules import RulesInForce
     from gateway.status.inbound import StatusMail
     from gateway.status.mailrules import load_rules
 
     settings = obj.settings
-    status = StatusMail(settings, load_rules(settings.status.rule_files))
+    status = StatusMail(settings, RulesInForce(mail=load_rules(settings.status.rule_files)))
     results = [_test_file(status, name) for name in files]
     if as_json:
         click.echo(json.dumps(results, indent=2))

@@ -21,8 +21,6 @@ from gateway import logs
 
 if TYPE_CHECKING:
     from gateway.cli.main import Context
-    from gateway.config import Settings
-    from gateway.sandbox import SandboxHandler
 
 
 @click.command()
@@ -68,12 +66,13 @@ def sandbox(obj: Context, listen: str | None, fail_auth: str | None, fail_rcpt: 
     Example:
       faxgw sandbox --listen 127.0.0.1:2526 --fail-data "451 4.3.0 Try later"
     """
-    from gateway.sandbox import start_sandbox
+    from gateway.rules import RulesInForce, load_addressing
+    from gateway.sandbox import sandbox_handler, start_sandbox
 
     settings = obj.settings if obj.config_path else config_module.sandbox_settings()
     logs.setup(settings.log.level)
     host, port = config_module.parse_host_port(listen) if listen else settings.sandbox.listen[0]
-    handler = _sandbox_handler(settings)
+    handler = sandbox_handler(settings, RulesInForce(load_addressing(settings.addressing)))
     handler.faults.auth, handler.faults.rcpt, handler.faults.data = fail_auth, fail_rcpt, fail_data
     handler.faults.drop_after_data = drop_after_data
 
@@ -91,22 +90,6 @@ def sandbox(obj: Context, listen: str | None, fail_auth: str | None, fail_rcpt: 
         asyncio.run(run())
     except KeyboardInterrupt:
         pass
-
-
-def _sandbox_handler(settings: Settings) -> SandboxHandler:
-    """The stand-in as the settings describe it: its domain, account sender, job-code rule and credentials."""
-    from gateway.rules import load_addressing
-    from gateway.sandbox import SandboxHandler
-
-    rules = load_addressing(settings.addressing)
-    sb = settings.sandbox
-    return SandboxHandler(
-        domain=settings.upstream.domain,
-        account_sender=settings.upstream.account_sender or config_module.DEFAULT_SANDBOX_SENDER,
-        code_pattern=rules.tag_pattern(),
-        code_header=rules.jobcode.header if rules.jobcode.placement == "header" else None,
-        credentials=(sb.username, sb.password.get_secret_value()) if sb.username and sb.password else None,
-    )
 
 
 @click.command("check-config")

@@ -32,6 +32,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from gateway.config import Settings, in_networks
+from gateway.rules import RulesInForce
 from gateway.errors import ConfigError, FilterError, MissingParameters, UnknownJob
 from gateway.http.guard import (MAX_HEADER_LINE, MAX_REQUEST_LINE, ConnectionMetrics, DescriptorBudget, Gate,
                                GuardedHandler, mark_requests)
@@ -68,14 +69,14 @@ class AccessLogger(AbstractAccessLogger):
 class Web:
     def __init__(self, settings: Settings, *, writer: Writer, policy: CorrelationPolicy, metrics: Metrics,
                  read_store: Callable[[], sqlite3.Connection], health: Callable[[], Awaitable[dict[str, Any]]],
-                 region: str, nofile: int) -> None:
+                 rules: RulesInForce, nofile: int) -> None:
         self.settings = settings
         self.writer = writer
         self.policy = policy
         self.metrics = metrics
         self.read_store = read_store
         self.health = health
-        self.region = region
+        self.rules = rules
         self.nofile = nofile  # the process's descriptor limit: HTTP may hold half of it (httpguard.DescriptorBudget)
         self.runners: list[web.AppRunner] = []
         self.servers: list[asyncio.Server] = []
@@ -202,7 +203,7 @@ class Web:
         try:
             spec = parse_filter(states=tuple(query.getall("state", [])), number=query.get("number"),
                                 sender=query.get("sender"), since=query.get("since"),
-                                limit=query.get("limit", "50"), region=self.region)
+                                limit=query.get("limit", "50"), region=self.rules.addressing.numbers.default_region)
         except FilterError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         rows = await asyncio.to_thread(self._read, lambda conn: list_jobs(conn, **spec.as_query()))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from gateway import config
 from gateway.config import Settings
@@ -27,21 +26,6 @@ from gateway.rules import AddressingRules, load_addressing
 from gateway.status.mailrules import MailRules, load_rules
 
 TLS_KINDS = ("smtp", "http")
-
-
-class LiveRules:
-    """The addressing rules in force, as the one object the policy keeps for the service's lifetime.
-
-    The stages read the rules through it; a reload puts new rules in as a
-    whole (`current`), so a check sees the old rules or the new ones, never
-    a mix of both (checks run on the event loop, one at a time).
-    """
-
-    def __init__(self, rules: AddressingRules) -> None:
-        self.current = rules
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.current, name)
 
 
 @dataclass(frozen=True)

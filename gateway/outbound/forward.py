@@ -43,7 +43,7 @@ from gateway.errors import (
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import ClaimedJob, JobState
-from gateway.rules import JobCodeRules
+from gateway.rules import JobCodeRules, RulesInForce
 from gateway.store import Writer, add_event, claim_due, count_due, iso, parse_iso, record_outcome
 
 from gateway.outbound.upstream import Endpoint, UpstreamConnection
@@ -73,7 +73,7 @@ class Forwarder(Runner):
     retry_max = 10.0
 
     def __init__(self, *, settings: UpstreamSettings, endpoint: Endpoint, writer: Writer,
-                 jobcode: JobCodeRules, hostname: str, clock: Callable[[], datetime],
+                 rules: RulesInForce, hostname: str, clock: Callable[[], datetime],
                  notify_states: frozenset[str] = frozenset(), on_notice: Callable[[], None] = lambda: None) -> None:
         super().__init__(clock=clock)
         self.settings = settings
@@ -81,7 +81,7 @@ class Forwarder(Runner):
         self.on_notice = on_notice
         self.endpoint = endpoint
         self.writer = writer
-        self.jobcode = jobcode
+        self.rules = rules
         self.hostname = hostname
         self._tickets: asyncio.Queue[None] = asyncio.Queue()  # one per due job a free worker may claim
         self._busy = 0  # workers holding a ticket
@@ -342,8 +342,9 @@ class Forwarder(Runner):
         if unwrapped is not None:
             raw, note = unwrapped.raw, unwrapped.note
         now = self.clock()
-        subject_tag = self.jobcode.subject_tag.format(code=job.code) if self.jobcode.placement == "subject" else None
-        code_header = self.jobcode.header if self.jobcode.placement == "header" else None
+        jobcode: JobCodeRules = self.rules.addressing.jobcode  # the rules in force: a reload replaces them
+        subject_tag = jobcode.subject_tag.format(code=job.code) if jobcode.placement == "subject" else None
+        code_header = self.rules.code_header
         received = (f"by {self.hostname} (greenfax-gateway) with ESMTP id {job.code}\r\n"
                     f"\tfor <{to_address}>; {format_datetime(now)}")
         return rewrite_headers(

@@ -16,7 +16,7 @@ from gateway.replies import refuse
 from gateway.config import Settings, in_networks
 from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal
 from gateway.numbers import NotANumber, read_number, region_of
-from gateway.rules import AddressingRules
+from gateway.rules import AddressingRules, RulesInForce
 
 # The separators people write in numbers; the subject pattern of the rules admits the same.
 _NUMBER_CHARS = re.compile(r"^\+?[0-9()./\-]+$")
@@ -35,7 +35,12 @@ def shown(text: str) -> str:
 @dataclass(frozen=True)
 class Policy:
     settings: Settings
-    rules: AddressingRules
+    in_force: RulesInForce
+
+    @property
+    def rules(self) -> AddressingRules:
+        """The addressing rules in force (a reload replaces them)."""
+        return self.in_force.addressing
 
     # --- who may send ---------------------------------------------------------
 

@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from gateway.sandbox.server import SandboxFax, SandboxHandler
+from gateway.sandbox.greenfax import SandboxFax, SandboxHandler
 
 FEED_PATH = "/api/xml/outbound.php"
 MAX_RANGE = timedelta(days=90)

@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import aiohttp
 
 from gateway.logs import log_event
-from gateway.sandbox.server import SandboxFax
+from gateway.sandbox.greenfax import SandboxFax
 
 log = logging.getLogger("faxgw.sandbox")
 ZONE = ZoneInfo("America/New_York")

@@ -20,7 +20,7 @@ from imap_tools import MailBox, MailBoxStartTls, MailBoxUnencrypted
 
 from gateway.config import ImapSettings
 from gateway.logs import log_event
-from gateway.sandbox.server import SandboxFax
+from gateway.sandbox.greenfax import SandboxFax
 
 log = logging.getLogger("faxgw.sandbox")
 STATUS_SENDER = "status@sandbox.greenfax.localhost"

@@ -49,6 +49,7 @@ from gateway.status.correlate import (
 )
 from gateway.status.dsn import bounce_report, is_dsn, parse_bounce
 from gateway.status.mailparse import ParsedMail, parse_mail
+from gateway.rules import RulesInForce
 from gateway.status.mailrules import MailRules
 from gateway.status.report import dedup_key
 from gateway.store import Writer, iso, utcnow
@@ -80,10 +81,10 @@ class Verdict:
 class StatusMail:
     """Turns status mail into reports; shared by the SMTP status listener and the IMAP reader."""
 
-    def __init__(self, settings: Settings, rules: MailRules, *, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, rules: RulesInForce, *, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.rules = rules
+        self.in_force = rules
         self.policy = CorrelationPolicy.from_settings(settings)
         up = settings.upstream
         addresses = {a.lower() for a in (up.account_sender, up.return_path, *settings.status.addresses) if a}
@@ -93,6 +94,11 @@ class StatusMail:
         self._trusted_domains = tuple(d.lower().lstrip("@") for d in settings.status.trusted_sender_domains)
         self._dkim_keys = {k.lower().rstrip("."): v.encode() for k, v in settings.status.dkim_keys.items()}
         self.batches = _Batches(self)
+
+    @property
+    def rules(self) -> MailRules:
+        """The status-mail rules in force (a reload replaces them)."""
+        return self.in_force.mail
 
     def is_status_address(self, address: str) -> bool:
         address = address.lower()

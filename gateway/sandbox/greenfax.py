@@ -24,7 +24,9 @@ from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from gateway.config import DEFAULT_SANDBOX_SENDER, Settings
 from gateway.outbound.documents import count_pages
+from gateway.rules import RulesInForce
 from gateway.outbound.smtpserver import NullSenderSMTP
 from gateway.logs import log_event
 from gateway.models import NULL_SENDER
@@ -77,12 +79,11 @@ class SandboxFax:
 
 
 class SandboxHandler:
-    def __init__(self, *, domain: str, account_sender: str, code_pattern: re.Pattern[str],
-                 code_header: str | None, credentials: tuple[str, str] | None) -> None:
+    def __init__(self, *, domain: str, account_sender: str, rules: RulesInForce,
+                 credentials: tuple[str, str] | None) -> None:
         self.domain = domain.lower()
         self.account_sender = account_sender.lower()
-        self.code_pattern = code_pattern
-        self.code_header = code_header
+        self.rules = rules  # where the gateway puts the job code: the stand-in reads it back from there
         self.credentials = credentials
         self.faults = Faults()
         self.faxes: list[SandboxFax] = []
@@ -163,9 +164,10 @@ class SandboxHandler:
         return f"250 2.0.0 Ok: queued as {' '.join(references)} (SANDBOX)"
 
     def _job_code(self, message: email.message.Message) -> str | None:
-        if self.code_header and message.get(self.code_header):
-            return str(message.get(self.code_header)).strip()
-        match = self.code_pattern.search(str(message.get("Subject", "")))
+        header = self.rules.code_header
+        if header and message.get(header):
+            return str(message.get(header)).strip()
+        match = self.rules.tag_pattern.search(str(message.get("Subject", "")))
         return match[1] if match else None
 
     def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
@@ -194,6 +196,17 @@ class SandboxSMTP(NullSenderSMTP):
     async def handle_exception(self, error: Exception) -> str:
         log.warning("sandbox session error: %s", error)
         return "500 5.0.0 Sandbox error"
+
+
+def sandbox_handler(settings: Settings, rules: RulesInForce) -> SandboxHandler:
+    """The stand-in as the settings describe it (service and `faxgw sandbox`): domain, account sender, credentials."""
+    sb = settings.sandbox
+    return SandboxHandler(
+        domain=settings.upstream.domain,
+        account_sender=settings.upstream.account_sender or DEFAULT_SANDBOX_SENDER,
+        rules=rules,
+        credentials=(sb.username, sb.password.get_secret_value()) if sb.username and sb.password else None,
+    )
 
 
 async def start_sandbox(handler: SandboxHandler, host: str, port: int, *, tls_context: ssl.SSLContext | None = None,

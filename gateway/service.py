@@ -61,6 +61,7 @@ class Service:
         self.lock = store.StoreLock(path)
         self.writer = store.Writer(path, max_size=settings.store.max_size)
         self.servers: list[asyncio.Server] = []
+        self.intake: Intake | None = None  # the fax handler all SMTP listeners share, once listening
         self.status_addresses: list[tuple[str, int]] = []  # listeners taking status mail, as bound
         self.forwarder: Forwarder | None = None
         self.notifier: Notifier | None = None
@@ -202,6 +203,7 @@ class Service:
             passwords=PasswordChecker(smtp.users), status=self.status_mail, clock=self.clock,
         )
         intake.metrics = self.metrics
+        self.intake = intake  # one for all listeners
         # SMTP may hold a quarter of the descriptors (HTTP half): the store, IMAP and the upstream keep theirs.
         intake.limits.total_limit = max(16, self.nofile // 4)
         status_listen = self.settings.status.listen

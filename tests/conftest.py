@@ -26,6 +26,7 @@ import pytest
 from pypdf import PdfWriter
 
 from gateway import config, store
+from gateway.models import FaxNumber, NewMessage, Recipient
 from gateway.rules import RulesInForce
 from gateway.sandbox import SandboxHandler, start_sandbox
 from gateway.service import Service
@@ -81,6 +82,15 @@ async def send(port: int, message: bytes, *, rcpts: list[str] | None = None, sen
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, **client) as smtp:
         _errors, reply = await smtp.sendmail(sender, rcpts, message)
         return aiosmtplib.SMTPResponse(250, reply)
+
+
+def new_message(*numbers: str, raw: bytes = b"Subject: x\r\n\r\nx\r\n", mail_from: str = "erp@legacy.example",
+                client: str = "127.0.0.1", header_from: str | None = "erp@legacy.example",
+                domain: str = "fax.localhost") -> NewMessage:
+    """The tests' one job factory: a message as the intake stores it, one job per E.164 number given."""
+    return NewMessage(raw=raw, mail_from=mail_from, client=client, helo="h", auth_user=None,
+                      header_from=header_from, smtputf8=False, needs_8bitmime=False,  # type: ignore[arg-type]
+                      recipients=[Recipient(f"{n.lstrip('+')}@{domain}", FaxNumber(n)) for n in numbers])
 
 
 def codes_in(reply: str) -> list[str]:

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import new_message
+
 from gateway import store
-from gateway.models import Channel, FaxNumber, JobState, NewMessage, Recipient, Result, StatusReport, Trust
+from gateway.models import Channel, JobState, Result, StatusReport, Trust
 from gateway.status.correlate import CorrelationPolicy, apply_report, match_by_hand
 from gateway.status.report import dedup_key
 from gateway.store import reports as reports_db
@@ -28,9 +30,7 @@ def conn(tmp_path: Path):
 
 def make_job(conn, number="+12125551234", state=JobState.SUBMITTED) -> str:
     """A job as the intake stores it, taken to `state` the way the forwarder would."""
-    message = NewMessage(raw=b"Subject: x\r\n\r\nx\r\n", mail_from="erp@legacy.example", client="127.0.0.1",
-                         helo="h", auth_user=None, header_from="erp@legacy.example", smtputf8=False,
-                         needs_8bitmime=False, recipients=[Recipient("x@fax.localhost", FaxNumber(number))])
+    message = new_message(number)
     with conn:
         (code,) = store.insert_message(conn, message, store.iso(NOW))
     if state is not JobState.QUEUED:

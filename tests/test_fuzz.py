@@ -43,14 +43,14 @@ from zoneinfo import ZoneInfo
 
 import phonenumbers
 import pytest
-from conftest import ACCOUNT_SENDER, NUMBER, SandboxServer, codes_in, fax_message, pdf_bytes, settings_for
+from conftest import ACCOUNT_SENDER, NUMBER, SandboxServer, codes_in, fax_message, new_message, pdf_bytes, settings_for
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway import replies, store
 from gateway.outbound import mime, mimeparse, tnef, winmail
 from gateway.outbound.smtpserver import has_long_line
-from gateway.models import Channel, FaxNumber, NewMessage, Recipient, Refusal, StatusReport
+from gateway.models import Channel, Recipient, Refusal, StatusReport
 from gateway.outbound.policy import SUBJECT_MAILBOX, Policy
 from gateway.rules import RulesInForce, load_addressing
 from gateway.service import Service
@@ -672,9 +672,7 @@ def report_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReportSto
     tmp = tmp_path_factory.mktemp("reports")
     conn = store.connect(tmp / "store.sqlite3")
     store.migrate(conn)
-    message = NewMessage(raw=fax_message(), mail_from=SENDER, client="127.0.0.1", helo="fuzz.test", auth_user=None,
-                         header_from=SENDER, smtputf8=False, needs_8bitmime=False,
-                         recipients=[Recipient(FAX, FaxNumber("+" + NUMBER))])
+    message = new_message("+" + NUMBER, raw=fax_message(), mail_from=SENDER, header_from=SENDER)
     (code,) = store.insert_message(conn, message, store.iso(store.utcnow()))
     yield ReportStore(conn, code, CorrelationPolicy.from_settings(settings_for(tmp, 9)))
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -25,12 +25,12 @@ from zoneinfo import ZoneInfo
 
 import defusedxml.ElementTree as SafeET
 import pytest
-from conftest import ACCOUNT_SENDER, settings_for
+from conftest import ACCOUNT_SENDER, new_message, settings_for
 
 from gateway import store
 from gateway.rules import RulesInForce
 from gateway.errors import StoreError
-from gateway.models import Channel, FaxNumber, NewMessage, Recipient, Result, StatusReport, Trust
+from gateway.models import Channel, Result, StatusReport, Trust
 from gateway.sandbox.greenfax import SandboxFax
 from gateway.sandbox.statusmail import status_email
 from gateway.status import inbound, mailparse
@@ -194,10 +194,8 @@ def submitted_jobs(path: Path, count: int) -> list[str]:
     codes = []
     with conn:
         for n in range(count):
-            message = NewMessage(raw=b"Subject: x\r\n\r\nx\r\n", mail_from="erp@legacy.example", client="127.0.0.1",
-                                 helo="h", auth_user=None, header_from=None, smtputf8=False, needs_8bitmime=False,
-                                 recipients=[Recipient("x@fax.localhost", FaxNumber(f"+1212555{1000 + n}"))])
-            codes += store.insert_message(conn, message, store.iso(store.utcnow()))
+            codes += store.insert_message(conn, new_message(f"+1212555{1000 + n}", header_from=None),
+                                          store.iso(store.utcnow()))
         conn.execute("UPDATE jobs SET state = 'submitted', reference_id = 9000000 + id")
     conn.close()
     return codes
@@ -307,18 +305,18 @@ def test_a_feed_row_that_fails_is_set_aside_alone(tmp_path, monkeypatch):
     rows = parse_feed(body.encode(), ZoneInfo("America/New_York"))
     settings = settings_for(tmp_path, 9, feed={"url": "http://127.0.0.1:9/feed", "min_interval": 1})
     poller = FeedPoller(settings, None, CorrelationPolicy())  # type: ignore[arg-type]
-    apply_row = poller._apply_row
+    apply_row = poller.apply_row
 
     def apply_or_fail(conn, row, now):
         if row.report.reference_id == refs[2]:
             raise RuntimeError("this row cannot be applied")
         return apply_row(conn, row, now)
 
-    monkeypatch.setattr(poller, "_apply_row", apply_or_fail)
+    monkeypatch.setattr(poller, "apply_row", apply_or_fail)
     conn = store.connect(path)
     with conn:
         conn.execute("BEGIN")
-        counts, listed = poller._apply_chunk(conn, rows)
+        counts, listed = poller.apply_chunk(conn, rows)
     assert counts == {"applied": 3, "error": 1} and listed == {c for i, c in enumerate(codes) if i != 2}
     assert sorted(stored(path, "SELECT reference_id FROM reports")) == sorted((r,) for i, r in enumerate(refs) if i != 2)
 

@@ -9,8 +9,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from conftest import new_message
+
 from gateway import store
-from gateway.models import FaxNumber, NewMessage, Recipient
 
 
 def test_a_second_connection_in_the_process_keeps_the_first_ones_locks(tmp_path):
@@ -55,9 +56,7 @@ def test_the_state_machine_allows_only_its_moves(tmp_path):
 
     conn = store.connect(tmp_path / "s.sqlite3")
     store.migrate(conn)
-    message = NewMessage(raw=b"Subject: x\r\n\r\nx\r\n", mail_from="a@b.example", client="127.0.0.1", helo="h",
-                         auth_user=None, header_from="a@b.example", smtputf8=False, needs_8bitmime=False,
-                         recipients=[Recipient("x@fax.localhost", FaxNumber("+12125551234"))])
+    message = new_message("+12125551234")
     with conn:
         (code,) = store.insert_message(conn, message, store.iso(store.utcnow()))
     job_id = conn.execute("SELECT id FROM jobs WHERE code = ?", (code,)).fetchone()[0]

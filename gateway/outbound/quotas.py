@@ -148,6 +148,10 @@ class AuthThrottle:
         self._failures: dict[str, tuple[int, float]] = {}
         self._checking: Counter[str] = Counter()
 
+    def __len__(self) -> int:
+        """How many clients and user names it remembers failed logins of (at most MAX_KEYS)."""
+        return len(self._failures)
+
     def begin(self, user: str) -> bool:
         """A login for `user` starts; False when it already has CONCURRENT of them in progress."""
         if self._checking[user] >= self.CONCURRENT:

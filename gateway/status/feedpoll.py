@@ -174,7 +174,7 @@ class FeedPoller(Runner):
             rows = await asyncio.to_thread(fax_elements, body)
         except FeedError as exc:
             return await self._failed(claim, exc, manual)
-        counts, listed = await self._apply_rows(rows)
+        counts, listed = await self.apply_rows(rows)
         status = await self.writer.run(self._finish, claim, listed, counts, len(rows), manual)
         self._count("ok", counts)
         self.state.update(status, iso(request_at) if request_at else None, self.feed.min_interval)
@@ -186,7 +186,7 @@ class FeedPoller(Runner):
                   by="manual" if manual else "scheduled", backfill="continues" if claim.window.more else None)
         return PollResult(True, claim.next_allowed_at, request_at, claim.window, len(rows), status["outcomes"])
 
-    async def _apply_rows(self, elements: list[Any]) -> tuple[Counter[str], set[str]]:
+    async def apply_rows(self, elements: list[Any]) -> tuple[Counter[str], set[str]]:
         """Every row through the one correlation path; the codes of the jobs rows were matched to.
 
         Rows are read (in a worker thread) a chunk at a time, the next chunk
@@ -202,7 +202,7 @@ class FeedPoller(Runner):
                 chunk = await asyncio.to_thread(read_rows, elements[first:first + ROWS_PER_COMMIT], self.zone)
                 if writing is not None:
                     self._add(await writing, counts, listed)
-                writing = asyncio.ensure_future(self.writer.run(self._apply_chunk, chunk))
+                writing = asyncio.ensure_future(self.writer.run(self.apply_chunk, chunk))
             if writing is not None:
                 self._add(await writing, counts, listed)
                 writing = None
@@ -281,7 +281,7 @@ class FeedPoller(Runner):
         start = min(start, today)
         return Window(start, min(today, start + timedelta(days=MAX_RANGE_DAYS - 1)), today)
 
-    def _apply_chunk(self, conn: Any, rows: list[FeedRow]) -> tuple[Counter[str], set[str]]:
+    def apply_chunk(self, conn: Any, rows: list[FeedRow]) -> tuple[Counter[str], set[str]]:
         """A chunk of rows, each applied through the correlation path; a row that fails is set aside alone.
 
         The rows are first applied together under one savepoint (a savepoint
@@ -292,7 +292,7 @@ class FeedPoller(Runner):
         now = iso(self.clock())
         try:
             with store.savepoint(conn, "feed_chunk"):
-                outcomes = [self._apply_row(conn, row, now) for row in rows]
+                outcomes = [self.apply_row(conn, row, now) for row in rows]
         except Exception:
             if not conn.in_transaction:
                 raise  # SQLite undid the whole transaction (a full disk): the writer fails the call
@@ -306,7 +306,7 @@ class FeedPoller(Runner):
         for row in rows:
             try:
                 with store.savepoint(conn):
-                    outcome = self._apply_row(conn, row, now)
+                    outcome = self.apply_row(conn, row, now)
             except Exception as exc:  # one bad row is logged and set aside; the others go on
                 counts["error"] += 1
                 log_event(log, "feed-row-error", level=logging.ERROR, reference=row.report.reference_id,
@@ -332,7 +332,7 @@ class FeedPoller(Runner):
         store.save_status(conn, status)
         return status
 
-    def _apply_row(self, conn: Any, row: FeedRow, now: str) -> Outcome:
+    def apply_row(self, conn: Any, row: FeedRow, now: str) -> Outcome:
         """Number matching only for rows whose sender is the account's: other senders' faxes are not ours."""
         apply = apply_pending if row.pending else apply_report
         return apply(conn, row.report, now, self.policy, self._scope(row.sender))

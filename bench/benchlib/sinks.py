@@ -43,7 +43,21 @@ async def wait_arrivals(sink: Any, want: int, timeout: float) -> Arrivals:
         await asyncio.sleep(0.01)
 
 
-class FastSink:
+class _Child:
+    """A sink that runs as a child process (`self.proc`): its pid for the measurements, and its stop."""
+
+    proc: asyncio.subprocess.Process | None = None
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc and self.proc.returncode is None else []
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await procs.terminate(self.proc, grace=5)
+            self.proc = None
+
+
+class FastSink(_Child):
     """bench/sink.py in its own process: real SMTP, counts, parses nothing."""
 
     name = "fast"
@@ -78,13 +92,6 @@ class FastSink:
         """Every X-Bench-Id that arrived (one JSON line: give a large enough reply_limit)."""
         return (await self._ask("ids"))["ids"]
 
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.returncode is None else []
-
-    async def stop(self) -> None:
-        if self.proc is not None:
-            await procs.terminate(self.proc, grace=5)
-            self.proc = None
 
 
 class SandboxInProcess:
@@ -145,7 +152,7 @@ class SandboxInProcess:
             self.server = None
 
 
-class SandboxProcess:
+class SandboxProcess(_Child):
     """`python -m gateway --config CFG sandbox --listen 127.0.0.1:0`; arrivals counted from its log lines."""
 
     name = "sandbox-proc"
@@ -186,13 +193,8 @@ class SandboxProcess:
     async def arrivals(self) -> Arrivals:
         return Arrivals(self.count, self.last)
 
-    def pids(self) -> list[int]:
-        return [self.proc.pid] if self.proc and self.proc.returncode is None else []
-
     async def stop(self) -> None:
-        if self.proc is not None:
-            await procs.terminate(self.proc, grace=5)
-            self.proc = None
+        await super().stop()
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)

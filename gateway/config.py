@@ -27,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -38,6 +39,11 @@ from gateway.errors import ConfigError
 from gateway.units import format_duration, format_size, parse_duration, parse_size
 
 SECRET_KEYS = ("password", "token", "secret")
+
+
+def is_secret_key(name: str) -> bool:
+    """Whether a settings key holds a secret (its value is never printed); an endpoint's URL is not one."""
+    return any(word in name for word in SECRET_KEYS) and not name.endswith("_url")
 DEFAULT_SANDBOX_SENDER = "faxgw@sandbox.localhost"
 DEFAULT_SANDBOX_RETURN_PATH = "fax-bounce@sandbox.localhost"
 
@@ -93,6 +99,85 @@ def _secret(value: Any, info: ValidationInfo) -> SecretStr | None:
     raise ValueError("expected a string, { env = \"NAME\" } or { file = \"/path\" }")
 
 
+class StoredSecret:
+    """A secret the gateway itself may replace (a rotated OAuth2 refresh token), with where it lives.
+
+    Given as `{ file = "PATH" }`, it is read when needed, not at load time
+    (the file may not exist before `faxgw oauth login`), and `store()`
+    rewrites that file; given inline or as `{ env = ... }`, a new value can
+    be kept in memory only.
+    """
+
+    def __init__(self, *, value: SecretStr | None = None, file: Path | None = None) -> None:
+        self._value = value
+        self.file = file
+
+    def read(self) -> str | None:
+        """The current value; None when its file does not exist yet."""
+        if self.file is None:
+            return self._value.get_secret_value() if self._value else None
+        try:
+            return self.file.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read secret file {self.file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"secret file {self.file} is not UTF-8 text") from None
+
+    def store(self, value: str) -> bool:
+        """Keep a new value: rewrite the file atomically with mode 0600 (False: no file, kept in memory only)."""
+        if self.file is None:
+            self._value = SecretStr(value)
+            return False
+        import tempfile
+
+        directory = self.file.parent
+        fd, temporary = tempfile.mkstemp(prefix=f".{self.file.name}.", dir=directory)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, value.encode() + b"\n")
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            os.replace(temporary, self.file)
+            directory_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(directory_fd)
+            finally:
+                os.close(directory_fd)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return True
+
+    def changed_since(self, mark: float | None) -> bool:
+        """Whether the file was rewritten since `mark` (its mtime when last read); never for inline values."""
+        return self.file is not None and self.mtime() != mark
+
+    def mtime(self) -> float | None:
+        try:
+            return self.file.stat().st_mtime_ns if self.file is not None else None
+        except OSError:
+            return None
+
+    def __repr__(self) -> str:
+        return f"StoredSecret(file={self.file})" if self.file else "StoredSecret(********)"
+
+
+def _stored_secret(value: Any, info: ValidationInfo) -> StoredSecret | None:
+    if value is None or isinstance(value, StoredSecret):
+        return value
+    if isinstance(value, dict) and set(value) == {"file"}:
+        path = Path(str(value["file"]))
+        if not path.is_absolute() and info.context and "base" in info.context:
+            path = info.context["base"] / path
+        return StoredSecret(file=path)
+    return StoredSecret(value=_secret(value, info))
+
+
 def _address(value: str) -> str:
     if not re.fullmatch(r"[^@\s<>]+@[^@\s<>]+\.?[^@\s<>]*", value):
         raise ValueError("expected an email address such as fax@example.org")
@@ -112,6 +197,9 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 HostPort = Annotated[tuple[str, int], BeforeValidator(parse_host_port)]
 Network = Annotated[Any, BeforeValidator(_network)]
 Secret = Annotated[SecretStr | None, BeforeValidator(_secret)]
+# Shown as "********" wherever settings are printed; only the gateway reads or stores it.
+Replaceable = Annotated[StoredSecret | None, BeforeValidator(_stored_secret),
+                        PlainSerializer(lambda v: "********" if v is not None else None)]
 Address = Annotated[str, AfterValidator(_address)]
 PasswordHash = Annotated[str, AfterValidator(_argon2_hash)]
 
@@ -239,6 +327,108 @@ class StoreSettings(Section):
     max_size: Size | None = None
 
 
+MICROSOFT_LOGIN = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0"
+# Per provider: token URL, device-code URL, and the scope by grant (README, "Microsoft 365 and Google").
+OAUTH_PROVIDERS: dict[str, dict[str, Any]] = {
+    "microsoft": {
+        "token_url": MICROSOFT_LOGIN + "/token",
+        "device_url": MICROSOFT_LOGIN + "/devicecode",
+        "scope": {"client_credentials": "https://outlook.office365.com/.default",
+                  "refresh_token": "https://outlook.office.com/SMTP.Send offline_access"},
+    },
+    "google": {
+        "token_url": "https://oauth2.googleapis.com/token",
+        "device_url": "https://oauth2.googleapis.com/device/code",
+        "scope": {"refresh_token": "https://mail.google.com/", "jwt_bearer": "https://mail.google.com/"},
+    },
+    "generic": {"scope": {}},
+}
+
+
+class OAuthSettings(Section):
+    """How the gateway gets the access token it gives the upstream with AUTH XOAUTH2 ([upstream] auth = "xoauth2").
+
+    Unset keys take the provider's values (token_url, device_url, scope, grant),
+    so a Microsoft 365 set-up needs only tenant, client_id, client_secret and user.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, arbitrary_types_allowed=True)
+
+    provider: Literal["microsoft", "google", "generic"] = "generic"
+    grant: Literal["client_credentials", "refresh_token", "jwt_bearer"] | None = None
+    tenant: str | None = None  # Microsoft: the directory (tenant) ID or a verified domain
+    token_url: str | None = None
+    device_url: str | None = None  # `faxgw oauth login`: the device authorization endpoint
+    client_id: str | None = None
+    client_secret: Secret = None
+    scope: str | None = None
+    refresh_token: Replaceable = None  # { file = ... } is rewritten when the provider rotates it
+    service_account_file: Path | None = None  # Google: the service account's JSON key
+    user: str | None = None  # the mailbox the gateway sends as (default: [upstream] username)
+    timeout: Duration = 15  # for one token request: a slower answer is a temporary failure
+    ca_file: Path | None = None  # extra CA to trust for the token endpoint (a private OAuth server)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        known = OAUTH_PROVIDERS.get(str(data.get("provider", "generic")))
+        if known is None:
+            return data  # the Literal check names the allowed providers
+        if data.get("grant") is None:
+            if data.get("service_account_file"):
+                data["grant"] = "jwt_bearer"
+            elif data.get("refresh_token") is not None or data.get("provider") == "google":
+                data["grant"] = "refresh_token"
+            else:
+                data["grant"] = "client_credentials"
+        tenant = str(data.get("tenant") or "")
+        for key in ("token_url", "device_url"):
+            if data.get(key) is None and key in known and (tenant or "{tenant}" not in known[key]):
+                data[key] = known[key].format(tenant=tenant)
+        if data.get("scope") is None and data["grant"] in known["scope"]:
+            data["scope"] = known["scope"][data["grant"]]
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> OAuthSettings:
+        if self.provider == "microsoft" and not self.tenant and self.token_url is None:
+            raise ValueError("tenant is required for provider = \"microsoft\" (the directory"
+                             " (tenant) ID from Entra ID, or the tenant's domain)")
+        if self.token_url is None and not (self.grant == "jwt_bearer" and self.service_account_file):
+            raise ValueError("token_url is required for provider = \"generic\"")
+        if self.token_url is not None:
+            _check_endpoint_url("token_url", self.token_url)
+        if self.device_url is not None:
+            _check_endpoint_url("device_url", self.device_url)
+        if self.grant == "jwt_bearer":
+            if self.service_account_file is None:
+                raise ValueError("service_account_file is required for grant = \"jwt_bearer\""
+                                 " (the service account's JSON key)")
+        elif not self.client_id:
+            raise ValueError(f"client_id is required for grant = \"{self.grant}\"")
+        if self.grant == "client_credentials" and self.client_secret is None:
+            raise ValueError("client_secret is required for grant = \"client_credentials\"")
+        if self.grant == "refresh_token" and self.refresh_token is None:
+            raise ValueError("refresh_token is required for grant = \"refresh_token\"; give it as"
+                             " { file = \"/var/lib/faxgw/refresh-token\" } and run `faxgw oauth login` to fill it")
+        return self
+
+
+def _check_endpoint_url(key: str, url: str) -> None:
+    """An OAuth2 endpoint is https; plain http only on loopback (a local token server)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and _is_loopback(parts.hostname or ""):
+        return
+    raise ValueError(f"{key} = {url!r}: expected an https:// URL (http:// only to loopback)")
+
+
 class UpstreamSettings(Section):
     """Where faxes are forwarded, and as whom (DESIGN.md, "Sender identity")."""
 
@@ -246,8 +436,10 @@ class UpstreamSettings(Section):
     port: int | None = Field(default=None, ge=1, le=65535)
     tls: Literal["none", "starttls", "implicit"] = "starttls"
     ca_file: Path | None = None  # extra CA to trust (a private upstream)
+    auth: Literal["password", "xoauth2"] = "password"  # xoauth2: Microsoft 365, Google Workspace ([upstream.oauth])
     username: str | None = None
     password: Secret = None
+    oauth: OAuthSettings | None = None
     allow_insecure: bool = False  # let the password cross in clear to a host beyond loopback (tls = "none")
     domain: str = "greenfax.com"
     account_sender: Address | None = None
@@ -269,11 +461,40 @@ class UpstreamSettings(Section):
     def effective_port(self) -> int:
         return self.port or {"none": 25, "starttls": 587, "implicit": 465}[self.tls]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _oauth_user(cls, data: Any) -> Any:
+        """The XOAUTH2 mailbox defaults to [upstream] username (the service-account grant signs it as subject)."""
+        if isinstance(data, dict) and isinstance(data.get("oauth"), dict) and data.get("username"):
+            data = {**data, "oauth": {"user": data["username"], **data["oauth"]}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> UpstreamSettings:
         if self.host and self.password is not None and self.tls == "none":
             _refuse_cleartext("upstream", self.host, self.allow_insecure, "the password")
+        if self.auth == "xoauth2":
+            if self.oauth is None:
+                raise ValueError("upstream.auth = \"xoauth2\" needs an [upstream.oauth] section (provider,"
+                                 " client_id, ...: see deploy/OPERATIONS.md, \"Microsoft 365 and Google\")")
+            if not self.oauth.user:
+                raise ValueError("upstream.oauth.user is required: the mailbox the gateway sends as")
+            if self.password is not None:
+                raise ValueError("upstream.password and upstream.auth = \"xoauth2\" cannot be used together:"
+                                 " remove the password")
+            if self.host and self.tls == "none":
+                _refuse_cleartext("upstream", self.host, self.allow_insecure, "the access token")
+        elif self.oauth is not None:
+            raise ValueError("[upstream.oauth] is set but upstream.auth = \"password\": set auth = \"xoauth2\""
+                             " to use it, or remove the section")
         return self
+
+    @property
+    def mailbox(self) -> str | None:
+        """Whom the gateway authenticates as (XOAUTH2's user=, or the password login's name)."""
+        if self.auth == "xoauth2" and self.oauth is not None:
+            return self.oauth.user
+        return self.username
 
     def return_path_for(self, code: str, secret: str | None = None) -> str:
         """The envelope sender of one job: the job code and its secret as a subaddress of return_path."""
@@ -655,7 +876,11 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     smtp = settings.smtp.model_copy(
         update={"tls_cert": absolute(settings.smtp.tls_cert), "tls_key": absolute(settings.smtp.tls_key)}
     )
-    upstream = settings.upstream.model_copy(update={"ca_file": absolute(settings.upstream.ca_file)})
+    oauth = settings.upstream.oauth
+    if oauth is not None:
+        oauth = oauth.model_copy(update={"service_account_file": absolute(oauth.service_account_file),
+                                         "ca_file": absolute(oauth.ca_file)})
+    upstream = settings.upstream.model_copy(update={"ca_file": absolute(settings.upstream.ca_file), "oauth": oauth})
     imap = settings.status.imap.model_copy(update={"ca_file": absolute(settings.status.imap.ca_file)})
     status = settings.status.model_copy(
         update={"rule_files": [absolute(p) for p in settings.status.rule_files], "imap": imap}
@@ -679,7 +904,7 @@ def _describe(error: dict[str, Any]) -> str:
         return message
     # A whole section (a check across its keys) is not echoed: it may hold
     # secrets or password hashes, and the message names the keys concerned.
-    secret = any(word in key for word in SECRET_KEYS) or key.startswith("smtp.users")
+    secret = is_secret_key(key) or key.startswith("smtp.users")
     if secret or isinstance(error.get("input"), dict):
         return f"{key}: {message}"
     return f"{key} = {error.get('input')!r}: {message}"
@@ -785,7 +1010,7 @@ def _rendered(name: str, value: Any, formatters: set[Any]) -> Any:
         if name == "users":
             return {user: "(argon2 hash)" for user in value}
         return {key: _rendered(key, item, set()) for key, item in value.items()}
-    if isinstance(value, SecretStr) or any(word in name for word in SECRET_KEYS):
+    if isinstance(value, SecretStr) or is_secret_key(name):
         return "********"
     if parse_duration in formatters:
         return format_duration(value)
@@ -806,7 +1031,7 @@ def effective(settings: Settings) -> dict[str, Any]:
         for key, value in table.items():
             if isinstance(value, dict):
                 mask(value)
-            elif any(word in key for word in SECRET_KEYS) and value:
+            elif is_secret_key(key) and value:
                 table[key] = "********"
 
     mask(data)

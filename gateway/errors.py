@@ -120,3 +120,26 @@ class UpstreamUnknown(UpstreamError):
 
 class UpstreamLacksExtension(UpstreamError):
     """The message needs 8BITMIME or SMTPUTF8 and the upstream does not offer it."""
+
+
+class TokenUnavailable(UpstreamSetupError):
+    """The OAuth2 token endpoint is down, slow or answered garbage: jobs wait, the next attempt asks again.
+
+    `error` is the OAuth2 error code where the endpoint gave one (temporarily_unavailable, slow_down...).
+    """
+
+    def __init__(self, message: str, *, error: str | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class TokenRefused(UpstreamSetupError):
+    """The token endpoint refused the gateway's credentials (invalid_grant, invalid_client...).
+
+    Asking again with the same credentials cannot help: sending stops until
+    the operator acts (the message says how), e.g. `faxgw oauth login`.
+    """
+
+    def __init__(self, message: str, *, error: str) -> None:
+        super().__init__(message)
+        self.error = error

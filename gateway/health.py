@@ -16,6 +16,7 @@ from gateway import store
 from gateway.errors import StoreError
 
 if TYPE_CHECKING:
+    from gateway.outbound.oauth import TokenSource
     from gateway.service import Service
 
 
@@ -39,6 +40,8 @@ async def health_report(service: Service) -> dict[str, Any]:
         "runners": service.runners.report(),
     }
     failing.extend(service.runners.failing())
+    if service.tokens is not None:
+        report["oauth"] = _oauth(service.tokens)
     if service.imap is not None:
         state = service.imap.state
         report["imap"] = {"connected": state.connected, "last_error": state.last_error, "applied": state.applied}
@@ -63,6 +66,17 @@ def _upstream(service: Service, failing: list[str]) -> dict[str, Any]:
             "last_setup_failure": fwd.last_setup_failure,
             "last_setup_failure_at": store.iso(fwd.last_setup_failure_at) if fwd.last_setup_failure_at else None,
             "outcomes_waiting": fwd.unrecorded}
+
+
+def _oauth(tokens: TokenSource) -> dict[str, Any]:
+    """The access token's state: never the token itself."""
+    valid_for = tokens.valid_for()
+    refused = tokens.refused
+    return {"provider": tokens.settings.provider, "grant": tokens.settings.grant,
+            "token_valid_for": round(valid_for) if valid_for is not None else None,
+            "obtained_at": store.iso(tokens.obtained_at) if tokens.obtained_at else None,
+            "requests": tokens.requests, "problem": str(refused) if refused else tokens.problem,
+            "sending_stopped": refused is not None}
 
 
 def _count(service: Service, state: str) -> int:

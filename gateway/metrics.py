@@ -49,6 +49,9 @@ class Metrics:
                             ["rule"], registry=self.registry)
         self.auth_failures = Counter("faxgw_auth_failures_total", "Failed SMTP AUTH attempts, by mechanism",
                                      ["mechanism"], registry=self.registry)
+        self.oauth_requests = Counter("faxgw_oauth_token_requests_total",
+                                      "Requests to the OAuth2 token endpoint, by outcome (ok, unavailable, refused)",
+                                      ["outcome"], registry=self.registry)
         if read_store is not None:
             self.registry.register(StoreCollector(read_store))
 

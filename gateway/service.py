@@ -31,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.health import health_report
 from gateway.runner import Supervisor
 from gateway.outbound.notices import Notifier
+from gateway.outbound.oauth import TokenKeeper, TokenSource
 from gateway.outbound.passwords import PasswordChecker
 from gateway.outbound.policy import Policy
 from gateway.ops.reload import TLS_KINDS, load_reloadable, renew, server_context
@@ -40,7 +41,7 @@ from gateway.sandbox.statusmail import StatusMailer, imap_delivery, smtp_deliver
 from gateway.status.feedpoll import FeedPoller
 from gateway.status.imap import ImapReader, meta_reader
 from gateway.status.inbound import StatusMail
-from gateway.outbound.upstream import Endpoint
+from gateway.outbound.upstream import Endpoint, endpoint_for
 from gateway.http.server import Web
 
 log = logging.getLogger("faxgw.service")
@@ -73,6 +74,7 @@ class Service:
         self.sandbox_server: asyncio.Server | None = None
         self._sandbox_helpers: list[Any] = []  # the sandbox's status mailer and Notify caller
         self.runners = Supervisor(metrics=self.metrics)  # the background loops, in one TaskGroup
+        self.tokens: TokenSource | None = None  # the OAuth2 access token, with [upstream] auth = "xoauth2"
 
     # --- start and stop -----------------------------------------------------------
 
@@ -86,6 +88,7 @@ class Service:
             self._prepare_store()
             self.writer.start()
             self._prepare_reload()
+            await self.runners.start()
             endpoint = await self._upstream_endpoint()
             self.notifier = Notifier(self.settings, self.writer, endpoint, clock=self.clock)
             self.forwarder = Forwarder(
@@ -94,7 +97,6 @@ class Service:
                 notify_states=self.status_mail.policy.notify_states, on_notice=self.notifier.wake,
             )
             self.forwarder.metrics = self.metrics
-            await self.runners.start()
             self.runners.add(self.notifier)
             self.runners.add(self.forwarder)
             self._start_retention()
@@ -138,6 +140,8 @@ class Service:
         if self.sandbox_server is not None:
             self.sandbox_server.close()
             self.sandbox_server = None
+        if self.tokens is not None:
+            await self.tokens.close()
         self.writer.close()
         self.lock.release()
 
@@ -174,13 +178,11 @@ class Service:
     async def _upstream_endpoint(self) -> Endpoint:
         up = self.settings.upstream
         if not self.settings.sandbox_mode:
-            assert up.host
-            return Endpoint(
-                host=up.host, port=up.effective_port, tls=up.tls, username=up.username,
-                password=up.password.get_secret_value() if up.password else None,
-                ca_file=str(up.ca_file) if up.ca_file else None, helo_name=up.helo_name or self.settings.smtp.hostname,
-                connect_timeout=up.connect_timeout, timeout=up.timeout,
-            )
+            if up.oauth is not None:
+                self.tokens = TokenSource(up.oauth, on_request=lambda outcome: self.metrics.oauth_requests.labels(
+                    outcome).inc())
+                self.runners.add(TokenKeeper(self.tokens, clock=self.clock))  # the first token before the first fax
+            return endpoint_for(self.settings, self.tokens)
         from gateway.sandbox import sandbox_handler, start_sandbox
 
         sb = self.settings.sandbox

@@ -9,6 +9,7 @@ one module per group and are added to the group below, by name:
   reportcmd.py  unmatched, match, rules test
   feedcmd.py    feed poll, feed status, feed foreign
   admin.py      backup, restore, purge
+  upstreamcmd.py  check-upstream, oauth login, oauth test
 
 They receive the `Context` below as click's `obj`, print through table.py,
 and raise; `main` turns what they raise into one line and an exit code. A
@@ -25,7 +26,7 @@ import click
 
 from gateway import config as config_module
 from gateway import store
-from gateway.cli import admin, feedcmd, jobcmd, reportcmd, setupcmd
+from gateway.cli import admin, feedcmd, jobcmd, reportcmd, setupcmd, upstreamcmd
 from gateway.config import Settings
 from gateway.errors import GatewayError
 
@@ -87,6 +88,8 @@ cli.add_command(feedcmd.feed)
 cli.add_command(admin.backup)
 cli.add_command(admin.restore)
 cli.add_command(admin.purge)
+cli.add_command(upstreamcmd.check_upstream)
+cli.add_command(upstreamcmd.oauth)
 
 
 def main() -> None:

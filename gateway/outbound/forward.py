@@ -34,6 +34,7 @@ from gateway.config import UpstreamSettings
 from gateway.errors import (
     StoreError,
     TnefError,
+    TokenRefused,
     UpstreamError,
     UpstreamLacksExtension,
     UpstreamRejected,
@@ -94,6 +95,7 @@ class Forwarder(Runner):
         self.last_success: datetime | None = None
         self.last_setup_failure: str | None = None
         self.last_setup_failure_at: datetime | None = None
+        self._told_refusal: TokenRefused | None = None  # the refusal one deferred job has recorded
         self.metrics: Metrics | None = None
 
     @property
@@ -153,6 +155,11 @@ class Forwarder(Runner):
     async def step(self) -> None:
         """Hand out one ticket per due job, to at most as many workers as are free; then wait for work."""
         free = self.settings.concurrency - self._busy - self._tickets.qsize()
+        tokens = self.endpoint.tokens
+        if tokens is not None and tokens.refused is not None and tokens.refused is self._told_refusal:
+            # The token endpoint refused the credentials and a job's history says so: nothing
+            # is claimed (no attempt counted, no request made) until the credentials change.
+            return
         if free > 0 and time.monotonic() >= self._paused_until:
             now = self.clock()
             horizon = iso(now + timedelta(seconds=self.settings.retry_max + CLOCK_SLACK))
@@ -292,6 +299,8 @@ class Forwarder(Runner):
         if isinstance(exc, UpstreamLacksExtension):
             return JobState.HELD, detail, reply
         if isinstance(exc, UpstreamSetupError):
+            if isinstance(exc, TokenRefused):
+                self._told_refusal = exc
             self.last_setup_failure = f"{detail}{': ' + reply if reply else ''}"
             self.last_setup_failure_at = self.clock()
             self._paused_until = time.monotonic() + self.settings.retry_initial

@@ -2,9 +2,11 @@
 
 - 2xx to the data: accepted.
 - 4xx anywhere, or a network error before the message was sent: UpstreamTemporary.
-- 5xx to RCPT or to the data: UpstreamRejected (this fax, for good).
-- 5xx to EHLO/AUTH/MAIL, or any TLS failure: UpstreamSetupError (the
-  gateway's own set-up; the fax is fine and waits).
+- 5xx to RCPT or to the data: UpstreamRejected (this fax, for good), unless
+  diagnose.py knows the reply as a set-up fault (relay denied, SendAsDenied).
+- 5xx to EHLO/AUTH/MAIL, any TLS failure, or no OAuth2 token: UpstreamSetupError
+  (the gateway's own set-up; the fax is fine and waits). The message carries
+  diagnose.py's cause where the reply is a known one.
 - connection lost or timed out after the message was sent and before the
   reply: UpstreamUnknown (the upstream may have it).
 - a message needing 8BITMIME or SMTPUTF8 the upstream lacks: UpstreamLacksExtension.
@@ -15,19 +17,25 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiosmtplib
-from aiosmtplib import SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError
+from aiosmtplib import SMTPResponse, SMTPResponseException, SMTPServerDisconnected, SMTPTimeoutError
 
 from gateway.errors import (
+    UpstreamError,
     UpstreamLacksExtension,
     UpstreamRejected,
     UpstreamSetupError,
     UpstreamTemporary,
     UpstreamUnknown,
 )
+from gateway.outbound.diagnose import diagnose
 
+if TYPE_CHECKING:
+    from gateway.config import Settings
+    from gateway.outbound.oauth import TokenSource
 
 
 @dataclass(frozen=True)
@@ -43,9 +51,29 @@ class Endpoint:
     helo_name: str | None = None
     connect_timeout: float = 30
     timeout: float = 120
+    tokens: TokenSource | None = field(default=None, compare=False)  # AUTH XOAUTH2 as `username`
 
     def describe(self) -> str:
         return f"{self.host}:{self.port} (tls={self.tls})"
+
+    @property
+    def mechanism(self) -> str | None:
+        """How the session authenticates: "XOAUTH2", a password login ("LOGIN" stands for aiosmtplib's choice), or None."""
+        if self.tokens is not None:
+            return "XOAUTH2"
+        return "LOGIN" if self.username else None
+
+
+def endpoint_for(settings: Settings, tokens: TokenSource | None = None) -> Endpoint:
+    """The configured upstream (not the sandbox); `tokens` for [upstream] auth = "xoauth2"."""
+    up = settings.upstream
+    assert up.host
+    return Endpoint(
+        host=up.host, port=up.effective_port, tls=up.tls, username=up.mailbox,
+        password=up.password.get_secret_value() if up.password else None,
+        ca_file=str(up.ca_file) if up.ca_file else None, helo_name=up.helo_name or settings.smtp.hostname,
+        connect_timeout=up.connect_timeout, timeout=up.timeout, tokens=tokens,
+    )
 
 
 _ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\s+(.*)", re.DOTALL)
@@ -59,6 +87,12 @@ def _reply(code: int, message: str) -> dict[str, object]:
     return {"code": code, "enhanced": None, "text": message.strip()}
 
 
+def explained(message: str, step: str, code: int, text: str) -> str:
+    """`message`, with diagnose.py's cause of the reply where it knows one."""
+    found = diagnose(step, code, text)
+    return f"{message}: {found.cause}" if found else message
+
+
 def _tls_failure(exc: BaseException) -> bool:
     seen: BaseException | None = exc
     while seen is not None:
@@ -66,6 +100,34 @@ def _tls_failure(exc: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+async def authenticate(smtp: aiosmtplib.SMTP, endpoint: Endpoint) -> SMTPResponse | None:
+    """AUTH as the endpoint says: XOAUTH2 with the token source's token, a password login, or none.
+
+    An XOAUTH2 token the upstream refuses (535, or 454 while it checks) may
+    have expired on its side before ours: it is renewed once (one request
+    for every connection that saw the same token refused) and tried again.
+    Microsoft's 5.7.139 is a tenant setting that no token changes.
+    """
+    tokens = endpoint.tokens
+    if tokens is None:
+        if endpoint.username:
+            return await smtp.login(endpoint.username, endpoint.password or "")
+        return None
+    offered = smtp.server_auth_methods
+    if "xoauth2" not in offered:
+        raise UpstreamSetupError(
+            f"{endpoint.describe()} does not offer AUTH XOAUTH2 (it offers: {' '.join(offered).upper() or 'no AUTH'});"
+            " check [upstream] host and port, and auth = \"xoauth2\"")
+    assert endpoint.username
+    token = await tokens.token()
+    try:
+        return await smtp.auth_xoauth2(endpoint.username, token)
+    except SMTPResponseException as exc:
+        if exc.code not in (535, 454) or exc.message.startswith("5.7.139"):
+            raise
+        return await smtp.auth_xoauth2(endpoint.username, await tokens.renew(token))
 
 
 class UpstreamConnection:
@@ -101,25 +163,29 @@ class UpstreamConnection:
             hostname=ep.host, port=ep.port, use_tls=ep.tls == "implicit", start_tls=False,
             tls_context=context, timeout=ep.connect_timeout, local_hostname=ep.helo_name,
         )
+        step = "connect"
         try:
             await smtp.connect()
             if smtp.last_ehlo_response is None:
                 await smtp.ehlo()
             if ep.tls == "starttls":
+                step = "starttls"
                 if not smtp.supports_extension("starttls"):
                     raise UpstreamSetupError(f"{ep.describe()} does not offer STARTTLS, which tls = \"starttls\" requires")
                 await smtp.starttls(tls_context=context)
                 await smtp.ehlo()
-            if ep.username:
-                await smtp.login(ep.username, ep.password or "")
+            step = "auth"
+            await authenticate(smtp, ep)
         except UpstreamSetupError:
             smtp.close()
             raise
         except SMTPResponseException as exc:
             smtp.close()
             if exc.code >= 500:
-                raise UpstreamSetupError(f"{ep.describe()} refused the session set-up", **_reply(exc.code, exc.message)) from exc
-            raise UpstreamTemporary(f"{ep.describe()} answered {exc.code} during set-up", **_reply(exc.code, exc.message)) from exc
+                raise UpstreamSetupError(explained(f"{ep.describe()} refused the session set-up", step, exc.code,
+                                                   exc.message), **_reply(exc.code, exc.message)) from exc
+            raise UpstreamTemporary(f"{ep.describe()} answered {exc.code} during set-up",
+                                    **_reply(exc.code, exc.message)) from exc
         except Exception as exc:
             smtp.close()
             if _tls_failure(exc):
@@ -169,7 +235,8 @@ class UpstreamConnection:
             await self._reset(smtp)
             if exc.code >= 500:
                 # Not naming the sender: it carries the job's secret (the VERP address).
-                raise UpstreamSetupError("upstream refused the envelope sender (the return path)",
+                raise UpstreamSetupError(explained("upstream refused the envelope sender (the return path)",
+                                                   "mail", exc.code, exc.message),
                                          **_reply(exc.code, exc.message)) from exc
             raise UpstreamTemporary("upstream deferred the sender", **_reply(exc.code, exc.message)) from exc
         try:
@@ -177,7 +244,7 @@ class UpstreamConnection:
         except SMTPResponseException as exc:
             await self._reset(smtp)
             if exc.code >= 500:
-                raise UpstreamRejected(f"upstream refused <{recipient}>", **_reply(exc.code, exc.message)) from exc
+                raise _refusal(f"upstream refused <{recipient}>", "rcpt", exc.code, exc.message) from exc
             raise UpstreamTemporary(f"upstream deferred <{recipient}>", **_reply(exc.code, exc.message)) from exc
 
     async def _transfer(self, smtp: aiosmtplib.SMTP, message: bytes) -> str:
@@ -215,7 +282,7 @@ class UpstreamConnection:
     @staticmethod
     def _raise_for_data(code: int, message: str) -> None:
         if code >= 500:
-            raise UpstreamRejected("upstream refused the message", **_reply(code, message))
+            raise _refusal("upstream refused the message", "data", code, message)
         raise UpstreamTemporary("upstream deferred the message", **_reply(code, message))
 
     async def _reset(self, smtp: aiosmtplib.SMTP) -> None:
@@ -224,3 +291,11 @@ class UpstreamConnection:
             await smtp.rset()
         except Exception:
             self.abort()
+
+
+def _refusal(message: str, step: str, code: int, text: str) -> UpstreamError:
+    """A 5xx to RCPT or the data: this fax refused for good, unless the reply is a known set-up fault."""
+    found = diagnose(step, code, text)
+    if found is not None and found.setup:
+        return UpstreamSetupError(f"{message}: {found.cause}", **_reply(code, text))
+    return UpstreamRejected(f"{message}: {found.cause}" if found else message, **_reply(code, text))

@@ -345,6 +345,15 @@ OAUTH_PROVIDERS: dict[str, dict[str, Any]] = {
 }
 
 
+# Upstreams that stop taking passwords for SMTP AUTH: check-config says what instead.
+PASSWORDLESS_HOSTS = {
+    "smtp.office365.com": "Microsoft 365 disables password (basic) authentication for SMTP AUTH from the end of"
+                          " 2026: set auth = \"xoauth2\" (deploy/OPERATIONS.md, \"Microsoft 365\")",
+    "smtp.gmail.com": "Google takes a password only as an app password with 2-step verification: prefer"
+                      " auth = \"xoauth2\" (deploy/OPERATIONS.md, \"Google Workspace\")",
+}
+
+
 class OAuthSettings(Section):
     """How the gateway gets the access token it gives the upstream with AUTH XOAUTH2 ([upstream] auth = "xoauth2").
 
@@ -927,6 +936,17 @@ def warnings(settings: Settings) -> list[str]:
     if settings.http.api_token is None and not settings.sandbox_mode:
         found.append("http.api_token is not set: any local user can read the fax log (numbers, senders, job"
                      " codes) at /api/jobs; set one, and give it to the programs that read the API")
+    up = settings.upstream
+    oauth = up.oauth
+    if oauth is not None and oauth.refresh_token is not None and oauth.refresh_token.file is not None \
+            and not oauth.refresh_token.file.exists():
+        found.append(f"upstream.oauth.refresh_token: {oauth.refresh_token.file} does not exist yet: run"
+                     " `faxgw oauth login` to sign in and fill it (faxes wait until then)")
+    if oauth is not None and oauth.service_account_file is not None and not oauth.service_account_file.is_file():
+        found.append(f"upstream.oauth.service_account_file: {oauth.service_account_file} does not exist: download"
+                     " the service account's JSON key there")
+    if up.auth == "password" and up.password is not None and (up.host or "").lower() in PASSWORDLESS_HOSTS:
+        found.append(f"upstream.auth = \"password\" with {up.host}: {PASSWORDLESS_HOSTS[up.host.lower()]}")
     status = settings.status
     if status.listen and not status.require_dkim and not status.trusted_networks:
         found.append("status.require_dkim = false and no status.trusted_networks: no status mail received by SMTP"

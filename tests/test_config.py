@@ -296,3 +296,70 @@ def test_an_http_port_in_use_names_the_key_to_set(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     assert f"cannot listen for HTTP on 127.0.0.1:{taken}: " in line and "set [http] listen to a free address" in line
+
+
+# --- upstream OAuth2 ----------------------------------------------------------------------
+
+OAUTH = PRODUCTION.replace('host = "smtp.example.org"', 'host = "smtp.office365.com"') + 'auth = "xoauth2"\n'
+
+
+def test_provider_defaults_fill_the_token_url_scope_and_grant(tmp_path):
+    text = OAUTH + (f'[upstream.oauth]\nprovider = "microsoft"\ntenant = "office.example"\nclient_id = "app-1"\n'
+                    f'client_secret = "{SECRET}"\nuser = "fax@office.example"\n')
+    result = faxgw("check-config", "--json", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text), timeout=30)
+    oauth = effective(result)["upstream"]["oauth"]
+    assert oauth["grant"] == "client_credentials" and oauth["scope"] == "https://outlook.office365.com/.default"
+    assert oauth["token_url"] == "https://login.microsoftonline.com/office.example/oauth2/v2.0/token"
+    assert oauth["client_secret"] == "********" and SECRET not in result.stdout
+
+    delegated = config.validate({"upstream": {
+        "host": "smtp.office365.com", "account_sender": "a@b.example", "return_path": "r@b.example",
+        "auth": "xoauth2", "username": "fax@office.example", "oauth": {
+            "provider": "microsoft", "tenant": "t1", "client_id": "app-1", "refresh_token": {"file": "rt"}}}},
+        source="test", base=tmp_path)
+    oauth = delegated.upstream.oauth
+    assert oauth.grant == "refresh_token" and oauth.scope == "https://outlook.office.com/SMTP.Send offline_access"
+    assert oauth.user == "fax@office.example" and oauth.refresh_token.file == tmp_path / "rt"
+
+
+def test_check_config_says_to_run_oauth_login_while_the_refresh_token_file_is_missing(tmp_path):
+    text = OAUTH + ('[upstream.oauth]\nprovider = "microsoft"\ntenant = "t1"\nclient_id = "app-1"\n'
+                    'refresh_token = { file = "refresh-token" }\nuser = "fax@office.example"\n')
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "does not exist yet: run `faxgw oauth login`" in result.stderr
+
+
+def test_a_password_for_microsoft_365_is_warned_of(tmp_path):
+    text = PRODUCTION.replace('host = "smtp.example.org"', 'host = "smtp.office365.com"') + f'password = "{SECRET}"\n'
+    result = faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text), timeout=30)
+    assert result.returncode == 0 and 'set auth = "xoauth2"' in result.stderr and SECRET not in result.stderr
+
+
+@pytest.mark.parametrize("oauth, words", [
+    ('provider = "microsoft"\nclient_id = "x"\nclient_secret = "y"\n', "tenant is required"),
+    ('provider = "generic"\nclient_id = "x"\nclient_secret = "y"\n', "token_url is required"),
+    ('provider = "google"\nclient_id = "x"\n', "refresh_token is required"),
+    ('provider = "generic"\ntoken_url = "http://auth.example.org/token"\nclient_id = "x"\nclient_secret = "y"\n',
+     "https://"),
+    ('provider = "microsoft"\ntenant = "t"\n', "client_id is required"),
+    ('provider = "google"\ngrant = "jwt_bearer"\n', "service_account_file is required"),
+], ids=["no-tenant", "no-token-url", "no-refresh-token", "http-beyond-loopback", "no-client-id", "no-key"])
+def test_an_incomplete_oauth_section_says_what_is_missing(tmp_path, oauth, words):
+    text = OAUTH + '[upstream.oauth]\nuser = "fax@office.example"\n' + oauth
+    line = one_line_error(faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text)))
+    assert "upstream.oauth" in line and words in line
+
+
+@pytest.mark.parametrize("text, words", [
+    (OAUTH, "needs an [upstream.oauth] section"),
+    (PRODUCTION + '[upstream.oauth]\nprovider = "microsoft"\ntenant = "t"\nclient_id = "x"\nclient_secret = "y"\n',
+     'set auth = "xoauth2"'),
+    (OAUTH + f'password = "{SECRET}"\n[upstream.oauth]\nprovider = "microsoft"\ntenant = "t"\nclient_id = "x"\n'
+     'client_secret = "y"\nuser = "u@x.example"\n', "cannot be used together"),
+    (OAUTH + 'tls = "none"\n[upstream.oauth]\nprovider = "microsoft"\ntenant = "t"\nclient_id = "x"\n'
+     'client_secret = "y"\nuser = "u@x.example"\n', "the access token in clear"),
+], ids=["no-section", "section-without-xoauth2", "password-too", "token-in-clear"])
+def test_contradictory_auth_settings_are_refused(tmp_path, text, words):
+    line = one_line_error(faxgw("check-config", cwd=tmp_path, config=write_config(tmp_path / "faxgw.toml", text)))
+    assert words in line and SECRET not in line

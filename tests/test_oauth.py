@@ -315,7 +315,7 @@ async def test_check_upstream_names_the_cause_of_each_common_refusal(upstream, t
     assert code == 1, out
     failed = [line for line in out.splitlines() if line.lstrip().startswith("FAIL")]
     assert len(failed) == 1 and failed[0].split()[1] == step and reply.split()[0] in failed[0]
-    assert f"cause: " in out and cause in out
+    assert "cause: " in out and cause in out
     assert CLIENT_SECRET not in out and not any(t in out for t in upstream.tokens.issued)
 
 

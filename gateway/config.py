@@ -333,12 +333,14 @@ OAUTH_PROVIDERS: dict[str, dict[str, Any]] = {
     "microsoft": {
         "token_url": MICROSOFT_LOGIN + "/token",
         "device_url": MICROSOFT_LOGIN + "/devicecode",
+        "authorize_url": MICROSOFT_LOGIN + "/authorize",
         "scope": {"client_credentials": "https://outlook.office365.com/.default",
                   "refresh_token": "https://outlook.office.com/SMTP.Send offline_access"},
     },
     "google": {
         "token_url": "https://oauth2.googleapis.com/token",
         "device_url": "https://oauth2.googleapis.com/device/code",
+        "authorize_url": "https://accounts.google.com/o/oauth2/v2/auth",
         "scope": {"refresh_token": "https://mail.google.com/", "jwt_bearer": "https://mail.google.com/"},
     },
     "generic": {"scope": {}},
@@ -368,6 +370,7 @@ class OAuthSettings(Section):
     tenant: str | None = None  # Microsoft: the directory (tenant) ID or a verified domain
     token_url: str | None = None
     device_url: str | None = None  # `faxgw oauth login`: the device authorization endpoint
+    authorize_url: str | None = None  # `faxgw oauth login --browser`: the authorization endpoint
     client_id: str | None = None
     client_secret: Secret = None
     scope: str | None = None
@@ -394,7 +397,7 @@ class OAuthSettings(Section):
             else:
                 data["grant"] = "client_credentials"
         tenant = str(data.get("tenant") or "")
-        for key in ("token_url", "device_url"):
+        for key in ("token_url", "device_url", "authorize_url"):
             if data.get(key) is None and key in known and (tenant or "{tenant}" not in known[key]):
                 data[key] = known[key].format(tenant=tenant)
         if data.get("scope") is None and data["grant"] in known["scope"]:
@@ -410,8 +413,9 @@ class OAuthSettings(Section):
             raise ValueError("token_url is required for provider = \"generic\"")
         if self.token_url is not None:
             _check_endpoint_url("token_url", self.token_url)
-        if self.device_url is not None:
-            _check_endpoint_url("device_url", self.device_url)
+        for key in ("device_url", "authorize_url"):
+            if getattr(self, key) is not None:
+                _check_endpoint_url(key, getattr(self, key))
         if self.grant == "jwt_bearer":
             if self.service_account_file is None:
                 raise ValueError("service_account_file is required for grant = \"jwt_bearer\""

@@ -365,6 +365,57 @@ async def test_oauth_login_runs_the_device_flow_and_stores_the_refresh_token(ups
     assert code == 0, out
 
 
+async def start_browser_login(config: Path, *args: str) -> tuple[asyncio.subprocess.Process, str, list[str]]:
+    """`faxgw oauth login --browser`, read until it shows the authorization address; the process and it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "--config", str(config), "oauth", "login", "--browser", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    assert process.stdout is not None
+    shown: list[str] = []
+    while True:
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        assert line, f"login ended early: {shown}"
+        shown.append(line)
+        if "/authorize?" in line:
+            return process, line.strip(), shown
+
+
+@pytest.mark.parametrize("how", ["redirect", "pasted"])
+async def test_oauth_login_in_a_browser_with_pkce_stores_the_refresh_token(upstream, tmp_path, how):
+    token_file = tmp_path / "refresh-token"
+    config = write_config(tmp_path, upstream, refresh_grant(upstream, token_file,
+                                                            authorize_url=upstream.tokens.authorize_url))
+    process, url, shown = await start_browser_login(config)
+    assert "code_challenge=" in url and "login_hint=fax%40office.example" in url
+    async with aiohttp.ClientSession() as browser:
+        if how == "redirect":  # the browser runs on this machine: it follows the redirect to the command
+            async with browser.get(url) as page:
+                assert page.status == 200 and "signed in" in await page.text()
+            rest, _ = await asyncio.wait_for(process.communicate(), 30)
+        else:  # on another machine: the address it ends on is pasted into the command
+            async with browser.get(url, allow_redirects=False) as page:
+                landing = page.headers["Location"]
+            rest, _ = await asyncio.wait_for(process.communicate(landing.encode() + b"\n"), 30)
+    out = "".join(shown) + rest.decode()
+    assert process.returncode == 0, out
+    stored = token_file.read_text().strip()
+    assert stored in upstream.tokens.refresh_tokens and stored not in out
+    assert upstream.tokens.requests["authorization_code"] == 1
+
+
+async def test_oauth_login_in_a_browser_says_when_the_user_declined(upstream, tmp_path):
+    upstream.tokens.deny = True
+    config = write_config(tmp_path, upstream, refresh_grant(upstream, tmp_path / "refresh-token",
+                                                            authorize_url=upstream.tokens.authorize_url))
+    process, url, shown = await start_browser_login(config)
+    async with aiohttp.ClientSession() as browser, browser.get(url) as page:
+        assert page.status == 200
+    rest, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert "access_denied" in rest.decode() and "declined" in rest.decode()
+    assert not (tmp_path / "refresh-token").exists()
+
+
 async def test_check_config_masks_the_oauth_secrets(upstream, tmp_path):
     token_file = tmp_path / "refresh-token"
     token_file.write_text("rt-must-not-show-7f3a\n")

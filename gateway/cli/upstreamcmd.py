@@ -19,6 +19,8 @@ import click
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from gateway.cli.main import Context
     from gateway.config import Settings
     from gateway.outbound.oauth import TokenSource
@@ -138,15 +140,24 @@ def oauth_test(obj: Context) -> None:
 
 
 @oauth.command("login")
+@click.option("--browser", "flow", flag_value="browser",
+              help="Sign in in a browser (authorization code with PKCE); the default for Google.")
+@click.option("--device", "flow", flag_value="device",
+              help="Sign in with a code on any device (device code flow); the default otherwise.")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), metavar="PORT",
+              help="Loopback port for the browser's redirect (default: any free one).")
 @click.pass_obj
-def oauth_login(obj: Context) -> None:
-    """Sign in once as the mailbox (device code flow) and store the refresh token.
+def oauth_login(obj: Context, flow: str | None, port: int) -> None:
+    """Sign in once as the mailbox and store the refresh token.
 
-    For grant = "refresh_token" (Microsoft's delegated SMTP.Send, or any
-    provider with a device endpoint). It prints a web address and a code:
-    open the address on any device, sign in as the mailbox and enter the
-    code. The refresh token goes to the file of upstream.oauth.refresh_token
-    (mode 0600); a running gateway uses it from its next token request.
+    For grant = "refresh_token" (Microsoft's delegated SMTP.Send, a Google
+    mailbox, any OAuth2 provider). The device code flow prints a web address
+    and a code: open it on any device, sign in as the mailbox, enter the code.
+    Google does not offer its mail scope to that flow, so for Google the
+    command prints an address to open in a browser instead, and waits for the
+    browser to come back to 127.0.0.1 (or for the address it ends on, pasted).
+    The refresh token goes to the file of upstream.oauth.refresh_token (mode
+    0600); a running gateway uses it from its next token request.
 
     \b
     Example:
@@ -165,13 +176,37 @@ def oauth_login(obj: Context) -> None:
     if stored is None or stored.file is None:
         raise GatewayError("oauth login: upstream.oauth.refresh_token must be { file = \"PATH\" } so that the"
                            " refresh token can be stored")
+    flow = flow or ("browser" if oauth_settings.provider == "google" else "device")
 
     async def run() -> str:
         try:
-            return await tokens.device_login(lambda text: click.echo(text, nl=True))
+            if flow == "device":
+                return await tokens.device_login(click.echo)
+            return await tokens.browser_login(click.echo, _pasted_address(), port=port)
         finally:
             await tokens.close()
 
-    click.echo(f"signing in {oauth_settings.user} with {oauth_settings.provider} (device code flow)")
+    click.echo(f"signing in {oauth_settings.user} with {oauth_settings.provider} ({flow} flow)")
     where = asyncio.run(run())
     click.echo(f"signed in; the refresh token is stored in {where} (mode 0600)")
+
+
+def _pasted_address() -> asyncio.Future[str]:
+    """The first line of standard input that holds an address (a daemon thread reads it; EOF: never)."""
+    import asyncio
+    import threading
+
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if "://" in line:
+                try:
+                    loop.call_soon_threadsafe(lambda: future.done() or future.set_result(line))
+                except RuntimeError:  # the sign-in ended already (the browser came back)
+                    pass
+                return
+
+    threading.Thread(target=read, name="paste", daemon=True).start()
+    return future

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from gateway.config import OAuthSettings
 from gateway.errors import TokenRefused, TokenUnavailable
@@ -226,18 +227,21 @@ class TokenSource:
     def client(self) -> Any:
         """authlib's OAuth2 client, one per source (it keeps the endpoint's connection)."""
         if self._client is None:
-            from authlib.integrations.httpx_client import AsyncOAuth2Client
-
-            s = self.settings
-            verify: Any = True
-            if s.ca_file is not None:
-                verify = ssl.create_default_context(cafile=str(s.ca_file))
-            self._client = AsyncOAuth2Client(
-                client_id=s.client_id, client_secret=s.client_secret.get_secret_value() if s.client_secret else None,
-                token_endpoint_auth_method="client_secret_post" if s.client_secret else "none",
-                scope=s.scope, timeout=s.timeout, verify=verify, trust_env=False,
-            )
+            self._client = self._new_client()
         return self._client
+
+    def _new_client(self, **extra: Any) -> Any:
+        from authlib.integrations.httpx_client import AsyncOAuth2Client
+
+        s = self.settings
+        verify: Any = True
+        if s.ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(s.ca_file))
+        return AsyncOAuth2Client(
+            client_id=s.client_id, client_secret=s.client_secret.get_secret_value() if s.client_secret else None,
+            token_endpoint_auth_method="client_secret_post" if s.client_secret else "none",
+            scope=s.scope, timeout=s.timeout, verify=verify, trust_env=False, **extra,
+        )
 
     async def _ask(self) -> dict[str, Any]:
         s = self.settings
@@ -348,6 +352,11 @@ class TokenSource:
             if time.monotonic() > deadline:
                 raise TokenRefused("nobody signed in before the code expired: run `faxgw oauth login` again",
                                    error="expired_token")
+        return self._keep_login(answer)
+
+    def _keep_login(self, answer: dict[str, Any]) -> str:
+        """Store the refresh token a sign-in gave; where it went."""
+        s = self.settings
         refresh = answer.get("refresh_token")
         if not isinstance(refresh, str) or not refresh:
             raise TokenRefused(f"the sign-in gave no refresh token: the scope {s.scope!r} needs offline_access"
@@ -358,6 +367,68 @@ class TokenSource:
                                " store the refresh token", error="refresh_token")
         self._refused = None
         return str(s.refresh_token.file)
+
+    async def browser_login(self, show: Callable[[str], None], pasted: asyncio.Future[str], *,
+                            port: int = 0, give_up_after: float = 900.0) -> str:
+        """The authorization code flow with PKCE and a loopback redirect (RFC 8252), for Google's mail scope.
+
+        Listens on 127.0.0.1 for the browser's redirect; a browser on
+        another machine cannot reach it, so the address it ends on may be
+        pasted instead (`pasted` resolves to it). Returns where the refresh
+        token went.
+        """
+        from aiohttp import web
+        from authlib.common.errors import AuthlibBaseError
+        from authlib.common.security import generate_token
+
+        s = self.settings
+        if s.authorize_url is None:
+            raise TokenRefused("upstream.oauth.authorize_url is not set: give the provider's authorization"
+                               " endpoint", error="authorize_url")
+        arrived: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def redirected(request: web.Request) -> web.Response:
+            if not arrived.done():
+                arrived.set_result(str(request.url))
+            return web.Response(text="greenfax-gateway: signed in; you may close this page.\n")
+
+        app = web.Application()
+        app.router.add_get("/", redirected)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", port)
+            await site.start()
+            bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            redirect_uri = f"http://127.0.0.1:{bound}/"
+            client = self._new_client(redirect_uri=redirect_uri, code_challenge_method="S256")
+            verifier = generate_token(64)
+            url, state = client.create_authorization_url(
+                s.authorize_url, code_verifier=verifier, access_type="offline", prompt="consent",
+                login_hint=s.user or "")
+            show(f"Open this address in a browser, sign in as {s.user} and allow access:\n\n  {url}\n\n"
+                 f"The browser then goes to {redirect_uri}. If it runs on another machine that page does not"
+                 " load: copy the whole address from its address bar and paste it here.")
+            done, _pending = await asyncio.wait({arrived, pasted}, timeout=give_up_after,
+                                                return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise TokenRefused("nobody signed in in time: run `faxgw oauth login` again", error="expired_token")
+            response = next(iter(done)).result().strip()
+            declined = parse_qs(urlsplit(response).query).get("error")
+            if declined:
+                raise TokenRefused(f"the sign-in did not complete ({declined[0]}): {what_to_do(s, declined[0])}",
+                                   error=declined[0])
+            try:
+                answer = await self.call(client.fetch_token(s.token_url, authorization_response=response,
+                                                            state=state, code_verifier=verifier))
+            except AuthlibBaseError as exc:  # no code in the address, or another sign-in's state
+                raise TokenRefused(f"the address is not this sign-in's answer ({exc.error}): run `faxgw oauth"
+                                   " login` again and paste the address the browser ends on", error=str(exc.error)) from None
+            finally:
+                await client.aclose()
+        finally:
+            await runner.cleanup()
+        return self._keep_login(answer)
 
     @staticmethod
     async def _device_request(client: Any, url: str, data: dict[str, str]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import secrets
 import time
@@ -55,12 +56,18 @@ class TokenServer:
     public_key: Any = None  # the service account's, for jwt_bearer
     subjects: list[str] = field(default_factory=list)  # the `sub` of accepted assertions
     devices: dict[str, bool] = field(default_factory=dict)  # device_code -> approved
+    codes: dict[str, tuple[str, str]] = field(default_factory=dict)  # authorization code -> (challenge, redirect)
+    deny: bool = False  # the user declines at the authorization endpoint
     port: int = 0
     _runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/token"
+
+    @property
+    def authorize_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/authorize"
 
     @property
     def device_url(self) -> str:
@@ -101,6 +108,7 @@ class TokenServer:
         app = web.Application()
         app.router.add_post("/token", self._token)
         app.router.add_post("/devicecode", self._device)
+        app.router.add_get("/authorize", self._authorize)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -166,7 +174,29 @@ class TokenServer:
                 return self._error("authorization_pending", "the user has not signed in yet")
             del self.devices[code]
             return self._issue(refresh=self.new_refresh_token())
+        if grant == "authorization_code":
+            code = str(form.get("code", ""))
+            challenge, redirect = self.codes.pop(code, ("", ""))
+            verifier = str(form.get("code_verifier", ""))
+            digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+            if not challenge or digest != challenge or form.get("redirect_uri") != redirect:
+                return self._error("invalid_grant", "code, code_verifier or redirect_uri do not match")
+            return self._issue(refresh=self.new_refresh_token())
         return self._error("unsupported_grant_type", f"grant {grant!r} is not supported here")
+
+    async def _authorize(self, request: web.Request) -> web.Response:
+        """The user's browser here: signs in at once (or declines), then goes back to the loopback redirect."""
+        query = request.query
+        self.requests["authorize"] += 1
+        redirect = query.get("redirect_uri", "")
+        if query.get("client_id") != CLIENT_ID or not redirect.startswith("http://127.0.0.1:") \
+                or query.get("code_challenge_method") != "S256" or query.get("response_type") != "code":
+            return web.Response(status=400, text="bad authorization request")
+        if self.deny:
+            raise web.HTTPFound(f"{redirect}?error=access_denied&state={query.get('state', '')}")
+        code = secrets.token_urlsafe(16)
+        self.codes[code] = (query.get("code_challenge", ""), redirect)
+        raise web.HTTPFound(f"{redirect}?code={code}&state={query.get('state', '')}")
 
     async def _device(self, request: web.Request) -> web.Response:
         form = await request.post()

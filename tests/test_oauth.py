@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import stat
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 import tomli_w
+import trustme
 from conftest import ACCOUNT_SENDER, RETURN_PATH, codes_in, fax_message, send
 from peers.oauth import CLIENT_ID, CLIENT_SECRET, MAILBOX, TokenServer, XOAuth2Handler, start_xoauth2_upstream
 
@@ -211,6 +213,24 @@ async def test_microsoft_5_7_139_names_the_tenant_setting(gateway, upstream):
     assert upstream.tokens.requests["client_credentials"] == 1  # no token changes a tenant setting
 
 
+@pytest.mark.parametrize("reply, cause", [
+    ("534 5.7.9 Application-specific password required. For more information, go to"
+     " https://support.google.com/mail/?p=InvalidSecondFactor", "Google needs an app password"),
+    ("535 5.7.8 Username and Password not accepted. For more information, go to"
+     " https://support.google.com/mail/?p=BadCredentials", "Google refused the credentials"),
+    ("535 5.7.3 Authentication unsuccessful", "SMTP.SendAsApp permission"),
+], ids=["google-534-5.7.9", "google-535-5.7.8", "microsoft-535-5.7.3"])
+async def test_each_providers_auth_refusal_names_its_cause_and_waits(gateway, upstream, reply, cause):
+    upstream.handler.auth_reply = reply
+    gw = await gateway(upstream_port=upstream.port, upstream=client_credentials(upstream))
+    (code,) = codes_in((await gw.send()).message)
+    job = await gw.wait_state(code, "deferred")
+    assert cause in job["last_result"] and job["upstream_reply"].startswith(reply.split(".")[0])
+    upstream.handler.auth_reply = None  # the admin fixed the account: the same job goes, nothing rejected
+    await gw.wait_state(code, "submitted")
+    assert "rejected" not in [e["state"] for e in gw.job(code)["events"]]
+
+
 async def test_sendasdenied_after_the_data_waits_for_the_operator_instead_of_rejecting(gateway, upstream):
     upstream.handler.faults.data = ("554 5.2.252 SendAsDenied; fax@office.example not allowed to send as"
                                     " faxes@office.example; STOREDRV.Submission.Exception:SendAsDeniedException")
@@ -284,6 +304,24 @@ async def test_check_upstream_passes_every_step_and_sends_nothing(upstream, tmp_
         assert step in out
     assert "FAIL" not in out and "every step passed" in out
     assert upstream.handler.faxes == []
+
+
+async def test_check_upstream_over_starttls_with_a_private_ca(tmp_path):
+    authority = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(ca_file)
+    up = Upstream(TokenServer())
+    await up.tokens.start()
+    up.server = await start_xoauth2_upstream(up.handler, tls_context=server_context)
+    try:
+        config = write_config(tmp_path, up, {**client_credentials(up), "tls": "starttls", "ca_file": str(ca_file)})
+        code, out = await faxgw(config, "check-upstream")
+        assert code == 0, out
+        assert "ok    starttls" in out and "auth XOAUTH2" in out
+    finally:
+        await up.stop()
 
 
 async def test_check_upstream_with_a_password_against_the_sandbox(sandbox, tmp_path):

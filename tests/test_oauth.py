@@ -9,6 +9,7 @@ only while the token server says it is valid. The gateway runs in-process
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import ssl
@@ -264,6 +265,9 @@ async def test_no_secret_or_token_in_any_log_line_the_store_or_health(gateway, u
 
     secrets_seen = [CLIENT_SECRET, initial, *upstream.tokens.issued, *upstream.tokens.refresh_tokens]
     assert len(upstream.tokens.issued) >= 2
+    # ...nor the XOAUTH2 string that carries a token, base64-encoded on the wire.
+    secrets_seen += [base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {token}\x01\x01".encode()).decode()
+                     for token in upstream.tokens.issued]
     store_bytes = b"".join(p.read_bytes() for p in gw.store_path.parent.iterdir() if p.is_file())
     for secret in secrets_seen:
         assert secret not in caplog.text

@@ -174,7 +174,7 @@ class TokenSource:
     async def _request(self) -> Token:
         refused = self.refused
         if refused is not None:
-            raise refused
+            raise refused.with_traceback(None)  # raised again for every caller: keep its traceback from growing
         settings = self.settings
         started = time.monotonic()
         self.requests += 1

@@ -153,16 +153,6 @@ class StoredSecret:
             raise
         return True
 
-    def changed_since(self, mark: float | None) -> bool:
-        """Whether the file was rewritten since `mark` (its mtime when last read); never for inline values."""
-        return self.file is not None and self.mtime() != mark
-
-    def mtime(self) -> float | None:
-        try:
-            return self.file.stat().st_mtime_ns if self.file is not None else None
-        except OSError:
-            return None
-
     def __repr__(self) -> str:
         return f"StoredSecret(file={self.file})" if self.file else "StoredSecret(********)"
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import logging
 import os
+import socket
 import ssl
 import stat
 import sys
@@ -200,6 +201,68 @@ async def test_invalid_grant_stops_sending_says_what_to_do_and_resumes_after_log
 
     token_file.write_text(upstream.tokens.new_refresh_token() + "\n")  # what `faxgw oauth login` does
     await gw.wait_state(code, "submitted", timeout=15)
+
+
+async def test_a_burst_against_a_token_endpoint_that_is_down_makes_no_request_storm(gateway, upstream):
+    upstream.tokens.mode = "down"
+    gw = await gateway(upstream_port=upstream.port, upstream=client_credentials(upstream))
+    replies = await asyncio.gather(*(send(gw.port, fax_message()) for _ in range(16)))
+    for code in (codes_in(reply.message)[0] for reply in replies):
+        await gw.wait_state(code, "deferred")
+    # 16 connections wanted a token: the failed answer stands for all of them for a few seconds.
+    assert upstream.tokens.requests["client_credentials"] <= 2
+
+
+async def test_a_rotated_refresh_token_its_file_cannot_take_is_used_from_memory(gateway, upstream, tmp_path,
+                                                                              monkeypatch):
+    # The tests run as root, for whom no file mode refuses a write: a refusing filesystem is stood in for here.
+    from gateway.config import StoredSecret
+
+    def refuse(self, value):
+        raise PermissionError(13, "Permission denied")
+
+    upstream.tokens.rotate = True
+    token_file = tmp_path / "refresh-token"
+    first = upstream.tokens.new_refresh_token()
+    token_file.write_text(first)
+    gw = await gateway(upstream_port=upstream.port, upstream=refresh_grant(upstream, token_file))
+    monkeypatch.setattr(StoredSecret, "store", refuse)
+    (code,) = codes_in((await gw.send()).message)
+    await gw.wait_state(code, "submitted")
+    await wait_for(lambda: first not in upstream.tokens.refresh_tokens)  # rotated at the server...
+    assert token_file.read_text() == first  # ...and not in the file
+    upstream.tokens.expire_all()  # the next connection needs a new token: from the rotated refresh token
+    await asyncio.sleep(0.6)
+    (code,) = codes_in((await gw.send()).message)
+    await gw.wait_state(code, "submitted")
+    assert upstream.tokens.requests["refresh_token"] >= 2
+
+
+async def test_a_refused_service_account_resumes_when_its_key_file_is_replaced(gateway, upstream, tmp_path):
+    key = tmp_path / "service-account.json"
+    upstream.tokens.service_account_key(key)
+    upstream.tokens.service_account_key(tmp_path / "other.json")  # the server now knows only the other key
+    gw = await gateway(upstream_port=upstream.port, upstream={"auth": "xoauth2", "oauth": {
+        "provider": "google", "service_account_file": str(key), "token_url": upstream.tokens.url, "user": MAILBOX}})
+    (code,) = codes_in((await gw.send()).message)
+    job = await gw.wait_state(code, "deferred")
+    assert "invalid_grant" in job["last_result"] and "domain-wide delegation" in job["last_result"]
+    assert gw.service.tokens.refused is not None
+    (tmp_path / "other.json").replace(key)  # the admin put the right key in place: no restart
+    await gw.wait_state(code, "submitted", timeout=15)
+
+
+async def test_refused_credentials_are_tried_again_after_a_while(gateway, upstream, monkeypatch):
+    from gateway.outbound import oauth
+
+    monkeypatch.setattr(oauth, "RECHECK_REFUSED", 1.0)  # 15 minutes in production
+    upstream.tokens.mode = "invalid_client"
+    gw = await gateway(upstream_port=upstream.port, upstream=client_credentials(upstream))
+    (code,) = codes_in((await gw.send()).message)
+    job = await gw.wait_state(code, "deferred")
+    assert "client secrets expire" in job["last_result"]
+    upstream.tokens.mode = "ok"  # e.g. an admin consent that took effect late
+    await gw.wait_state(code, "submitted", timeout=20)
 
 
 async def test_microsoft_5_7_139_names_the_tenant_setting(gateway, upstream):
@@ -443,6 +506,18 @@ async def test_oauth_login_in_a_browser_with_pkce_stores_the_refresh_token(upstr
     stored = token_file.read_text().strip()
     assert stored in upstream.tokens.refresh_tokens and stored not in out
     assert upstream.tokens.requests["authorization_code"] == 1
+
+
+async def test_oauth_login_in_a_browser_on_a_busy_port_says_so_in_one_line(upstream, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = write_config(tmp_path, upstream, refresh_grant(upstream, tmp_path / "refresh-token",
+                                                                authorize_url=upstream.tokens.authorize_url))
+        code, out = await faxgw(config, "oauth", "login", "--browser", "--port", str(port))
+    assert code == 1 and "Traceback" not in out
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "choose another --port" in out
 
 
 async def test_oauth_login_in_a_browser_says_when_the_user_declined(upstream, tmp_path):

@@ -35,6 +35,7 @@ from gateway.errors import (
     StoreError,
     TnefError,
     TokenRefused,
+    TokenUnavailable,
     UpstreamError,
     UpstreamLacksExtension,
     UpstreamRejected,
@@ -304,9 +305,10 @@ class Forwarder(Runner):
             self.last_setup_failure = f"{detail}{': ' + reply if reply else ''}"
             self.last_setup_failure_at = self.clock()
             self._paused_until = time.monotonic() + self.settings.retry_initial
+            action = ("the OAuth2 token endpoint does not answer; jobs wait as deferred and are retried"
+                      if isinstance(exc, TokenUnavailable) else "fix the [upstream] settings; jobs wait as deferred")
             log_event(log, "upstream-setup-failure", level=logging.ERROR, upstream=self.endpoint.describe(),
-                      problem=detail, reply=reply,
-                      action="fix the [upstream] settings; jobs wait as deferred")
+                      problem=detail, reply=reply, action=action)
         return self._retry_or_expire(job), detail, reply
 
     def _retry_or_expire(self, job: ClaimedJob) -> JobState:

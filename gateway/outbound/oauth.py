@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from gateway.config import OAuthSettings
-from gateway.errors import TokenRefused, TokenUnavailable
+from gateway.errors import ConfigError, GatewayError, TokenRefused, TokenUnavailable
 from gateway.logs import log_event
 from gateway.runner import Runner
 
@@ -48,6 +49,18 @@ DEVICE_CODE = "urn:ietf:params:oauth:grant-type:device_code"
 # OAuth2 error codes (RFC 6749 5.2) that a retry with the same request may cure.
 TEMPORARY_ERRORS = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
 DESCRIPTION_LIMIT = 300  # characters of the server's error_description kept in messages
+RETRY_AFTER_FAILURE = 5.0  # seconds a failed request's answer stands for every caller, before asking again
+RECHECK_REFUSED = 900.0  # refused credentials are tried again after this (a delegation applied late, a clock fixed)
+MAX_LIFETIME = 86400.0  # a longer expires_in is taken as this
+
+
+def _seconds(value: Any, default: float) -> float:
+    """A number of seconds from a provider's JSON (a number or a numeric string); `default` otherwise."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return default
+    return seconds if math.isfinite(seconds) and seconds > 0 else default
 
 
 @dataclass(frozen=True)
@@ -102,8 +115,10 @@ class TokenSource:
         self._token: Token | None = None
         self._lock: asyncio.Lock | None = None
         self._client: Any = None  # authlib's AsyncOAuth2Client, made in the running loop
-        self._refused: TokenRefused | None = None
-        self._credentials_mark: float | None = None  # the refresh token file's mtime when it was refused
+        self._asking: asyncio.Task[Token] | None = None  # the request in flight (close() lets it finish)
+        self._failure: tuple[TokenUnavailable | TokenRefused, float] | None = None  # the last one, and when
+        self._refused_mark: tuple[Any, ...] | None = None  # the credential files as they were when refused
+        self._rotated: tuple[str, tuple[Any, ...]] | None = None  # a rotated refresh token its file did not take
         self.problem: str | None = None  # the last failure, cleared by the next token
         self.obtained_at: datetime | None = None
         self.requests = 0
@@ -111,14 +126,42 @@ class TokenSource:
     def describe(self) -> str:
         return f"{self.settings.provider} {self.settings.grant} at {self.settings.token_url}"
 
+    # --- state ------------------------------------------------------------------------
+
+    def _credentials_mark(self) -> tuple[Any, ...]:
+        """The credential files as they are now (modified, changed): `faxgw oauth login`, a new key, a chmod."""
+        def mark(path: Any) -> Any:
+            try:
+                found = path.stat()
+            except (OSError, AttributeError):
+                return None
+            return found.st_mtime_ns, found.st_ctime_ns, found.st_size
+
+        s = self.settings
+        return mark(s.refresh_token.file if s.refresh_token else None), mark(s.service_account_file)
+
     @property
     def refused(self) -> TokenRefused | None:
-        """The standing refusal, until the credentials change (`faxgw oauth login` rewrites the file)."""
-        stored = self.settings.refresh_token
-        if self._refused is not None and stored is not None and stored.changed_since(self._credentials_mark):
-            self._refused = None
+        """The standing refusal, until a credential file changes or `recheck()` clears it."""
+        if self._failure is None or not isinstance(self._failure[0], TokenRefused):
+            return None
+        if self._credentials_mark() != self._refused_mark:
+            self._failure = None
             log_event(log, "oauth-credentials-changed", action="asking the token endpoint again")
-        return self._refused
+            return None
+        return self._failure[0]
+
+    def recheck(self) -> None:
+        """Let the next request try the refused credentials again (a delegation that took time to apply)."""
+        if self.refused is not None:
+            self._failure = None
+
+    @property
+    def refused_for(self) -> float:
+        """Seconds the standing refusal has lasted (0: none)."""
+        if self.refused is None or self._failure is None:
+            return 0.0
+        return time.monotonic() - self._failure[1]
 
     def valid_for(self) -> float | None:
         """Seconds the cached token is still valid (None: no token yet)."""
@@ -132,6 +175,8 @@ class TokenSource:
         if token is None:
             return 0.0
         return max(0.0, token.expires - min(REFRESH_BEFORE, token.lifetime / 4) - time.monotonic())
+
+    # --- getting a token --------------------------------------------------------------
 
     async def token(self, *, strict: bool = False) -> str:
         """A valid access token; renewed first when due.
@@ -151,41 +196,53 @@ class TokenSource:
                                  strict=True, force=True)
 
     async def _renew(self, *, stale: Token | None, strict: bool, force: bool = False) -> str:
+        """One request for every caller that waits: those that queued behind it take its outcome."""
         if self._lock is None:
             self._lock = asyncio.Lock()
+        asked_before = self.requests
         async with self._lock:
+            now = time.monotonic()
             current = self._token
-            if current is not None and current is not stale and not current.due(time.monotonic()):
-                return current.value  # renewed while this caller waited for the lock
-            if current is not None and not force and not current.due(time.monotonic()):
-                return current.value
+            if current is not None and not current.due(now) and (current is not stale or not force):
+                return current.value  # valid, and not the token the upstream refused
+            refused = self.refused  # None again once the credential files changed
+            failure = self._failure
+            if failure is not None and (refused is not None or self.requests != asked_before
+                                        or now - failure[1] < RETRY_AFTER_FAILURE):
+                return self._fallback(current, failure[0], strict)  # no new request: the same answer
+            self._asking = asyncio.ensure_future(self._request())
             try:
-                self._token = await self._request()
+                # Shielded: a caller cancelled at shutdown must not cut off a token the provider may rotate.
+                self._token = await asyncio.shield(self._asking)
             except (TokenUnavailable, TokenRefused) as exc:
+                self._failure = (exc, time.monotonic())
                 self.problem = str(exc)
-                if current is not None and not strict and not current.expired(time.monotonic()):
-                    log_event(log, "oauth-renewal-failed", level=logging.WARNING, problem=str(exc),
-                              still_valid=f"{current.expires - time.monotonic():.0f}s")
-                    return current.value
-                raise
+                return self._fallback(current, exc, strict)
+            self._failure = None
             self.problem = None
             return self._token.value
 
+    def _fallback(self, current: Token | None, failure: TokenUnavailable | TokenRefused, strict: bool) -> str:
+        """After a failed renewal: the old token while it is valid (unless strict), else the failure."""
+        if current is not None and not strict and not current.expired(time.monotonic()):
+            log_event(log, "oauth-renewal-failed", level=logging.WARNING, problem=str(failure),
+                      still_valid=f"{current.expires - time.monotonic():.0f}s")
+            return current.value
+        raise failure.with_traceback(None)  # raised again for every caller: keep its traceback from growing
+
     async def _request(self) -> Token:
-        refused = self.refused
-        if refused is not None:
-            raise refused.with_traceback(None)  # raised again for every caller: keep its traceback from growing
         settings = self.settings
         started = time.monotonic()
+        mark = self._credentials_mark()  # before the request: a login meanwhile is a change
         self.requests += 1
         try:
             answer = await self._ask()
         except TokenRefused as exc:
-            self._refused = exc
-            self._credentials_mark = settings.refresh_token.mtime() if settings.refresh_token else None
+            self._refused_mark = mark
             self.on_request("refused")
             log_event(log, "oauth-refused", level=logging.ERROR, endpoint=settings.token_url, error=exc.error,
-                      problem=str(exc), action="sending stops until the credentials are fixed")
+                      problem=str(exc), action=f"sending stops until the credentials change (asked again every"
+                      f" {RECHECK_REFUSED / 60:.0f} minutes)")
             raise
         except TokenUnavailable:
             self.on_request("unavailable")
@@ -194,29 +251,43 @@ class TokenSource:
         if not isinstance(access, str) or not access:
             self.on_request("unavailable")
             raise TokenUnavailable(f"the token endpoint {settings.token_url} answered without an access_token")
-        try:
-            lifetime = float(answer.get("expires_in") or DEFAULT_LIFETIME)
-        except (TypeError, ValueError):
-            lifetime = DEFAULT_LIFETIME
-        rotated = self._keep_rotated(answer.get("refresh_token"))
+        lifetime = _seconds(answer.get("expires_in"), DEFAULT_LIFETIME)
+        rotated = await self._keep_rotated(answer.get("refresh_token"))
         self.on_request("ok")
         self.obtained_at = datetime.now(UTC)
         log_event(log, "oauth-token", provider=settings.provider, grant=settings.grant,
                   expires_in=f"{lifetime:.0f}s", rotated=rotated, ms=round((time.monotonic() - started) * 1000, 1))
-        return Token(access, started, max(lifetime, 1.0))
+        return Token(access, started, min(max(lifetime, 1.0), MAX_LIFETIME))
 
-    def _keep_rotated(self, new: Any) -> str | None:
+    def _refresh_token(self) -> str | None:
+        """The refresh token to use: a rotated one its file could not take, while the file is unchanged."""
+        if self._rotated is not None:
+            value, mark = self._rotated
+            if mark == self._credentials_mark():
+                return value
+            self._rotated = None  # the file was replaced since (`faxgw oauth login`): it wins
+        stored = self.settings.refresh_token
+        assert stored is not None
+        try:
+            return stored.read()
+        except ConfigError as exc:
+            raise TokenRefused(f"{exc}: the gateway's user must be able to read it (run `faxgw oauth login` as"
+                               " that user, e.g. with deploy/faxgw-cli)", error="refresh_token_file") from None
+
+    async def _keep_rotated(self, new: Any) -> str | None:
         """Store a refresh token the provider replaced; say where it went (None: not rotated)."""
         stored = self.settings.refresh_token
-        if stored is None or not isinstance(new, str) or not new or new == stored.read():
+        if stored is None or not isinstance(new, str) or not new or new == self._refresh_token():
             return None
         try:
-            if stored.store(new):
+            if await asyncio.to_thread(stored.store, new):  # fsyncs: not on the event loop
+                self._rotated = None
                 return "stored in its file"
         except OSError as exc:
+            self._rotated = (new, self._credentials_mark())
             log_event(log, "oauth-rotated-not-stored", level=logging.ERROR, file=str(stored.file),
-                      problem=exc.strerror, action="make the file's directory writable by the gateway, or the"
-                      " next restart needs `faxgw oauth login`")
+                      problem=exc.strerror, action="kept in memory: make the file and its directory writable by"
+                      " the gateway, or the next restart needs `faxgw oauth login`")
             return "kept in memory only"
         log_event(log, "oauth-rotated-in-memory", level=logging.WARNING,
                   action="give upstream.oauth.refresh_token as { file = ... } so that a restart keeps it")
@@ -248,7 +319,7 @@ class TokenSource:
         client = self.client()
         if s.grant == "refresh_token":
             assert s.refresh_token is not None
-            refresh_token = s.refresh_token.read()
+            refresh_token = self._refresh_token()
             if not refresh_token:
                 raise TokenRefused(what_to_do(s, "missing_refresh_token"), error="missing_refresh_token")
             return await self.call(client.refresh_token(s.token_url, refresh_token=refresh_token))
@@ -332,12 +403,12 @@ class TokenSource:
         if s.client_secret is not None:
             data["client_secret"] = s.client_secret.get_secret_value()
         grant = await self.call(self._device_request(client, s.device_url, data), url=s.device_url)
-        device_code, interval = grant.get("device_code"), float(grant.get("interval") or 5)
+        device_code, interval = grant.get("device_code"), _seconds(grant.get("interval"), 5.0)
         if not isinstance(device_code, str) or not grant.get("user_code"):
             raise TokenUnavailable(f"{s.device_url} answered without a device_code and user_code")
         show(str(grant.get("message") or f"To sign in, open {grant.get('verification_uri')} in a browser and"
                                              f" enter the code {grant['user_code']}"))
-        deadline = time.monotonic() + min(give_up_after, float(grant.get("expires_in") or give_up_after))
+        deadline = time.monotonic() + min(give_up_after, _seconds(grant.get("expires_in"), give_up_after))
         while True:
             await asyncio.sleep(interval)
             try:
@@ -347,6 +418,8 @@ class TokenSource:
             except (TokenRefused, TokenUnavailable) as exc:
                 if exc.error == "slow_down":
                     interval += 5
+                elif isinstance(exc, TokenUnavailable):
+                    pass  # the endpoint did not answer this time: the sign-in may still complete
                 elif exc.error != "authorization_pending":
                     raise
             if time.monotonic() > deadline:
@@ -362,10 +435,15 @@ class TokenSource:
             raise TokenRefused(f"the sign-in gave no refresh token: the scope {s.scope!r} needs offline_access"
                                " (Microsoft) or the app must ask for offline access", error="no_refresh_token")
         assert s.refresh_token is not None
-        if not s.refresh_token.store(refresh):
+        try:
+            stored = s.refresh_token.store(refresh)
+        except OSError as exc:
+            raise GatewayError(f"cannot write the refresh token to {s.refresh_token.file}: {exc.strerror} (run"
+                               " the command as the gateway's user; the file's directory must be writable)") from None
+        if not stored:
             raise TokenRefused("upstream.oauth.refresh_token must be { file = \"PATH\" } for `faxgw oauth login` to"
                                " store the refresh token", error="refresh_token")
-        self._refused = None
+        self._failure = None
         return str(s.refresh_token.file)
 
     async def browser_login(self, show: Callable[[str], None], pasted: asyncio.Future[str], *,
@@ -398,7 +476,11 @@ class TokenSource:
         await runner.setup()
         try:
             site = web.TCPSite(runner, "127.0.0.1", port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise GatewayError(f"cannot listen on 127.0.0.1:{port} for the browser's redirect: {exc.strerror};"
+                                   " choose another --port") from None
             bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             redirect_uri = f"http://127.0.0.1:{bound}/"
             client = self._new_client(redirect_uri=redirect_uri, code_challenge_method="S256")
@@ -446,6 +528,10 @@ class TokenSource:
         return answer
 
     async def close(self) -> None:
+        """Let a request in flight finish (a rotated refresh token must reach its file), then close."""
+        asking, self._asking = self._asking, None
+        if asking is not None and not asking.done():
+            await asyncio.wait({asking}, timeout=self.settings.timeout)
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -472,5 +558,7 @@ class TokenKeeper(Runner):
         return str(exc)  # the messages are the operator's: they name the endpoint and what to do
 
     async def step(self) -> float:
+        if self.tokens.refused_for >= RECHECK_REFUSED:
+            self.tokens.recheck()
         await self.tokens.token(strict=True)
         return max(1.0, self.tokens.due_in())

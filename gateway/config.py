@@ -603,6 +603,19 @@ class HttpSettings(Section):
         return all(_is_loopback(host) for host, _port in self.listen)
 
 
+class WebSettings(Section):
+    """The web console on the [http] listener: the fax log in a browser for the people who run the faxes."""
+
+    enabled: bool = False
+    session_idle: Duration = 1800  # a session unused this long ends (the next page asks to log in)
+    session_max: Duration = 12 * 3600  # and any session after this long
+    # SSO in front: a reverse proxy at one of these addresses may name the logged-in user in
+    # proxy_user_header (a user of `faxgw web-user add`). From any other address the header is ignored.
+    trusted_proxies: list[Network] = []
+    proxy_user_header: str = "X-Remote-User"
+    refresh: Duration = 3  # the job list reloads its rows this often while jobs are in flight
+
+
 class NotifySettings(Section):
     """GreenFax's HTTP Notify calls: GET /greenfax/notify/<token>."""
 
@@ -763,6 +776,7 @@ class Settings(Section):
     duplicates: DuplicateSettings = Field(default_factory=DuplicateSettings)
     hold: HoldSettings = Field(default_factory=HoldSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     greenfax: GreenfaxSettings = Field(default_factory=GreenfaxSettings)
     feed: FeedSettings = Field(default_factory=FeedSettings)
@@ -783,6 +797,10 @@ class Settings(Section):
             raise ValueError("upstream.host is required (or set [sandbox] enabled = true)")
         elif not self.upstream.account_sender or not self.upstream.return_path:
             raise ValueError("upstream.account_sender and upstream.return_path are required")
+        if self.web.enabled and not self.http.loopback_only and not self.http.tls_cert and not self.web.trusted_proxies:
+            raise ValueError("web.enabled = true with [http] listening beyond loopback needs TLS (http.tls_cert and"
+                             " http.tls_key) or a TLS-terminating proxy in web.trusted_proxies: the console's"
+                             " passwords and session cookies must not cross the network in clear")
         if not self.http.loopback_only and self.http.api_token is None:
             raise ValueError("http.api_token is required when [http] listens beyond loopback (the API shows jobs)")
         return self

@@ -10,6 +10,7 @@ one module per group and are added to the group below, by name:
   feedcmd.py    feed poll, feed status, feed foreign
   admin.py      backup, restore, purge
   upstreamcmd.py  check-upstream, oauth login, oauth test
+  webcmd.py     web-user add, remove, list
 
 They receive the `Context` below as click's `obj`, print through table.py,
 and raise; `main` turns what they raise into one line and an exit code. A
@@ -26,7 +27,7 @@ import click
 
 from gateway import config as config_module
 from gateway import store
-from gateway.cli import admin, feedcmd, jobcmd, reportcmd, setupcmd, upstreamcmd
+from gateway.cli import admin, feedcmd, jobcmd, reportcmd, setupcmd, upstreamcmd, webcmd
 from gateway.config import Settings
 from gateway.errors import GatewayError
 
@@ -90,6 +91,7 @@ cli.add_command(admin.restore)
 cli.add_command(admin.purge)
 cli.add_command(upstreamcmd.check_upstream)
 cli.add_command(upstreamcmd.oauth)
+cli.add_command(webcmd.web_user)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@
   show` print, as JSON; the bearer token `[http] api_token` is required
   whenever it is set (loopback too), and it must be set beyond loopback.
 - `GET /healthz` (200 or 503 naming the failing part), `GET /metrics`.
+- With [web] enabled, the web console's pages at `/` (gateway/http/console.py).
 
 Every connection goes through gateway/http/guard.py (caps, head and idle
 timeouts, a share of the descriptors). Logs never carry the Notify token or
@@ -79,6 +80,7 @@ class Web:
         self.rules = rules
         self.nofile = nofile  # the process's descriptor limit: HTTP may hold half of it (httpguard.DescriptorBudget)
         self.runners: list[web.AppRunner] = []
+        self.console: Any = None  # the web console ([web] enabled), on the http listener
         self.servers: list[asyncio.Server] = []
         self.connections = ConnectionMetrics(metrics.registry)
         self._budget: DescriptorBudget | None = None  # set at start, from the descriptor limit
@@ -159,6 +161,12 @@ class Web:
             app.router.add_get("/api/jobs/{code}", self.job)
             app.router.add_get("/healthz", self.healthz)
             app.router.add_get("/metrics", self.prometheus)
+            if self.settings.web.enabled:
+                from gateway.http.console import Console
+
+                self.console = Console(self.settings, writer=self.writer, read_store=self.read_store,
+                                       rules=self.rules, health=self.health)
+                self.console.routes(app)
         return app
 
     # --- Notify ----------------------------------------------------------------------------------

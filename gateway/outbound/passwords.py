@@ -26,6 +26,14 @@ def hash_password(password: str) -> str:
     return _HASHER.hash(password)
 
 
+def verify_hash(stored: str, password: str) -> bool:
+    """Whether `password` matches an argon2 hash (the web console's users); slow on purpose: run it in a thread."""
+    try:
+        return _HASHER.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
 class PasswordChecker:
     def __init__(self, users: dict[str, str]) -> None:
         self._users = dict(users)

@@ -129,7 +129,37 @@ from gateway.store.housekeeping import (
     transaction,
 )
 
+from gateway.store.webaccess import (
+    ROLES,
+    WebSession,
+    audit,
+    audit_log,
+    close_session,
+    end_stale_sessions,
+    find_session,
+    open_session,
+    remove_web_user,
+    set_web_user,
+    touch_session,
+    web_user,
+    web_users,
+)
+
 __all__ = [
+    "ROLES",
+    "WebSession",
+    "audit",
+    "audit_log",
+    "close_session",
+    "end_stale_sessions",
+    "find_session",
+    "open_session",
+    "remove_web_user",
+    "set_web_user",
+    "touch_session",
+    "web_user",
+    "web_users",
+
     "ACTIONS",
     "Admission",
     "Admitted",

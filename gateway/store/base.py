@@ -111,7 +111,18 @@ class StoreLock:
 @contextmanager
 def immediate(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A write transaction of its own (BEGIN IMMEDIATE), for a command outside the writer: committed, or
-    rolled back on any error."""
+    rolled back on any error. Inside a transaction already (the writer's group commit, for the web
+    console's actions) it is a savepoint: an error undoes this change alone."""
+    if conn.in_transaction:
+        conn.execute("SAVEPOINT immediate")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK TO immediate")
+            conn.execute("RELEASE immediate")
+            raise
+        conn.execute("RELEASE immediate")
+        return
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn

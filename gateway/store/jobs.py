@@ -166,8 +166,9 @@ ACTIONS: dict[str, tuple[frozenset[JobState], JobState]] = {
 }
 
 
-def operator_action(conn: sqlite3.Connection, code: str, action: str, now: str) -> JobState:
-    """Apply `faxgw retry|release|cancel CODE` as one conditional update plus its event."""
+def operator_action(conn: sqlite3.Connection, code: str, action: str, now: str, *, source: str = "operator",
+                    reason: str | None = None) -> JobState:
+    """Apply `faxgw retry|release|cancel CODE` (or the console's button) as one conditional update plus its event."""
     allowed, target = ACTIONS[action]
     with immediate(conn):
         row = conn.execute("SELECT id, state, message_id FROM jobs WHERE code = ?", (code.upper(),)).fetchone()
@@ -181,7 +182,9 @@ def operator_action(conn: sqlite3.Connection, code: str, action: str, now: str) 
         if target is JobState.QUEUED and not conn.execute(
                 "SELECT length(raw) FROM messages WHERE id = ?", (row["message_id"],)).fetchone()[0]:
             raise InvalidTransition(f"{code} cannot be sent again: its message was purged after the retention period")
-        transition(conn, row["id"], target, now=now, source="operator", detail=f"faxgw {action} (was {state.value})",
+        detail = f"faxgw {action} (was {state.value})" if reason is None else \
+            f"{action} (was {state.value}): {reason}"
+        transition(conn, row["id"], target, now=now, source=source, detail=detail,
                    expect={state}, next_attempt_at=now if target is JobState.QUEUED else None)
     return target
 
@@ -193,9 +196,13 @@ JOB_COLUMNS = "code, number, sender, state, created_at, updated_at, last_result,
 
 def list_jobs(
     conn: sqlite3.Connection, *, states: Iterable[str] = (), number: str | None = None,
-    sender: str | None = None, since: str | None = None, limit: int = 50,
+    sender: str | None = None, since: str | None = None, limit: int = 50, before: str | None = None,
 ) -> list[JobSummary]:
+    """Jobs newest first; `before` (a job code) pages by keyset: the jobs older than that one."""
     clauses, params = [], []
+    if before:
+        clauses.append("(created_at, id) < (SELECT created_at, id FROM jobs WHERE code = ?)")
+        params.append(before.upper())
     states = list(states)
     if states:
         clauses.append(f"state IN ({', '.join('?' * len(states))})")

@@ -109,8 +109,21 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     db.execute("UPDATE reports SET trusted = 2 WHERE trusted = 1")
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """The web console: its users (argon2 hashes, a role), their sessions (only a digest of the cookie is
+    kept), and the audit log of who looked at or changed which job."""
+    db.execute("CREATE TABLE web_users (name TEXT PRIMARY KEY, role TEXT NOT NULL, hash TEXT NOT NULL,"
+               " created_at TEXT NOT NULL)")
+    db.execute("CREATE TABLE web_sessions (digest TEXT PRIMARY KEY, user TEXT NOT NULL, csrf TEXT NOT NULL,"
+               " created_at TEXT NOT NULL, seen_at TEXT NOT NULL)")
+    db.execute("CREATE TABLE audit (id INTEGER PRIMARY KEY, at TEXT NOT NULL, user TEXT NOT NULL,"
+               " action TEXT NOT NULL, target TEXT, detail TEXT)")
+    db.execute("CREATE INDEX audit_target ON audit (target, id)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3,
-                                                              _migration_4, _migration_5, _migration_6]
+                                                              _migration_4, _migration_5, _migration_6,
+                                                              _migration_7]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -613,7 +613,7 @@ class WebSettings(Section):
     # proxy_user_header (a user of `faxgw web-user add`). From any other address the header is ignored.
     trusted_proxies: list[Network] = []
     proxy_user_header: str = "X-Remote-User"
-    refresh: Duration = 3  # the job list reloads its rows this often while jobs are in flight
+    refresh: Duration = 3  # the newest page of the job list reloads its rows this often
 
 
 class NotifySettings(Section):

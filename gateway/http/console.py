@@ -2,7 +2,8 @@
 
 Server-rendered pages (Jinja2, autoescaped), readable without JavaScript;
 one small script from the package (static/console.js, never a CDN) reloads
-the job list's rows while jobs are in flight. Pages:
+the newest page of the job list's rows every [web] refresh, so that a fax is
+seen going from queued to delivered. Pages:
 
 - `/login`, `/logout`: local accounts (`faxgw web-user add`), argon2, failed
   logins slowed like SMTP AUTH (quotas.AuthThrottle); or a trusted reverse
@@ -53,8 +54,8 @@ log = logging.getLogger("faxgw.web")
 COOKIE = "faxgw_session"
 LOGIN_COOKIE = "faxgw_login"  # the login form's CSRF token (double submit), before there is a session
 PAGE_SIZE = 50
-IN_FLIGHT = frozenset({"queued", "sending", "deferred", "submitted"})
 STATES = [state.value for state in JobState]
+ON_ITS_WAY = frozenset({"queued", "sending", "submitted"})  # a job page in these states reloads itself
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
                                " connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
@@ -276,11 +277,10 @@ class Console:
         rows = rows[:PAGE_SIZE]
         filters = {key: value for key, value in chosen.items() if value}
         older = f"/?{urlencode({**filters, 'before': rows[-1]['code']})}" if more and rows else None
-        in_flight = any(row["state"] in IN_FLIGHT for row in rows)
         template = "jobrows.html" if request.headers.get("X-Console-Part") == "rows" else "jobs.html"
         return self._page(template, request, session, rows=rows, counts=counts, states=STATES, chosen=chosen,
                           older=older, newest="/?" + urlencode(filters) if before else None,
-                          refresh=int(self.web.refresh * 1000) if in_flight and not before else 0)
+                          refresh=int(self.web.refresh * 1000) if not before else 0)
 
     async def job(self, request: web.Request) -> web.Response:
         session = await self._required(request)
@@ -301,7 +301,8 @@ class Console:
         actions = [name for name, (allowed, _target) in store.ACTIONS.items()
                    if JobState(job["state"]) in allowed] if session.role == "operator" else []
         return self._page("job.html", request, session, job=job, actions=actions, labels=ACTION_LABELS,
-                          unknown_explained=UNKNOWN_EXPLAINED if job["state"] == "unknown" else None)
+                          unknown_explained=UNKNOWN_EXPLAINED if job["state"] == "unknown" else None,
+                          reload=int(self.web.refresh * 1000) if job["state"] in ON_ITS_WAY else 0)
 
     async def act(self, request: web.Request) -> web.StreamResponse:
         session = await self._required(request)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite uses as peers (Postfix as a
-# legacy SMTP client, swaks, Dovecot IMAP, msmtp, Sendmail's m4 macros), non-interactively and idempotently.
+# legacy SMTP client, swaks, Dovecot IMAP, msmtp, Sendmail's m4 macros, Chromium and its WebDriver
+# for the web console's browser tests), non-interactively and idempotently.
 #
 # - Re-runs are fast: apt is skipped when every package is already installed.
 # - Package installation must not start system services: a policy-rc.d that
@@ -11,7 +12,7 @@
 #   tests start their own private instances.
 set -euo pipefail
 
-PACKAGES=(postfix swaks dovecot-imapd msmtp m4 sendmail-cf systemd)
+PACKAGES=(postfix swaks dovecot-imapd msmtp m4 sendmail-cf systemd chromium chromium-driver)
 
 if [[ ${EUID:-$(id -u)} -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1; then

@@ -1,6 +1,7 @@
 // greenfax-gateway console: the little it needs beyond plain pages (which work without it).
-// 1. While jobs are in flight the job list reloads its rows (#jobs, data-refresh in ms).
-// 2. An operator action asks for confirmation first (data-confirm).
+// 1. The newest page of the job list reloads its rows (#jobs, data-refresh in ms).
+// 2. A job page on its way (queued, sending, submitted) reloads itself (#job, data-reload in ms).
+// 3. An operator action asks for confirmation first (data-confirm).
 "use strict";
 document.addEventListener("DOMContentLoaded", () => {
   const jobs = document.getElementById("jobs");
@@ -15,6 +16,9 @@ document.addEventListener("DOMContentLoaded", () => {
     };
     setTimeout(reload, every);
   }
+  const job = document.getElementById("job");
+  const again = job ? Number(job.dataset.reload) : 0;
+  if (again > 0) setTimeout(() => location.reload(), again);
   for (const form of document.querySelectorAll("form[data-confirm]")) {
     form.addEventListener("submit", (event) => {
       if (!window.confirm(form.dataset.confirm)) event.preventDefault();

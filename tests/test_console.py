@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import codes_in
+from conftest import codes_in, fax_message
 
 from gateway import store
 from gateway.outbound.passwords import hash_password
@@ -303,3 +303,97 @@ def test_web_user_add_reads_the_password_from_standard_input(tmp_path):
         conn.close()
     assert role == "viewer" and stored.startswith("$argon2")
     assert run("remove", "nobody").returncode == 1
+
+
+async def notify(gw, token: str, **params: str) -> int:
+    host, port = gw.service.web.addresses["http"][0]
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://{host}:{port}/greenfax/notify/{token}", params=params) as response:
+        return response.status
+
+
+NOTIFY_TOKEN = "notify-token-for-console-tests"
+
+
+@pytest.fixture
+async def console_with_notify(gateway):
+    async def start():
+        gw = await gateway(web={"enabled": True}, notify={"token": NOTIFY_TOKEN})
+        add_users(gw.store_path)
+        host, port = gw.service.web.addresses["http"][0]
+        return gw, Browser(f"http://{host}:{port}")
+    return start
+
+
+async def delivered(gw, *, pages: str, cost: str, sender: str = "erp@legacy.example") -> str:
+    (code,) = codes_in((await gw.send(fax_message(sender=sender), sender=sender)).message)
+    await gw.wait_state(code, "submitted")
+    assert await notify(gw, NOTIFY_TOKEN, result="Success", userjobcode=code, pages=pages, cost=cost,
+                        greenfaxreferenceid=str(abs(hash(code)) % 10**8), destination="12125551234") == 200
+    await gw.wait_state(code, "delivered")
+    return code
+
+
+async def test_an_unmatched_report_is_linked_to_a_candidate_job_by_an_operator_only(console_with_notify):
+    gw, olivia = await console_with_notify()
+    code = await delivered(gw, pages="1", cost="0.07")
+    # A second report for that number with a reference nobody knows: no job waits for it.
+    assert await notify(gw, NOTIFY_TOKEN, result="Busy", destination="12125551234", greenfaxreferenceid="555000111") == 200
+    victor = Browser(olivia.base)
+    await victor.login("victor")
+    _status, page, _headers = await victor.get("/unmatched")
+    report_id = re.search(r'id="report-(\d+)"', page)[1]
+    assert 'id="do-link' not in page  # a viewer sees no link button
+    status, page, _headers = await victor.post(f"/unmatched/{report_id}", {"csrf": csrf_of(page), "code": code})
+    assert status == 403
+
+    await olivia.login("olivia")
+    _status, page, _headers = await olivia.get("/unmatched")
+    assert f'<option value="{code}">' in page  # the job to that number, offered as the candidate
+    status, _page, headers = await olivia.post(f"/unmatched/{report_id}", {"csrf": csrf_of(page), "code": code})
+    assert status == 303 and headers["Location"] == f"/jobs/{code}"
+    assert any(f"status report #{report_id} linked by hand" in (e["detail"] or "") for e in gw.job(code)["events"])
+    _status, page, _headers = await olivia.get("/unmatched")
+    assert f'id="report-{report_id}"' not in page
+
+
+async def test_the_queue_and_health_pages_say_what_the_gateway_says(console_with_notify, sandbox):
+    gw, browser = await console_with_notify()
+    sandbox.handler.faults.rcpt = "450 4.2.1 Try later (sandbox)"
+    (code,) = codes_in((await gw.send()).message)
+    await gw.wait_state(code, "deferred")
+    await browser.login("victor")
+    _status, page, _headers = await browser.get("/queue")
+    row = page.split(f'data-code="{code}"', 1)[1].split("</tr>", 1)[0]
+    assert "deferred" in row and "upstream deferred" in row and "next attempt" in row
+    _status, page, _headers = await browser.get("/health")
+    assert 'id="status">ok<' in page and "forwarder" in page
+
+
+async def test_the_cost_report_and_its_csv_add_up_to_the_store(console_with_notify):
+    gw, browser = await console_with_notify()
+    await delivered(gw, pages="2", cost="0.14")
+    await delivered(gw, pages="3", cost="0.21", sender="accounts@legacy.example")
+    await delivered(gw, pages="1", cost="0.07")
+    await browser.login("victor")
+    status, page, _headers = await browser.get("/reports")
+    assert status == 200 and 'id="chart"' in page
+    assert 'id="total-pages">6<' in page and 'id="total-cost">0.42<' in page and 'id="total-faxes">3<' in page
+    csv_link = re.search(r'href="(/reports\.csv\?[^"]+)"', page)[1].replace("&amp;", "&")
+    status, text, headers = await browser.get(csv_link)
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    import csv
+    from decimal import Decimal
+
+    rows = list(csv.DictReader(text.splitlines()))
+    conn = store.connect(gw.store_path, readonly=True)
+    try:
+        pages, costs = zip(*conn.execute("SELECT pages, cost FROM jobs").fetchall())
+    finally:
+        conn.close()
+    assert sum(int(r["pages"]) for r in rows) == sum(pages) == 6
+    assert sum(Decimal(r["cost (USD)"]) for r in rows) == sum(Decimal(c) for c in costs) == Decimal("0.42")
+    by_sender = {r["sender"]: int(r["faxes"]) for r in rows}
+    assert by_sender == {"erp@legacy.example": 2, "accounts@legacy.example": 1}
+    status, page, _headers = await browser.get("/reports?since=2026-12-31&until=2026-01-01")
+    assert status == 400 and "is after until" in page

@@ -203,3 +203,41 @@ async def test_a_viewer_sees_no_actions_and_is_refused_one_sent_anyway(site):
         assert store.get_job(conn, lost)["state"] == "unknown"
     finally:
         conn.close()
+
+
+async def test_an_operator_links_an_unmatched_report_and_exports_the_costs(site):
+    import aiohttp
+
+    service, browser, base = site
+    (code,) = codes_in((await send(service.smtp_addresses[0][1], fax_message())).message)
+    await browser.login(base, "olivia")
+    await browser.until(lambda: browser.badge(code) == "delivered")
+    async with aiohttp.ClientSession() as session:  # GreenFax reports the same number again, with a new reference
+        async with session.get(f"{base}/greenfax/notify/sandbox-notify-token", params={
+                "result": "Busy", "destination": "12125551234", "greenfaxreferenceid": "777000111"}) as answer:
+            assert answer.status == 200
+    await browser.open(base + "/unmatched")
+    report = await browser.find("section.report")
+    report_id = (await browser.run(report.get_attribute, "id")).removeprefix("report-")
+    await browser.click(f"#do-link-{report_id}")
+    await browser.run(lambda: browser.driver.switch_to.alert.accept())
+    await browser.until(lambda: browser.driver.current_url.endswith(f"/jobs/{code}"))
+    assert f"status report #{report_id} linked by hand" in await browser.text("#timeline")
+
+    await browser.open(base + "/reports")
+    await browser.screenshot("reports.png")
+    href = await browser.run((await browser.find("#csv")).get_attribute, "href")
+    text = await browser.run(browser.driver.execute_async_script, """
+        const done = arguments[arguments.length - 1];
+        fetch(arguments[0], {credentials: "same-origin"}).then(r => r.text()).then(done);""", href)
+    import csv
+
+    rows = list(csv.DictReader(text.splitlines()))
+    conn = store.connect(service.settings.store.path, readonly=True)
+    try:
+        pages, cost = conn.execute("SELECT SUM(pages), SUM(CAST(cost AS REAL)) FROM jobs").fetchone()
+    finally:
+        conn.close()
+    assert sum(int(row["pages"]) for row in rows) == pages == 1
+    assert abs(sum(float(row["cost (USD)"]) for row in rows) - cost) < 1e-9
+    assert await browser.text("#total-pages") == "1"

@@ -101,13 +101,8 @@ class Console:
 
     def routes(self, app: web.Application) -> None:
         app.middlewares.append(self._guard)
-        app.router.add_get("/", self.jobs)
-        app.router.add_get("/login", self.login_page)
-        app.router.add_post("/login", self.login)
-        app.router.add_post("/logout", self.logout)
-        app.router.add_get("/jobs/{code}", self.job)
-        app.router.add_post("/jobs/{code}/{action}", self.act)
-        app.router.add_get("/static/{name}", self.static)
+        for method, path, name in ROUTES:
+            app.router.add_route(method, path, getattr(self, name))
 
     # --- the frame: headers, errors, identity -----------------------------------------------
 
@@ -135,6 +130,11 @@ class Console:
         except StoreError as exc:
             response = self._page("error.html", request, None, status=503, title="The store cannot be read",
                                   message=f"{exc}. Try again in a moment; /healthz says more.")
+        except Exception:  # a bug: logged with its traceback, the browser gets a page that says so
+            log.exception("the console failed on %s %s", request.method, request.path)
+            response = self._page("error.html", request, None, status=500, title="Something went wrong",
+                                  message="The console could not show this page; the gateway's log has the"
+                                  " details (an ERROR line from faxgw.web).")
         response.headers.update(SECURITY_HEADERS)
         return response
 
@@ -335,6 +335,114 @@ class Console:
         log_event(log, "web-action", user=session.user, code=code, action=action, state=state.value)
         return _see_other(f"/jobs/{code}")
 
+    # --- queue, unmatched reports, health -----------------------------------------------------
+
+    async def queue(self, request: web.Request) -> web.Response:
+        session = await self._required(request)
+        rows = await self._read(store.waiting_jobs)
+        return self._page("queue.html", request, session, rows=rows)
+
+    async def unmatched(self, request: web.Request) -> web.Response:
+        session = await self._required(request)
+        window = timedelta(seconds=self.settings.status.match_window)
+
+        def read(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            reports = store.list_reports(conn, limit=100)
+            for report in reports:
+                received = store.parse_iso(report["received_at"])
+                report["candidates"] = store.link_candidates(conn, report["number"], iso(received - window),
+                                                             iso(received))
+            return reports
+
+        return self._page("unmatched.html", request, session, reports=await self._read(read))
+
+    async def link(self, request: web.Request) -> web.StreamResponse:
+        from gateway.status.correlate import CorrelationPolicy, match_by_hand
+
+        session = await self._required(request)
+        form = await request.post()
+        self._check_form(request, form, session.csrf)
+        if session.role != "operator":
+            raise Refused(403, "Not allowed", f"{session.user} is a viewer: only an operator may link a report.")
+        try:
+            report_id = int(request.match_info["report"])
+        except ValueError:
+            raise Refused(404, "No such report", "A status report is named by its number.") from None
+        code = str(form.get("code", "")).strip().upper()
+        if not code:
+            raise Refused(400, "Which job?", "Choose the job the report is about, or type its code.")
+        now = iso(utcnow())
+        policy = CorrelationPolicy.from_settings(self.settings)
+
+        def apply(conn: sqlite3.Connection) -> str:
+            outcome = match_by_hand(conn, report_id, code, now, policy)
+            store.audit(conn, now, session.user, "link", code, f"status report #{report_id}: {outcome.kind}")
+            return outcome.kind
+
+        try:
+            kind = await self.writer.run(apply)
+        except UnknownJob as exc:
+            raise Refused(404, "Not found", f"{exc}.") from None
+        except InvalidTransition as exc:
+            raise Refused(409, "Not done", f"{exc}.") from None
+        log_event(log, "web-action", user=session.user, code=code, action="link", report=report_id, outcome=kind)
+        return _see_other(f"/jobs/{code}")
+
+    async def health_page(self, request: web.Request) -> web.Response:
+        session = await self._required(request)
+        report = await self.health()
+        return self._page("health.html", request, session, report=report)
+
+    # --- the cost report -------------------------------------------------------------------------
+
+    def _report_range(self, request: web.Request) -> tuple[str, str, str, str, str]:
+        """since and until (dates, until inclusive) and the period of ?since=&until=&by=; the last 30 days by default."""
+        from datetime import date
+
+        query = request.query
+        by = query.get("by", "day")
+        if by not in ("day", "month"):
+            raise Refused(400, "That report cannot be made", f"by={by!r}: expected day or month.")
+        try:
+            until = date.fromisoformat(query["until"]) if query.get("until") else utcnow().date()
+            since = date.fromisoformat(query["since"]) if query.get("since") else until - timedelta(days=29)
+        except ValueError:
+            raise Refused(400, "That report cannot be made", "since and until are dates such as 2026-11-01.") \
+                from None
+        if since > until:
+            raise Refused(400, "That report cannot be made", f"since ({since}) is after until ({until}).")
+        return since.isoformat(), until.isoformat(), f"{since.isoformat()}T00:00:00", \
+            f"{(until + timedelta(days=1)).isoformat()}T00:00:00", by
+
+    async def reports(self, request: web.Request) -> web.Response:
+        session = await self._required(request)
+        since, until, start, end, by = self._report_range(request)
+        rows = await self._read(lambda conn: store.cost_report(conn, since=start, until=end, by=by))
+        totals = {"faxes": sum(r["faxes"] for r in rows), "delivered": sum(r["delivered"] for r in rows),
+                  "pages": sum(r["pages"] for r in rows), "cost": sum((r["cost"] for r in rows), start=0)}
+        per_period: dict[str, Any] = {}
+        for row in rows:
+            per_period[row["period"]] = per_period.get(row["period"], 0) + row["pages"]
+        return self._page("reports.html", request, session, rows=rows, totals=totals, since=since, until=until,
+                          by=by, chart=_bars(per_period), currency=self.settings.greenfax.currency,
+                          csv="/reports.csv?" + urlencode({"since": since, "until": until, "by": by}))
+
+    async def reports_csv(self, request: web.Request) -> web.Response:
+        import csv
+        import io
+
+        await self._required(request)
+        since, until, start, end, by = self._report_range(request)
+        rows = await self._read(lambda conn: store.cost_report(conn, since=start, until=end, by=by))
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow([by, "sender", "faxes", "delivered", "pages", f"cost ({self.settings.greenfax.currency})"])
+        for row in rows:
+            writer.writerow([row["period"], _csv_safe(row["sender"]), row["faxes"], row["delivered"], row["pages"],
+                             row["cost"]])
+        return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
+            "Content-Disposition": f'attachment; filename="fax-costs-{since}-{until}-{by}.csv"'})
+
     # --- pieces ------------------------------------------------------------------------------------
 
     async def static(self, request: web.Request) -> web.Response:
@@ -361,6 +469,30 @@ class Console:
 
 
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
+# The console's pages: method, path, and the Console method that answers.
+ROUTES = [
+    ("GET", "/", "jobs"), ("GET", "/login", "login_page"), ("POST", "/login", "login"),
+    ("POST", "/logout", "logout"), ("GET", "/jobs/{code}", "job"), ("POST", "/jobs/{code}/{action}", "act"),
+    ("GET", "/queue", "queue"), ("GET", "/unmatched", "unmatched"), ("POST", "/unmatched/{report}", "link"),
+    ("GET", "/health", "health_page"), ("GET", "/reports", "reports"), ("GET", "/reports.csv", "reports_csv"),
+    ("GET", "/static/{name}", "static"),
+]
+
+
+def _bars(values: dict[str, int], *, width: int = 720, height: int = 160) -> list[dict[str, Any]]:
+    """An SVG bar chart's bars (x, y, w, h, label, value) for values in order; drawn by the template."""
+    if not values:
+        return []
+    top = max(values.values()) or 1
+    step = width / len(values)
+    return [{"x": round(i * step + step * 0.1, 1), "w": round(step * 0.8, 1),
+             "h": round(value / top * (height - 20), 1), "y": round(height - value / top * (height - 20), 1),
+             "label": label, "value": value} for i, (label, value) in enumerate(values.items())]
+
+
+def _csv_safe(text: str) -> str:
+    """A cell a spreadsheet will not run as a formula (CSV injection: a sender may begin with = + - @)."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def _see_other(location: str) -> web.Response:

@@ -66,6 +66,7 @@ from gateway.store.jobs import (
 )
 from gateway.store.reports import (
     WAITING,
+    link_candidates,
     apply_result,
     claim_notifications,
     finish_notification,
@@ -129,6 +130,9 @@ from gateway.store.housekeeping import (
     transaction,
 )
 
+from gateway.store.costs import (
+    cost_report,
+)
 from gateway.store.webaccess import (
     ROLES,
     WebSession,
@@ -146,6 +150,8 @@ from gateway.store.webaccess import (
 )
 
 __all__ = [
+    "cost_report",
+    "link_candidates",
     "ROLES",
     "WebSession",
     "audit",

@@ -122,6 +122,16 @@ def reports_for_job(conn: sqlite3.Connection, job_code: str) -> list[dict[str, A
     return [dict(row) for row in rows]
 
 
+def link_candidates(conn: sqlite3.Connection, number: str | None, since: str, until: str,
+                    limit: int = 10) -> list[dict[str, Any]]:
+    """Jobs an unmatched report may be about: to its number, created in [since, until], newest first."""
+    if not number:
+        return []
+    return [dict(row) for row in conn.execute(
+        "SELECT code, number, sender, state, created_at, reference_id FROM jobs WHERE number = ?"
+        " AND created_at >= ? AND created_at <= ? ORDER BY created_at DESC LIMIT ?", (number, since, until, limit))]
+
+
 def get_report(conn: sqlite3.Connection, report_id: int) -> sqlite3.Row:
     row = conn.execute("SELECT * FROM reports WHERE id = ?", (report_id,)).fetchone()
     if row is None:

@@ -397,3 +397,47 @@ async def test_the_cost_report_and_its_csv_add_up_to_the_store(console_with_noti
     assert by_sender == {"erp@legacy.example": 2, "accounts@legacy.example": 1}
     status, page, _headers = await browser.get("/reports?since=2026-12-31&until=2026-01-01")
     assert status == 400 and "is after until" in page
+
+
+async def test_the_job_page_shows_the_messages_facts_and_a_first_page_thumbnail(console):
+    import io
+
+    from PIL import Image
+
+    gw, browser = await console()
+    (pdf_job,) = codes_in((await gw.send(fax_message(subject="Lab results", filename="results.pdf"))).message)
+    tiff = io.BytesIO()
+    Image.new("L", (1728, 2200), 255).save(tiff, format="TIFF")
+    (tiff_job,) = codes_in((await gw.send(fax_message(pdf=tiff.getvalue(), filename="scan.tif",
+                                                      attachment_type=("image", "tiff")))).message)
+    await browser.login("victor")
+    _status, page, _headers = await browser.get(f"/jobs/{pdf_job}")
+    assert 'id="subject">Lab results<' in page and "results.pdf (application/pdf" in page
+    assert f'src="/jobs/{pdf_job}/thumbnail.png"' in page
+    host, port = gw.service.web.addresses["http"][0]
+    cookie = {"Cookie": f"faxgw_session={browser.cookies['faxgw_session']}"}
+    for code in (pdf_job, tiff_job):
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://{host}:{port}/jobs/{code}/thumbnail.png", headers=cookie) as answer:
+            assert answer.status == 200 and answer.headers["Content-Type"] == "image/png"
+            png = await answer.read()
+        picture = Image.open(io.BytesIO(png))
+        assert png.startswith(b"\x89PNG") and picture.size[0] <= 360 and picture.size[1] > picture.size[0]
+
+
+async def test_a_purged_message_has_no_thumbnail_and_the_page_says_so(console):
+    gw, browser = await console()
+    (code,) = codes_in((await gw.send()).message)
+    await gw.wait_state(code, "submitted")
+    conn = store.connect(gw.store_path)
+    try:
+        with conn:
+            conn.execute("UPDATE messages SET raw = x'' WHERE id = (SELECT message_id FROM jobs WHERE code = ?)",
+                         (code,))
+    finally:
+        conn.close()
+    await browser.login("victor")
+    _status, page, _headers = await browser.get(f"/jobs/{code}")
+    assert 'id="purged"' in page and "thumbnail.png" not in page
+    status, page, _headers = await browser.get(f"/jobs/{code}/thumbnail.png")
+    assert status == 404 and "purged after the retention period" in page

@@ -171,6 +171,8 @@ async def test_an_operator_watches_a_fax_filters_opens_it_retries_an_unknown_one
     await browser.until(lambda: browser.driver.find_element("id", "state").text == "delivered")
     timeline = await browser.text("#timeline")
     assert "web:olivia" in timeline and "GreenFax has no record of it" in timeline and "delivered" in timeline
+    await browser.until(lambda: browser.driver.execute_script(
+        "const img = document.getElementById('thumbnail'); return img.complete && img.naturalWidth > 0;"))
     await browser.screenshot("job.png")
 
     await browser.click("#logout")

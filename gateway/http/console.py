@@ -44,6 +44,8 @@ from gateway.errors import FilterError, InvalidTransition, StoreError, UnknownJo
 from gateway.jobfilter import parse_filter
 from gateway.logs import log_event
 from gateway.models import JobState
+from gateway.http.thumbnail import Thumbnails, first_page_png
+from gateway.outbound.mime import inspect
 from gateway.outbound.passwords import hash_password, verify_hash
 from gateway.outbound.quotas import AuthThrottle
 from gateway.rules import RulesInForce
@@ -94,6 +96,7 @@ class Console:
         self.throttle = AuthThrottle(settings.limits)
         self._proxy_key = secrets.token_bytes(32)  # CSRF tokens of proxy-authenticated users
         self._dummy: str | None = None
+        self.thumbnails = Thumbnails()
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("gateway.http", "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined)
@@ -290,6 +293,9 @@ class Console:
             job: dict[str, Any] = dict(store.get_job(conn, code))
             job["reports"] = store.reports_for_job(conn, code)
             job["audit"] = store.audit_log(conn, target=code, limit=20)
+            raw = store.job_message(conn, code)
+            job["size"] = len(raw)
+            job["message"] = inspect(raw) if raw else None  # None: purged after the retention period
             return job
 
         try:
@@ -334,6 +340,24 @@ class Console:
             raise Refused(409, "Not done", f"{exc}.") from None
         log_event(log, "web-action", user=session.user, code=code, action=action, state=state.value)
         return _see_other(f"/jobs/{code}")
+
+    async def thumbnail(self, request: web.Request) -> web.Response:
+        """The first page of the job's first document (PNG), rendered on demand and kept a while."""
+        await self._required(request)
+        code = request.match_info["code"].upper()
+        known, png = self.thumbnails.get(code)
+        if not known:
+            try:
+                raw = await self._read(lambda conn: store.job_message(conn, code))
+            except UnknownJob:
+                raise Refused(404, "No such job", f"There is no job with code {code!r}.") from None
+            png = await asyncio.to_thread(first_page_png, raw)
+            if raw:  # a purged message is not remembered: nothing to render, ever
+                self.thumbnails.put(code, png)
+        if png is None:
+            raise Refused(404, "No picture", "This fax has no document that can be shown, or it was purged after"
+                          " the retention period.")
+        return web.Response(body=png, content_type="image/png")
 
     # --- queue, unmatched reports, health -----------------------------------------------------
 
@@ -475,7 +499,7 @@ ROUTES = [
     ("POST", "/logout", "logout"), ("GET", "/jobs/{code}", "job"), ("POST", "/jobs/{code}/{action}", "act"),
     ("GET", "/queue", "queue"), ("GET", "/unmatched", "unmatched"), ("POST", "/unmatched/{report}", "link"),
     ("GET", "/health", "health_page"), ("GET", "/reports", "reports"), ("GET", "/reports.csv", "reports_csv"),
-    ("GET", "/static/{name}", "static"),
+    ("GET", "/static/{name}", "static"), ("GET", "/jobs/{code}/thumbnail.png", "thumbnail"),
 ]
 
 

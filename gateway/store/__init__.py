@@ -55,6 +55,7 @@ from gateway.store.jobs import (
     get_job,
     insert_message,
     job_counts,
+    job_message,
     list_jobs,
     new_code,
     new_secret,
@@ -150,6 +151,7 @@ from gateway.store.webaccess import (
 )
 
 __all__ = [
+    "job_message",
     "cost_report",
     "link_candidates",
     "ROLES",

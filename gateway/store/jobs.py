@@ -243,6 +243,15 @@ def get_job(conn: sqlite3.Connection, code: str) -> JobDetail:
     return job  # type: ignore[return-value]  # the columns above are JobDetail's keys
 
 
+def job_message(conn: sqlite3.Connection, code: str) -> bytes:
+    """The message a job sends, as stored (empty once retention purged it)."""
+    row = conn.execute("SELECT m.raw FROM jobs j JOIN messages m ON m.id = j.message_id WHERE j.code = ?",
+                       (code.upper(),)).fetchone()
+    if row is None:
+        raise UnknownJob(f"no job with code {code}")
+    return bytes(row[0] or b"")
+
+
 def waiting_jobs(conn: sqlite3.Connection) -> list[JobSummary]:
     rows = conn.execute(
         f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'deferred', 'sending', 'held', 'unknown')"

@@ -114,6 +114,7 @@ class NewMessage:
     needs_8bitmime: bool
     recipients: list[Recipient] = field(default_factory=list)
     codes: list[str] = field(default_factory=list)  # filled by the store
+    billing_code: str | None = None  # for cost allocation (gateway/outbound/billing.py)
 
 
 class JobSummary(TypedDict):
@@ -149,6 +150,7 @@ class JobDetail(JobSummary):
     cost: str | None
     reported_at: str | None
     flagged: int | None
+    billing_code: str | None
     events: list[JobEvent]
 
 

@@ -59,6 +59,9 @@ TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients in one message (l
 STATUS_RECIPIENT_OK = Reply(250, "2.1.5", "Status address OK")
 STATUS_ONLY_LISTENER = Reply(550, "5.7.1", "<{address}> is not a status address; this listener takes status mail only")
 NULL_SENDER_NO_FAX = Reply(550, "5.7.1", "The null sender <> cannot send faxes")
+BILLING_CODE_REQUIRED = Reply(
+    550, "5.7.1", "A billing code is required for every fax: write [billing: CODE] in the subject, or send the"
+    " header {header}: CODE")
 STATUS_KEPT = Reply(250, "2.0.0", "Kept for review: not recognised as a status mail (see faxgw unmatched)")
 STATUS_APPLIED = Reply(250, "2.0.0", "Status report {outcome}{for_job}")
 MIXED_KINDS = Reply(

@@ -74,6 +74,24 @@ class ContentRules(_Table):
     allowed_types: list[str] = []
     allowed_extensions: list[str] = []
     allow_body_only: bool = False
+    billing_pattern: str = r"\[billing:\s*([A-Za-z0-9][A-Za-z0-9._/-]{0,39})\s*\]"
+    billing_header: str = "X-Fax-Billing-Code"
+    require_billing_code: bool = False
+
+    @field_validator("billing_pattern")
+    @classmethod
+    def _one_group(cls, value: str) -> str:
+        try:
+            pattern = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression: {exc}") from None
+        if pattern.groups != 1:
+            raise ValueError("the pattern needs exactly one group: the billing code")
+        return value
+
+    @property
+    def billing(self) -> re.Pattern[str]:
+        return re.compile(self.billing_pattern, re.IGNORECASE)
 
 
 class JobCodeRules(_Table):

@@ -441,3 +441,33 @@ async def test_a_purged_message_has_no_thumbnail_and_the_page_says_so(console):
     assert 'id="purged"' in page and "thumbnail.png" not in page
     status, page, _headers = await browser.get(f"/jobs/{code}/thumbnail.png")
     assert status == 404 and "purged after the retention period" in page
+
+
+async def test_billing_codes_from_the_subject_or_header_are_stored_shown_filtered_and_summed(console, sandbox):
+    gw, browser = await console()
+    (tagged,) = codes_in((await gw.send(fax_message(subject="Invoice 4711 [billing: ACME-42]"))).message)
+    (headed,) = codes_in((await gw.send(fax_message(extra_headers={"X-Fax-Billing-Code": "MATTER/7"}))).message)
+    (plain,) = codes_in((await gw.send()).message)
+    await gw.wait_state(tagged, "submitted")
+    assert [gw.job(c)["billing_code"] for c in (tagged, headed, plain)] == ["ACME-42", "MATTER/7", None]
+    forwarded = next(f for f in sandbox.faxes if f.code == tagged).raw
+    assert b"billing" not in forwarded.lower() and b"Invoice 4711" in forwarded  # GreenFax never sees it
+    await browser.login("victor")
+    _status, page, _headers = await browser.get(f"/jobs/{tagged}")
+    assert 'id="billing">ACME-42<' in page
+    _status, page, _headers = await browser.get("/?billing=MATTER%2F7")
+    assert headed in page and tagged not in page and plain not in page
+    _status, text, _headers = await browser.get("/reports.csv")
+    assert {line.split(",")[2] for line in text.splitlines()[1:]} == {"ACME-42", "MATTER/7", ""}
+
+
+async def test_a_required_billing_code_is_asked_for_at_data(gateway):
+    import aiosmtplib
+
+    gw = await gateway(addressing={"content": {"require_billing_code": True}})
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await gw.send()
+    assert refused.value.code == 550 and "[billing: CODE] in the subject" in refused.value.message
+    assert "X-Fax-Billing-Code: CODE" in refused.value.message
+    (code,) = codes_in((await gw.send(fax_message(subject="Scan [billing: 0042]"))).message)
+    assert gw.job(code)["billing_code"] == "0042"

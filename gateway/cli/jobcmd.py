@@ -28,7 +28,7 @@ STATES = [state.value for state in JobState]
 # The fields `faxgw show` prints, in this order, when the job has them.
 SHOW_FIELDS = ("code", "number", "recipient", "sender", "state", "reason", "attempts", "created_at", "updated_at",
                "next_attempt_at", "last_result", "upstream_reply", "reference_id", "pages", "duration", "cost",
-               "reported_at")
+               "reported_at", "billing_code")
 
 
 @click.command()

@@ -261,7 +261,7 @@ class Console:
     async def jobs(self, request: web.Request) -> web.Response:
         session = await self._required(request)
         query = request.query
-        chosen = {key: query.get(key, "").strip() for key in ("state", "number", "sender", "since")}
+        chosen = {key: query.get(key, "").strip() for key in ("state", "number", "sender", "since", "billing")}
         before = query.get("before", "").strip() or None
         try:
             spec = parse_filter(states=(chosen["state"],) if chosen["state"] else (), number=chosen["number"] or None,
@@ -271,7 +271,7 @@ class Console:
             raise Refused(400, "That filter cannot be used", f"{exc}.") from None
 
         def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], dict[str, int]]:
-            rows = store.list_jobs(conn, **spec.as_query(), before=before)
+            rows = store.list_jobs(conn, **spec.as_query(), before=before, billing_code=chosen["billing"] or None)
             counts, _oldest = store.job_counts(conn)
             return rows, counts  # type: ignore[return-value]
 
@@ -460,10 +460,11 @@ class Console:
         rows = await self._read(lambda conn: store.cost_report(conn, since=start, until=end, by=by))
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
-        writer.writerow([by, "sender", "faxes", "delivered", "pages", f"cost ({self.settings.greenfax.currency})"])
+        writer.writerow([by, "sender", "billing_code", "faxes", "delivered", "pages",
+                         f"cost ({self.settings.greenfax.currency})"])
         for row in rows:
-            writer.writerow([row["period"], _csv_safe(row["sender"]), row["faxes"], row["delivered"], row["pages"],
-                             row["cost"]])
+            writer.writerow([row["period"], _csv_safe(row["sender"]), _csv_safe(row["billing_code"]), row["faxes"],
+                             row["delivered"], row["pages"], row["cost"]])
         return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8", headers={
             "Content-Disposition": f'attachment; filename="fax-costs-{since}-{until}-{by}.csv"'})
 

@@ -45,7 +45,8 @@ from gateway.errors import (
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.models import ClaimedJob, JobState
-from gateway.rules import JobCodeRules, RulesInForce
+from gateway.outbound.billing import without_tag
+from gateway.rules import ContentRules, JobCodeRules, RulesInForce
 from gateway.store import Writer, add_event, claim_due, count_due, iso, parse_iso, record_outcome
 
 from gateway.outbound.upstream import Endpoint, UpstreamConnection
@@ -362,12 +363,14 @@ class Forwarder(Runner):
             raw, code=job.code, to_address=to_address, account_sender=self.settings.account_sender or "",
             received=received, message_id=_message_id(job, self.hostname),
             subject_tag=subject_tag, code_header=code_header, date=format_datetime(now),
+            billing=self.rules.addressing.content,
         ), note
 
 
 def rewrite_headers(
     raw: bytes, *, code: str, to_address: str, account_sender: str, received: str,
     message_id: str, subject_tag: str | None, code_header: str | None, date: str,
+    billing: ContentRules | None = None,
 ) -> bytes:
     """The message as forwarded upstream: new header block, original body bytes.
 
@@ -385,9 +388,12 @@ def rewrite_headers(
             original_from = field_value(field)
         elif name == b"subject":
             subject = field_value(field)
+            if billing is not None:
+                subject = without_tag(subject, billing)  # the code is ours to allocate costs, not GreenFax's
         elif name == b"date":
             has_date = True
-        if name in DROPPED_HEADERS or (code_header and name == code_header.lower().encode()):
+        if name in DROPPED_HEADERS or (code_header and name == code_header.lower().encode()) \
+                or (billing is not None and name == billing.billing_header.lower().encode()):
             continue
         kept.append(field)
     head = [

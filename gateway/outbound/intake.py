@@ -189,6 +189,9 @@ class Intake:
         # Every message submitted counts towards the per-minute limits, whatever becomes of it.
         refusal = self.limits.take_message(client, sender)
         refusal = refusal or mime.refusal(facts) or self.policy.check_content(facts)
+        billing = self.policy.billing(raw, facts) if refusal is None else None
+        if isinstance(billing, Refusal):
+            refusal, billing = billing, None
         recipients: list[Recipient] = []
         for recipient in envelope.fax_recipients:
             if refusal is not None:
@@ -207,7 +210,7 @@ class Intake:
             raw=raw, mail_from=mail_from, client=client.key, helo=mime.storable(session.host_name or ""),
             auth_user=_login(session), header_from=facts.header_from,
             smtputf8=envelope.smtp_utf8 or facts.needs_smtputf8, needs_8bitmime=facts.needs_8bitmime,
-            recipients=recipients,
+            recipients=recipients, billing_code=billing,
         )
         now = self.clock()
         admission = await self.limits.admission(raw, recipients, client, sender, now)

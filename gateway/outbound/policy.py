@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 
 from gateway import replies
+from gateway.outbound.billing import billing_code
 from gateway.replies import refuse
 from gateway.config import Settings, in_networks
 from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal
@@ -166,6 +167,14 @@ class Policy:
         if not facts.attachments and not self.rules.content.allow_body_only:
             return refuse(replies.NOTHING_TO_FAX, "content-empty")
         return None
+
+    def billing(self, raw: bytes, facts: MessageFacts) -> str | Refusal | None:
+        """The fax's billing code; a Refusal when the rules require one and it has none."""
+        content = self.rules.content
+        code = billing_code(raw, facts.subject, content)
+        if code is None and content.require_billing_code:
+            return refuse(replies.BILLING_CODE_REQUIRED, "billing-code", header=content.billing_header)
+        return code
 
     def _faxable(self, attachment: Attachment) -> bool:
         content = self.rules.content

@@ -51,9 +51,10 @@ def insert_message(conn: sqlite3.Connection, msg: NewMessage, now: str) -> list[
             try:
                 job = conn.execute(
                     "INSERT INTO jobs (code, secret, message_id, recipient, number, sender, state,"
-                    " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                    " next_attempt_at, created_at, updated_at, billing_code)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
                     (code, new_secret(), message_id, recipient.address, recipient.number.e164, sender, now, now,
-                     now),
+                     now, msg.billing_code),
                 )
                 break
             except sqlite3.IntegrityError:
@@ -197,9 +198,13 @@ JOB_COLUMNS = "code, number, sender, state, created_at, updated_at, last_result,
 def list_jobs(
     conn: sqlite3.Connection, *, states: Iterable[str] = (), number: str | None = None,
     sender: str | None = None, since: str | None = None, limit: int = 50, before: str | None = None,
+    billing_code: str | None = None,
 ) -> list[JobSummary]:
     """Jobs newest first; `before` (a job code) pages by keyset: the jobs older than that one."""
     clauses, params = [], []
+    if billing_code:
+        clauses.append("billing_code = ?")
+        params.append(billing_code)
     if before:
         clauses.append("(created_at, id) < (SELECT created_at, id FROM jobs WHERE code = ?)")
         params.append(before.upper())
@@ -228,7 +233,7 @@ def list_jobs(
 
 def get_job(conn: sqlite3.Connection, code: str) -> JobDetail:
     row = conn.execute(
-        f"SELECT id, recipient, upstream_reply, reference_id, pages, duration, cost, reported_at, flagged,"
+        f"SELECT id, recipient, upstream_reply, reference_id, pages, duration, cost, reported_at, flagged, billing_code,"
         f" {JOB_COLUMNS} FROM jobs WHERE code = ?",
         (code.upper(),),
     ).fetchone()

@@ -121,9 +121,14 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX audit_target ON audit (target, id)")
 
 
+def _migration_8(db: sqlite_utils.Database) -> None:
+    """Billing codes: each job's cost allocation code, from its subject tag or header (outbound/billing.py)."""
+    db["jobs"].add_column("billing_code", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3,
                                                               _migration_4, _migration_5, _migration_6,
-                                                              _migration_7]
+                                                              _migration_7, _migration_8]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -471,3 +471,30 @@ async def test_a_required_billing_code_is_asked_for_at_data(gateway):
     assert "X-Fax-Billing-Code: CODE" in refused.value.message
     (code,) = codes_in((await gw.send(fax_message(subject="Scan [billing: 0042]"))).message)
     assert gw.job(code)["billing_code"] == "0042"
+
+
+async def test_a_final_job_has_a_one_page_transmission_report(console_with_notify):
+    import io
+
+    from pypdf import PdfReader
+
+    gw, browser = await console_with_notify()
+    (waiting,) = codes_in((await gw.send()).message)
+    await gw.wait_state(waiting, "submitted")
+    code = await delivered(gw, pages="2", cost="0.14")
+    await browser.login("victor")
+    status, page, _headers = await browser.get(f"/jobs/{waiting}/report.pdf")
+    assert status == 409 and "once the fax is delivered" in page  # not final yet
+    _status, page, _headers = await browser.get(f"/jobs/{code}")
+    assert f'href="/jobs/{code}/report.pdf"' in page
+    host, port = gw.service.web.addresses["http"][0]
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://{host}:{port}/jobs/{code}/report.pdf",
+            headers={"Cookie": f"faxgw_session={browser.cookies['faxgw_session']}"}) as answer:
+        assert answer.status == 200 and answer.headers["Content-Type"] == "application/pdf"
+        document = PdfReader(io.BytesIO(await answer.read()))
+    assert len(document.pages) == 1
+    text = document.pages[0].extract_text()
+    for words in (code, "DELIVERED", "+12125551234", "0.14 USD", "Fax transmission report"):
+        assert words in text, words
+    assert document.pages[0].images  # the first page's thumbnail

@@ -45,6 +45,7 @@ from gateway.jobfilter import parse_filter
 from gateway.logs import log_event
 from gateway.models import JobState
 from gateway.http.thumbnail import Thumbnails, first_page_png
+from gateway.http.transmission import FINAL as TRANSMISSION_FINAL, transmission_report
 from gateway.outbound.mime import inspect
 from gateway.outbound.passwords import hash_password, verify_hash
 from gateway.outbound.quotas import AuthThrottle
@@ -307,6 +308,7 @@ class Console:
         actions = [name for name, (allowed, _target) in store.ACTIONS.items()
                    if JobState(job["state"]) in allowed] if session.role == "operator" else []
         return self._page("job.html", request, session, job=job, actions=actions, labels=ACTION_LABELS,
+                          final=job["state"] in TRANSMISSION_FINAL,
                           unknown_explained=UNKNOWN_EXPLAINED if job["state"] == "unknown" else None,
                           reload=int(self.web.refresh * 1000) if job["state"] in ON_ITS_WAY else 0)
 
@@ -358,6 +360,27 @@ class Console:
             raise Refused(404, "No picture", "This fax has no document that can be shown, or it was purged after"
                           " the retention period.")
         return web.Response(body=png, content_type="image/png")
+
+    async def transmission(self, request: web.Request) -> web.Response:
+        """The one-page PDF transmission report of a job in a final state."""
+        session = await self._required(request)
+        code = request.match_info["code"].upper()
+        try:
+            job = await self._read(lambda conn: dict(store.get_job(conn, code)))
+        except UnknownJob:
+            raise Refused(404, "No such job", f"There is no job with code {code!r}.") from None
+        if job["state"] not in TRANSMISSION_FINAL:
+            raise Refused(409, "Not finished", f"{code} is {job['state']}: the transmission report is made once the"
+                          " fax is delivered, failed, rejected, expired or cancelled.")
+        known, png = self.thumbnails.get(code)
+        if not known:
+            raw = await self._read(lambda conn: store.job_message(conn, code))
+            png = await asyncio.to_thread(first_page_png, raw)
+        body = await asyncio.to_thread(transmission_report, job, thumbnail=png,
+                                       currency=self.settings.greenfax.currency, hostname=self.settings.smtp.hostname)
+        await self.writer.run(store.audit, iso(utcnow()), session.user, "transmission-report", code)
+        return web.Response(body=body, content_type="application/pdf", headers={
+            "Content-Disposition": f'attachment; filename="fax-{code}.pdf"'})
 
     # --- queue, unmatched reports, health -----------------------------------------------------
 
@@ -501,6 +524,7 @@ ROUTES = [
     ("GET", "/queue", "queue"), ("GET", "/unmatched", "unmatched"), ("POST", "/unmatched/{report}", "link"),
     ("GET", "/health", "health_page"), ("GET", "/reports", "reports"), ("GET", "/reports.csv", "reports_csv"),
     ("GET", "/static/{name}", "static"), ("GET", "/jobs/{code}/thumbnail.png", "thumbnail"),
+    ("GET", "/jobs/{code}/report.pdf", "transmission"),
 ]
 
 

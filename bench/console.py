@@ -8,9 +8,11 @@ under a millisecond). Target: under 100 ms per page.
 
 Pages: the newest job list; the list filtered by state (a rare one: held),
 by number, by sender; its 20th keyset page (?before=); one job's page (its
-timeline, reports, audit, message facts) and that job's thumbnail (first
-render, then cached). The job page writes an audit row per view, as in
-production: the bench adds rows to the cached store's audit table.
+timeline, reports, audit, message facts) and that job's thumbnail (cached),
+where the generated messages carry a document. The job page writes an audit
+row per view, as in production: the bench adds rows to the cached store's
+audit table. The counts per state are shared for a second, so the worst
+sample of a list page is one that counted them again.
 
     .venv/bin/python bench/console.py [--jobs 1000000] [--workdir /var/tmp/faxgw-bench] [--runs 15]
 """
@@ -73,6 +75,7 @@ async def login(session: aiohttp.ClientSession, base: str) -> dict[str, str]:
 async def timed(session: aiohttp.ClientSession, url: str, headers: dict[str, str], runs: int) -> list[float]:
     samples = []
     for _ in range(runs):
+        await asyncio.sleep(0.08)  # a dozen pages a second: some of them count again
         started = time.perf_counter()
         async with session.get(url, headers=headers) as answer:
             await answer.read()
@@ -101,16 +104,23 @@ async def run(args: argparse.Namespace) -> None:
                 "list page 20 (keyset)": f"/?before={page_20}",
                 "job page": f"/jobs/{newest_code}",
             }
-            print(f"{machine.summary_line(machine.machine())}\nstore: {facts['path']} ({args.jobs:,} jobs, {facts['bytes'] / 2**20:.0f} MiB)")
-            print(f"{'page':<26} {'median ms':>10} {'p90 ms':>8} {'worst ms':>9}")
+            desc = {**machine.machine(), "store_filesystem": machine.filesystem_of(path)}
+            print(machine.summary_line(desc))
+            print(f"store: {facts['path']} ({args.jobs:,} jobs, {facts['bytes'] / 2**20:.0f} MiB)")
+            print(f"{'page':<26} {'median ms':>10} {'p90 ms':>8} {'worst ms':>9}   (the counts per state are"
+                  " shared for a second: the worst is a page that counted them)")
             for name, target in pages.items():
                 samples = await timed(session, base + target, headers, args.runs)
                 ordered = sorted(samples)
                 print(f"{name:<26} {statistics.median(samples):>10.1f} {ordered[int(len(ordered) * 0.9) - 1]:>8.1f}"
                       f" {ordered[-1]:>9.1f}")
-            first = await timed(session, f"{base}/jobs/{newest_code}/thumbnail.png", headers, 1)
-            cached = await timed(session, f"{base}/jobs/{newest_code}/thumbnail.png", headers, args.runs)
-            print(f"{'thumbnail (first, cached)':<26} {first[0]:>10.1f} {statistics.median(cached):>8.1f}")
+            async with session.get(f"{base}/jobs/{newest_code}/thumbnail.png", headers=headers) as answer:
+                has_document = answer.status == 200
+            if has_document:
+                cached = await timed(session, f"{base}/jobs/{newest_code}/thumbnail.png", headers, args.runs)
+                print(f"{'thumbnail (cached)':<26} {statistics.median(cached):>10.1f}")
+            else:
+                print("thumbnail: the generated store's messages carry no document (tests/test_console.py times none)")
     finally:
         await runner.cleanup()
         writer.close()

@@ -29,6 +29,7 @@ import hmac
 import logging
 import secrets
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from importlib import resources
@@ -57,6 +58,7 @@ log = logging.getLogger("faxgw.web")
 COOKIE = "faxgw_session"
 LOGIN_COOKIE = "faxgw_login"  # the login form's CSRF token (double submit), before there is a session
 PAGE_SIZE = 50
+COUNTS_FOR = 1.0  # seconds the job list's counts per state are shared before they are counted again
 STATES = [state.value for state in JobState]
 ON_ITS_WAY = frozenset({"queued", "sending", "submitted"})  # a job page in these states reloads itself
 SECURITY_HEADERS = {
@@ -98,6 +100,7 @@ class Console:
         self._proxy_key = secrets.token_bytes(32)  # CSRF tokens of proxy-authenticated users
         self._dummy: str | None = None
         self.thumbnails = Thumbnails()
+        self._counted: tuple[float, dict[str, int]] | None = None  # (when, jobs per state)
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("gateway.http", "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined)
@@ -271,12 +274,9 @@ class Console:
         except FilterError as exc:
             raise Refused(400, "That filter cannot be used", f"{exc}.") from None
 
-        def read(conn: sqlite3.Connection) -> tuple[list[dict[str, Any]], dict[str, int]]:
-            rows = store.list_jobs(conn, **spec.as_query(), before=before, billing_code=chosen["billing"] or None)
-            counts, _oldest = store.job_counts(conn)
-            return rows, counts  # type: ignore[return-value]
-
-        rows, counts = await self._read(read)
+        rows = await self._read(lambda conn: store.list_jobs(conn, **spec.as_query(), before=before,
+                                                              billing_code=chosen["billing"] or None))
+        counts = await self._counts()
         more = len(rows) > PAGE_SIZE
         rows = rows[:PAGE_SIZE]
         filters = {key: value for key, value in chosen.items() if value}
@@ -285,6 +285,15 @@ class Console:
         return self._page(template, request, session, rows=rows, counts=counts, states=STATES, chosen=chosen,
                           older=older, newest="/?" + urlencode(filters) if before else None,
                           refresh=int(self.web.refresh * 1000) if not before else 0)
+
+    async def _counts(self) -> dict[str, int]:
+        """Jobs per state, counted at most once a second for all browsers (a full count of a million jobs takes
+        tens of milliseconds; every open job list asks for it every [web] refresh)."""
+        now = time.monotonic()
+        if self._counted is None or now - self._counted[0] >= COUNTS_FOR:
+            counts, _oldest = await self._read(store.job_counts)
+            self._counted = (now, counts)
+        return self._counted[1]
 
     async def job(self, request: web.Request) -> web.Response:
         session = await self._required(request)

@@ -23,15 +23,18 @@ class JobFilter:
     number: str | None = None  # E.164
     sender: str | None = None
     since: str | None = None  # store time
+    text: str | None = None  # a job code, reference id, billing code, number or part of the sender
+    text_number: str | None = None  # the text read as a fax number (E.164), when it is one
     limit: int = 50
 
     def as_query(self) -> dict:
         return {"states": self.states, "number": self.number, "sender": self.sender, "since": self.since,
-                "limit": self.limit}
+                "text": self.text, "text_number": self.text_number, "limit": self.limit}
 
 
 def parse_filter(*, states: tuple[str, ...] = (), number: str | None = None, sender: str | None = None,
-                 since: str | None = None, limit: int | str = 50, region: str = "US") -> JobFilter:
+                 since: str | None = None, text: str | None = None, limit: int | str = 50,
+                 region: str = "US") -> JobFilter:
     for state in states:
         if state not in STATES:
             raise FilterError("state", f"{state!r} is not a job state; expected one of {', '.join(STATES)}")
@@ -41,8 +44,22 @@ def parse_filter(*, states: tuple[str, ...] = (), number: str | None = None, sen
         raise FilterError("limit", f"{limit!r}: expected a whole number") from None
     if not 1 <= limit <= 100_000:
         raise FilterError("limit", f"{limit}: expected 1 to 100000")
+    text = (text or "").strip() or None
+    if text is not None and len(text) > 200:
+        raise FilterError("text", "longer than 200 characters; expected a job code, a reference id, a billing"
+                                  " code, a fax number or part of a sender address")
     return JobFilter(states=tuple(states), number=parse_number(number, region), sender=sender or None,
-                     since=parse_since(since), limit=limit)
+                     since=parse_since(since), text=text, text_number=_as_number(text, region), limit=limit)
+
+
+def _as_number(text: str | None, region: str) -> str | None:
+    """The search text as a fax number, if it reads as one ("+1 212 555 0123", "(212) 555-0123")."""
+    if not text or sum(char.isdigit() for char in text) < 5:
+        return None
+    try:
+        return parse_number(text, region)
+    except FilterError:
+        return None
 
 
 def parse_since(value: str | None) -> str | None:

@@ -291,12 +291,20 @@ STATUS_FILTERS = [
     (["--since", "2026-01-01"], set(JOBS)),
     (["--since", "2999-01-01"], set()),
     (["--limit", "2"], {"deferred", "unknown"}),  # the newest two
+    (["--text", "copier"], {"scanner"}),
+    (["--text", "+1 312 555 0123"], {"scanner"}),
+    (["--text", "ERP@", "--state", "rejected"], {"rejected"}),
+    (["--text", "%"], set()),
 ]
 
 
 async def test_status_filters(jobs):
     for args, labels in STATUS_FILTERS:
         assert jobs.labels(jobs.json("status", *args)) == labels, args
+
+
+async def test_status_text_finds_a_job_by_its_code(jobs):
+    assert jobs.labels(jobs.json("status", "--text", jobs.codes["deferred"].lower())) == {"deferred"}
 
 
 async def test_number_filter_finds_jobs_the_current_rules_would_refuse(gateway, tmp_path):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -498,3 +499,33 @@ async def test_a_final_job_has_a_one_page_transmission_report(console_with_notif
     for words in (code, "DELIVERED", "+12125551234", "0.14 USD", "Fax transmission report"):
         assert words in text, words
     assert document.pages[0].images  # the first page's thumbnail
+
+
+async def test_the_search_box_finds_a_job_by_code_reference_billing_code_number_or_sender(console_with_notify):
+    gw, browser = await console_with_notify()
+    code = await delivered(gw, pages="1", cost="0.07", sender="front_desk@clinic.example")
+    (billed,) = codes_in((await gw.send(fax_message(to="13125550123@greenfax.com",
+                                                    subject="Scan [billing: MATTER-9]"),
+                                        rcpts=["13125550123@greenfax.com"])).message)
+    (other,) = codes_in((await gw.send(fax_message(sender="frontXdesk@clinic.example"),
+                                       sender="frontXdesk@clinic.example")).message)
+    await gw.wait_state(billed, "submitted")
+    reference = gw.job(code)["reference_id"]
+    assert reference
+    await browser.login("victor")
+
+    async def found(text: str) -> set[str]:
+        status, page, _headers = await browser.get("/?" + urlencode({"text": text}))
+        assert status == 200 and 'id="filter-text"' in page
+        return {c for c in (code, billed, other) if f'href="/jobs/{c}"' in page}
+
+    assert await found(code.lower()) == {code}
+    assert await found(reference) == {code}
+    assert await found("MATTER-9") == {billed}
+    assert await found("+1 (312) 555-0123") == {billed}
+    assert await found("clinic.EXAMPLE") == {code, other}
+    assert await found("front_desk") == {code}  # _ is a character here, not SQL's wildcard
+    assert await found("%") == set()
+    assert await found("nothing-like-it") == set()
+    status, page, _headers = await browser.get("/?" + urlencode({"text": "x" * 201}))
+    assert status == 400 and "longer than 200 characters" in page

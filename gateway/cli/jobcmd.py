@@ -36,11 +36,13 @@ SHOW_FIELDS = ("code", "number", "recipient", "sender", "state", "reason", "atte
 @click.option("--number", help="Only jobs to this fax number (any common notation).")
 @click.option("--sender", help="Only jobs whose sender contains this text.")
 @click.option("--since", help="Only jobs created since: a duration (\"2h\", \"3d\") or a date (\"2026-11-20\").")
+@click.option("--text", help="Only jobs with this code, GreenFax reference id, billing code or number, or whose"
+                             " sender contains it.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100000), help="At most this many jobs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array instead of a table.")
 @click.pass_obj
 def status(obj: Context, states: tuple[str, ...], number: str | None, sender: str | None,
-           since: str | None, limit: int, as_json: bool) -> None:
+           since: str | None, text: str | None, limit: int, as_json: bool) -> None:
     """Recent jobs, newest first.
 
     \b
@@ -48,13 +50,15 @@ def status(obj: Context, states: tuple[str, ...], number: str | None, sender: st
       faxgw status
       faxgw status --state deferred --state unknown
       faxgw status --number "+1 212 555 0123" --since 2d --json
+      faxgw status --text 10999998
     """
     from gateway.jobfilter import FilterError, parse_filter
 
     # The addressing rules only say how to read --number; without it they are not even loaded.
-    region = _default_region(obj.settings) if number else "US"
+    region = _default_region(obj.settings) if number or text else "US"
     try:
-        query = parse_filter(states=states, number=number, sender=sender, since=since, limit=limit, region=region)
+        query = parse_filter(states=states, number=number, sender=sender, since=since, text=text, limit=limit,
+                             region=region)
     except FilterError as exc:
         raise click.BadParameter(exc.message, param_hint=f"'--{exc.parameter}'") from None
     conn = obj.read_store()

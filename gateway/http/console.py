@@ -101,6 +101,7 @@ class Console:
         self._dummy: str | None = None
         self.thumbnails = Thumbnails()
         self._counted: tuple[float, dict[str, int]] | None = None  # (when, jobs per state)
+        self._counting: asyncio.Task[None] | None = None  # the next count, while it is made
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("gateway.http", "templates"), autoescape=True,
             undefined=jinja2.StrictUndefined)
@@ -265,11 +266,12 @@ class Console:
     async def jobs(self, request: web.Request) -> web.Response:
         session = await self._required(request)
         query = request.query
-        chosen = {key: query.get(key, "").strip() for key in ("state", "number", "sender", "since", "billing")}
+        chosen = {key: query.get(key, "").strip() for key in ("state", "number", "sender", "since", "text", "billing")}
         before = query.get("before", "").strip() or None
         try:
             spec = parse_filter(states=(chosen["state"],) if chosen["state"] else (), number=chosen["number"] or None,
-                                sender=chosen["sender"] or None, since=chosen["since"] or None, limit=PAGE_SIZE + 1,
+                                sender=chosen["sender"] or None, since=chosen["since"] or None,
+                                text=chosen["text"] or None, limit=PAGE_SIZE + 1,
                                 region=self.rules.addressing.numbers.default_region)
         except FilterError as exc:
             raise Refused(400, "That filter cannot be used", f"{exc}.") from None
@@ -288,12 +290,27 @@ class Console:
 
     async def _counts(self) -> dict[str, int]:
         """Jobs per state, counted at most once a second for all browsers (a full count of a million jobs takes
-        tens of milliseconds; every open job list asks for it every [web] refresh)."""
-        now = time.monotonic()
-        if self._counted is None or now - self._counted[0] >= COUNTS_FOR:
-            counts, _oldest = await self._read(store.job_counts)
-            self._counted = (now, counts)
+        tens of milliseconds; every open job list asks for it every [web] refresh). A page is answered with the
+        last count while the next one is made: only the first page after a start waits for one."""
+        if self._counting is None and (self._counted is None or
+                                       time.monotonic() - self._counted[0] >= COUNTS_FOR):
+            self._counting = asyncio.create_task(self._count())
+        if self._counted is None:
+            assert self._counting is not None
+            await asyncio.shield(self._counting)
+        assert self._counted is not None
         return self._counted[1]
+
+    async def _count(self) -> None:
+        try:
+            counts, _oldest = await self._read(store.job_counts)
+            self._counted = (time.monotonic(), counts)
+        except (sqlite3.Error, StoreError) as exc:
+            if self._counted is None:
+                raise  # the page that waits for it says so
+            log.warning("cannot count the jobs per state for the console (the last count is shown): %s", exc)
+        finally:
+            self._counting = None
 
     async def job(self, request: web.Request) -> web.Response:
         session = await self._required(request)

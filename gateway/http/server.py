@@ -210,7 +210,7 @@ class Web:
         query = request.query
         try:
             spec = parse_filter(states=tuple(query.getall("state", [])), number=query.get("number"),
-                                sender=query.get("sender"), since=query.get("since"),
+                                sender=query.get("sender"), since=query.get("since"), text=query.get("text"),
                                 limit=query.get("limit", "50"), region=self.rules.addressing.numbers.default_region)
         except FilterError as exc:
             return web.json_response({"error": str(exc)}, status=400)

@@ -10,6 +10,7 @@ import base64
 import secrets
 import sqlite3
 from collections.abc import Iterable
+from typing import Any
 
 from gateway.errors import InvalidTransition, UnknownJob
 from gateway.models import ClaimedJob, JobDetail, JobState, JobSummary, NewMessage
@@ -198,9 +199,17 @@ JOB_COLUMNS = "code, number, sender, state, created_at, updated_at, last_result,
 def list_jobs(
     conn: sqlite3.Connection, *, states: Iterable[str] = (), number: str | None = None,
     sender: str | None = None, since: str | None = None, limit: int = 50, before: str | None = None,
-    billing_code: str | None = None,
+    billing_code: str | None = None, text: str | None = None, text_number: str | None = None,
 ) -> list[JobSummary]:
-    """Jobs newest first; `before` (a job code) pages by keyset: the jobs older than that one."""
+    """Jobs newest first; `before` (a job code) pages by keyset: the jobs older than that one.
+
+    `text` is the search box: a job code or GreenFax reference id finds that
+    job; any other text the jobs with that billing code, to that number
+    (`text_number`, the text read as one), or whose sender contains it. Each
+    is its own query on its own index, newest first and limited, and the
+    answers are merged: one query with all of them OR-ed could use no index
+    and would read every job.
+    """
     clauses, params = [], []
     if billing_code:
         clauses.append("billing_code = ?")
@@ -216,14 +225,57 @@ def list_jobs(
         clauses.append("number = ?")
         params.append(number)
     if sender:
-        clauses.append("instr(lower(sender), lower(?)) > 0")
-        params.append(sender)
+        clause, pattern = _sender_contains(sender)
+        clauses.append(clause)
+        params.append(pattern)
     if since:
         clauses.append("created_at >= ?")
         params.append(since)
+    if not text:
+        return _jobs(conn, clauses, params, limit)
+    # A job code or reference id names one job: when it is one, that job is the answer, at once.
+    for clause, value in (("code = ?", text.upper()), ("reference_id = ?", text)):
+        named = _jobs(conn, [*clauses, clause], [*params, value], 2)
+        if len(named) == 1:
+            return named
+    found: dict[str, JobSummary] = {}
+    ways = [("billing_code = ?", text), _sender_contains(text)] + \
+        ([("number = ?", text_number)] if text_number else [])
+    for clause, value in ways:
+        for job in _jobs(conn, [*clauses, clause], [*params, value], limit, keyed=True):
+            found[job["code"]] = job
+    newest_first = sorted(found.values(), key=lambda job: (job["created_at"], job["id"]), reverse=True)
+    for job in newest_first:
+        del job["id"]  # type: ignore[misc]
+    return newest_first[:limit]
+
+
+def _sender_contains(text: str) -> tuple[str, str]:
+    """The clause and parameter for "the sender contains this text", ignoring ASCII case.
+
+    SQLite's LIKE ignores ASCII case as lower() does and is checked in the
+    index that holds the sender (jobs_created_sender) almost three times
+    faster than instr(lower(...)); an ESCAPE clause costs a little more, so
+    only a text with % or _ (taken literally) has one.
+    """
+    if not any(char in text for char in "%_\\"):
+        return "sender LIKE ?", f"%{text}%"
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return "sender LIKE ? ESCAPE '\\'", f"%{escaped}%"
+
+
+def _jobs(conn: sqlite3.Connection, clauses: list[str], params: list[Any], limit: int,
+          keyed: bool = False) -> list[JobSummary]:
+    """Jobs newest first; `keyed` adds their row id, the order's second key, for merging answers.
+
+    The jobs are chosen by id first and read after: a search by sender then
+    reads only the index that holds the sender (a fifth faster when it reads
+    it to the end), and the other filters lose nothing.
+    """
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     cursor = conn.execute(
-        f"SELECT {JOB_COLUMNS} FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT ?",
+        f"SELECT {'id, ' if keyed else ''}{JOB_COLUMNS} FROM jobs WHERE id IN"
+        f" (SELECT id FROM jobs {where} ORDER BY created_at DESC, id DESC LIMIT ?) ORDER BY created_at DESC, id DESC",
         (*params, limit),
     )
     cursor.row_factory = None  # plain tuples: a Row and then a dict per job cost more than the query

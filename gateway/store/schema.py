@@ -126,9 +126,15 @@ def _migration_8(db: sqlite_utils.Database) -> None:
     db["jobs"].add_column("billing_code", str)
 
 
+def _migration_9(db: sqlite_utils.Database) -> None:
+    """The console's search: jobs by billing code (its filter, and the text search that tries a code), newest
+    first from an index that holds only jobs with a code; without it a rare code read every job."""
+    db.execute("CREATE INDEX jobs_billing ON jobs (billing_code, created_at) WHERE billing_code IS NOT NULL")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3,
                                                               _migration_4, _migration_5, _migration_6,
-                                                              _migration_7, _migration_8]
+                                                              _migration_7, _migration_8, _migration_9]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -214,6 +214,14 @@ def in_networks(address: str, networks: list[Any]) -> bool:
     return any(ip in net for net in networks if net.version == ip.version)
 
 
+def address_listed(address: str, entries: list[str]) -> bool:
+    """Whether a mail address is one of `entries`: exact addresses, "@domain" entries, or "*" for any
+    (compared without regard to case)."""
+    lowered = address.lower()
+    domain = "@" + lowered.rpartition("@")[2]
+    return any(entry == "*" or entry.lower() in (lowered, domain) for entry in entries)
+
+
 def client_key(address: str) -> str:
     """What one client is, for limits: an IPv4 address, or an IPv6 /64 (which one subscriber usually holds whole)."""
     try:
@@ -696,8 +704,20 @@ class NotificationSettings(Section):
 
     enabled: bool = True
     on: list[Literal["delivered", "failed", "rejected", "expired"]] = ["failed", "rejected", "expired"]
+    # Senders who get the transmission report (a PDF) when a fax is delivered: addresses, "@domain" entries,
+    # or "*"; compared with the envelope sender, where the report goes.
+    confirm_success: list[str] = []
     relay: HostPort | None = None  # where to send them; None = the gateway's upstream
     from_address: str = ""  # the From of the notification; default MAILER-DAEMON@<smtp.hostname>
+
+    @field_validator("confirm_success")
+    @classmethod
+    def _senders(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry != "*" and "@" not in entry:
+                raise ValueError(f"{entry!r}: expected an address (\"accounts@example.org\"), a domain"
+                                 " (\"@example.org\") or \"*\" (every sender)")
+        return value
 
 
 class ClientLimits(Section):

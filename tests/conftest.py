@@ -181,6 +181,15 @@ class RunningGateway:
         finally:
             conn.close()
 
+    async def notify(self, token: str, **params: str) -> int:
+        """Call the gateway's HTTP Notify URL as GreenFax does; the HTTP status."""
+        import aiohttp
+
+        host, port = self.service.web.addresses["http"][0]
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://{host}:{port}/greenfax/notify/{token}", params=params) as response:
+            return response.status
+
     async def wait_state(self, code: str, *states: str, timeout: float = 10) -> dict[str, Any]:
         """Poll the store until the job reaches one of `states`."""
         deadline = time.monotonic() + timeout

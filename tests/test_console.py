@@ -129,6 +129,27 @@ async def test_a_wrong_password_is_refused_and_slowed_and_the_store_keeps_no_coo
     assert stored and cookie not in stored  # only a digest of the cookie is kept
 
 
+async def test_failed_logins_are_counted_per_user_and_a_third_at_once_is_refused(console, caplog):
+    import logging
+
+    gw, first = await console()
+    caplog.set_level(logging.INFO, logger="faxgw.web")
+    for _ in range(3):
+        status, _page, _headers = await first.login("victor", "wrong-password-x")
+        assert status == 401
+    counts = [int(m) for m in re.findall(r"event=web-login .*result=failed failures=(\d+)", caplog.text)]
+    assert counts == [1, 2, 3]  # each failure answered later than the last (the SMTP AUTH throttle)
+    assert "wrong-password-x" not in caplog.text
+    # Guessing one user's password from many connections at once: two are checked, the others refused.
+    browsers = [Browser(first.base) for _ in range(4)]
+    answers = await asyncio.gather(*(b.login("victor", f"guess-number-{n}") for n, b in enumerate(browsers)))
+    statuses = sorted(status for status, _page, _headers in answers)
+    assert statuses.count(429) >= 1 and set(statuses) <= {401, 429}
+    assert any("Too many logins for this user at once" in page for _s, page, _h in answers)
+    status, _page, _headers = await first.login("victor")
+    assert status == 303  # the right password still works once the guesses are answered
+
+
 async def test_forms_without_the_csrf_token_or_from_another_site_are_refused(console):
     gw, browser = await console()
     (code,) = codes_in((await gw.send()).message)
@@ -306,13 +327,6 @@ def test_web_user_add_reads_the_password_from_standard_input(tmp_path):
     assert run("remove", "nobody").returncode == 1
 
 
-async def notify(gw, token: str, **params: str) -> int:
-    host, port = gw.service.web.addresses["http"][0]
-    async with aiohttp.ClientSession() as session, session.get(
-            f"http://{host}:{port}/greenfax/notify/{token}", params=params) as response:
-        return response.status
-
-
 NOTIFY_TOKEN = "notify-token-for-console-tests"
 
 
@@ -329,7 +343,7 @@ async def console_with_notify(gateway):
 async def delivered(gw, *, pages: str, cost: str, sender: str = "erp@legacy.example") -> str:
     (code,) = codes_in((await gw.send(fax_message(sender=sender), sender=sender)).message)
     await gw.wait_state(code, "submitted")
-    assert await notify(gw, NOTIFY_TOKEN, result="Success", userjobcode=code, pages=pages, cost=cost,
+    assert await gw.notify(NOTIFY_TOKEN, result="Success", userjobcode=code, pages=pages, cost=cost,
                         greenfaxreferenceid=str(abs(hash(code)) % 10**8), destination="12125551234") == 200
     await gw.wait_state(code, "delivered")
     return code
@@ -339,7 +353,7 @@ async def test_an_unmatched_report_is_linked_to_a_candidate_job_by_an_operator_o
     gw, olivia = await console_with_notify()
     code = await delivered(gw, pages="1", cost="0.07")
     # A second report for that number with a reference nobody knows: no job waits for it.
-    assert await notify(gw, NOTIFY_TOKEN, result="Busy", destination="12125551234", greenfaxreferenceid="555000111") == 200
+    assert await gw.notify(NOTIFY_TOKEN, result="Busy", destination="12125551234", greenfaxreferenceid="555000111") == 200
     victor = Browser(olivia.base)
     await victor.login("victor")
     _status, page, _headers = await victor.get("/unmatched")

@@ -41,7 +41,8 @@ async def sink():
 
 
 async def test_rejected_fax_sends_a_dsn_with_null_sender(gateway, sandbox, sink):
-    gw = await gateway(notifications={"relay": f"127.0.0.1:{sink.port}"})
+    # confirm_success is for deliveries: a listed sender's failure is still told by the DSN.
+    gw = await gateway(notifications={"relay": f"127.0.0.1:{sink.port}", "confirm_success": ["*"]})
     original = fax_message(to="12125550550@greenfax.com", subject="Secret lab report",
                            body="Confidential body text")
     (code,) = codes_in((await gw.send(original, rcpts=["12125550550@greenfax.com"])).message)
@@ -68,6 +69,51 @@ async def test_rejected_fax_sends_a_dsn_with_null_sender(gateway, sandbox, sink)
 
     job = gw.job(code)
     assert any(e["source"] == "notifier" and "sender notified" in e["detail"] for e in job["events"])
+
+
+async def test_a_listed_sender_gets_the_transmission_report_when_a_fax_is_delivered(gateway, sandbox, sink):
+    import io
+
+    from pypdf import PdfReader
+
+    token = "notify-token-for-notice-tests"
+    gw = await gateway(notify={"token": token}, notifications={
+        "relay": f"127.0.0.1:{sink.port}", "confirm_success": ["@Clinic.example", "boss@legacy.example"]})
+    codes = {}
+    for sender in ("front@clinic.example", "erp@legacy.example"):
+        (codes[sender],) = codes_in((await gw.send(fax_message(sender=sender), sender=sender)).message)
+        await gw.wait_state(codes[sender], "submitted")
+        assert await gw.notify(token, result="Success", userjobcode=codes[sender], pages="2", cost="0.14",
+                               greenfaxreferenceid=f"77{len(sender)}", destination="12125551234") == 200
+        await gw.wait_state(codes[sender], "delivered")
+    await asyncio.wait_for(sink.arrived.wait(), 10)
+    await asyncio.sleep(2.5)  # longer than the notifier's poll interval: a second message would be here
+
+    ((mail_from, rcpts, raw),) = sink.received  # the unlisted sender is not told of a delivery
+    code = codes["front@clinic.example"]
+    assert mail_from == NULL_SENDER and rcpts == ["front@clinic.example"]
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert message["Subject"] == f"Fax to +12125551234 delivered [{code}]"
+    assert message["Auto-Submitted"] == "auto-replied" and message["X-Fax-Job-Code"] == code
+    text, attachment = message.iter_parts()
+    assert "was delivered, 2 pages" in text.get_content()
+    assert attachment.get_content_type() == "application/pdf" and attachment.get_filename() == f"fax-{code}.pdf"
+    report = PdfReader(io.BytesIO(attachment.get_content()))
+    assert len(report.pages) == 1
+    words = report.pages[0].extract_text()
+    assert code in words and "DELIVERED" in words and "0.14 USD" in words
+    assert report.pages[0].images  # the first page's thumbnail
+    assert any(e["detail"] == "sender notified (transmission report)" for e in gw.job(code)["events"])
+    assert not any(e["source"] == "notifier" for e in gw.job(codes["erp@legacy.example"])["events"])
+
+
+def test_confirm_success_names_addresses_or_domains(tmp_path):
+    from gateway import config
+    from gateway.errors import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        config.validate({"notifications": {"confirm_success": ["clinic.example"]}}, source="test", base=tmp_path)
+    assert "'clinic.example': expected an address" in str(refused.value)
 
 
 async def test_submitted_fax_sends_no_notice_and_failures_can_be_switched_off(gateway, sandbox, sink):

@@ -45,8 +45,8 @@ from gateway.errors import FilterError, InvalidTransition, StoreError, UnknownJo
 from gateway.jobfilter import parse_filter
 from gateway.logs import log_event
 from gateway.models import JobState
-from gateway.http.thumbnail import Thumbnails, first_page_png
-from gateway.http.transmission import FINAL as TRANSMISSION_FINAL, transmission_report
+from gateway.outbound.thumbnail import Thumbnails, first_page_png
+from gateway.outbound.transmission import FINAL as TRANSMISSION_FINAL, transmission_report
 from gateway.outbound.mime import inspect
 from gateway.outbound.passwords import hash_password, verify_hash
 from gateway.outbound.quotas import AuthThrottle

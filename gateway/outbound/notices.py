@@ -4,29 +4,36 @@ When a job reaches a final state the config names (failed, rejected,
 expired; delivered only if asked), the sender of the fax email gets a
 standard DSN (multipart/report, RFC 3464): a readable text, the
 machine-readable delivery-status, and the original message's headers only
-(text/rfc822-headers, never the document). It is sent with a null envelope
-sender, so it can never cause a bounce loop, and never to a null sender.
+(text/rfc822-headers, never the document). A sender listed in
+`[notifications] confirm_success` gets, for a delivered fax, a short text
+with the transmission report attached instead (the PDF of the console's
+job page, with the first page's thumbnail: the sender's own document).
+Both are sent with a null envelope sender, so they can never cause a
+bounce loop, and never to a null sender.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.policy
 import email.utils
 import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from email.message import Message
+from email.message import EmailMessage, Message
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from functools import partial
 from typing import Any
 
 from gateway.outbound import mimeparse
-from gateway.config import Settings
+from gateway.config import Settings, address_listed
 from gateway.errors import StoreError, UpstreamRejected
 from gateway.logs import log_event
 from gateway.models import NULL_SENDER
 from gateway.store import Writer, iso
+from gateway.outbound.thumbnail import first_page_png
+from gateway.outbound.transmission import transmission_report
 from gateway.outbound.upstream import Endpoint, UpstreamConnection
 from gateway.runner import Runner
 from gateway.units import backoff
@@ -77,6 +84,26 @@ def build_notice(job: dict[str, Any], *, hostname: str, from_address: str) -> by
     return report.as_bytes(policy=email.policy.SMTP)
 
 
+def build_confirmation(job: dict[str, Any], report: bytes, *, to: str, hostname: str, from_address: str) -> bytes:
+    """The message that tells a sender their fax was delivered, with the transmission report (PDF) attached."""
+    pages = f", {job['pages']} page{'s' if job['pages'] != 1 else ''}" if job.get("pages") is not None else ""
+    message = EmailMessage(policy=email.policy.SMTP)
+    message["From"] = from_address
+    message["To"] = to
+    message["Subject"] = f"Fax to {job['number']} delivered [{job['code']}]"
+    message["Date"] = email.utils.formatdate()
+    message["Message-ID"] = email.utils.make_msgid(f"report.{job['code']}", hostname)
+    message["Auto-Submitted"] = "auto-replied"
+    message["X-Fax-Job-Code"] = job["code"]
+    message.set_content(
+        f"Your fax to {job['number']} was delivered{pages}.\n\n"
+        f"Job code: {job['code']}\nReported: {job.get('reported_at') or job['updated_at']}\n"
+        f"GreenFax reference: {job.get('reference_id') or '-'}\n\n"
+        f"The transmission report is attached (fax-{job['code']}.pdf).\n")
+    message.add_attachment(report, maintype="application", subtype="pdf", filename=f"fax-{job['code']}.pdf")
+    return message.as_bytes()
+
+
 def _text(text: str, subtype: str) -> MIMEText:
     """A text part readable as it is (7bit) when it is ASCII, as most notices and headers are."""
     return MIMEText(text, subtype, "us-ascii" if text.isascii() else "utf-8")
@@ -103,6 +130,7 @@ class Notifier(Runner):
         self.endpoint = endpoint if relay is None else Endpoint(host=relay[0], port=relay[1], tls="none")
         self.hostname = settings.smtp.hostname
         self.from_address = settings.notifications.from_address or f"MAILER-DAEMON@{self.hostname}"
+        self.confirm_success = settings.notifications.confirm_success
         self.connection = UpstreamConnection(self.endpoint)
         self._unrecorded: list[tuple[int, str, dict[str, Any]]] = []  # (notice id, state, fields) to write
 
@@ -140,8 +168,12 @@ class Notifier(Runner):
         if notice["mail_from"] in ("", NULL_SENDER):
             await self._finish(notice["id"], "skipped", error="the fax had a null sender")
             return
+        confirming = notice["state"] == "delivered" and address_listed(notice["mail_from"], self.confirm_success)
         try:
-            message = build_notice(notice, hostname=self.hostname, from_address=self.from_address)
+            if confirming:
+                message = await self._confirmation(notice)
+            else:
+                message = build_notice(notice, hostname=self.hostname, from_address=self.from_address)
             await connection.send(sender="", recipient=notice["mail_from"], message=message,
                                   needs_8bitmime=False, smtputf8=not notice["mail_from"].isascii())
         except Exception as exc:  # any failure: retry later, or give up after a day
@@ -153,5 +185,15 @@ class Notifier(Runner):
             log_event(log, "notice", level=logging.WARNING, code=notice["code"], to=notice["mail_from"],
                       result="given up" if final else "retry", problem=error)
             return
-        await self._finish(notice["id"], "sent")
-        log_event(log, "notice", code=notice["code"], to=notice["mail_from"], state=notice["state"], result="sent")
+        await self._finish(notice["id"], "sent", what="transmission report" if confirming else "DSN")
+        log_event(log, "notice", code=notice["code"], to=notice["mail_from"], state=notice["state"],
+                  kind="report" if confirming else "dsn", result="sent")
+
+    async def _confirmation(self, notice: dict[str, Any]) -> bytes:
+        """The delivery confirmation with its transmission report, rendered off the event loop."""
+        job = dict(await self.writer.run(store.get_job, notice["code"]))
+        thumbnail = await asyncio.to_thread(first_page_png, notice["raw"])
+        report = await asyncio.to_thread(transmission_report, job, thumbnail=thumbnail,
+                                         currency=self.settings.greenfax.currency, hostname=self.hostname)
+        return build_confirmation(job, report, to=notice["mail_from"], hostname=self.hostname,
+                                  from_address=self.from_address)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from gateway import replies
 from gateway.outbound.billing import billing_code
 from gateway.replies import refuse
-from gateway.config import Settings, in_networks
+from gateway.config import Settings, address_listed, in_networks
 from gateway.models import Attachment, FaxNumber, MessageFacts, Recipient, Refusal
 from gateway.numbers import NotANumber, read_number, region_of
 from gateway.rules import AddressingRules, RulesInForce
@@ -54,11 +54,7 @@ class Policy:
     def check_sender(self, sender: str) -> Refusal | None:
         """The optional sender allowlist: exact addresses or "@domain" entries."""
         allowed = self.settings.smtp.allowed_senders
-        if not allowed:
-            return None
-        lowered = sender.lower()
-        domain = "@" + lowered.rpartition("@")[2]
-        if any(entry.lower() in (lowered, domain) for entry in allowed):
+        if not allowed or address_listed(sender, allowed):
             return None
         return refuse(replies.SENDER_NOT_ALLOWED, "sender", sender=shown(sender))
 

@@ -31,7 +31,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import timedelta
 
-from gateway.config import Settings
+from gateway.config import Settings, address_listed
 from gateway.errors import InvalidTransition, UnknownJob
 from gateway.models import FINAL_STATES, JobState, Result, StatusReport, Trust
 from gateway.store import enqueue_notification, immediate, iso, parse_iso
@@ -52,12 +52,21 @@ class Outcome:
 class CorrelationPolicy:
     window: timedelta = timedelta(days=3)  # how far back a number-only report may match
     notify_states: frozenset[str] = frozenset({"failed", "rejected", "expired"})
+    confirm_success: tuple[str, ...] = ()  # senders told of a delivery with the transmission report
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CorrelationPolicy:
         notes = settings.notifications
         return cls(window=timedelta(seconds=settings.status.match_window),
-                   notify_states=frozenset(notes.on) if notes.enabled else frozenset())
+                   notify_states=frozenset(notes.on) if notes.enabled else frozenset(),
+                   confirm_success=tuple(notes.confirm_success) if notes.enabled else ())
+
+    def tells_sender(self, conn: sqlite3.Connection, result: Result, message_id: int) -> bool:
+        """Whether the sender of a fax is told of this result (a notice, or the report of a delivery)."""
+        if result.value in self.notify_states:
+            return True
+        return result is Result.DELIVERED and bool(self.confirm_success) and \
+            address_listed(store.envelope_sender(conn, message_id), list(self.confirm_success))
 
 
 @dataclass(frozen=True)
@@ -201,7 +210,7 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
                        f" this report says {report.reference_id}; {job['reference_id']} kept (flagged for review)",
                        flag=True)
     store.apply_result(conn, job["id"], report, now, summary=text, source=source, flagged=impossible or conflict)
-    if report.result.value in policy.notify_states:
+    if policy.tells_sender(conn, report.result, job["message_id"]):
         enqueue_notification(conn, job["id"], now)
     return "applied", text
 

@@ -179,16 +179,22 @@ def claim_notifications(conn: sqlite3.Connection, now: str, limit: int) -> list[
 
 
 def finish_notification(conn: sqlite3.Connection, notification_id: int, now: str, state: str,
-                        error: str | None = None, next_attempt_at: str | None = None) -> None:
+                        error: str | None = None, next_attempt_at: str | None = None,
+                        what: str = "DSN") -> None:
     conn.execute(
         "UPDATE notifications SET state = ?, updated_at = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
         (state, now, error, next_attempt_at, notification_id),
     )
     job_id = conn.execute("SELECT job_id FROM notifications WHERE id = ?", (notification_id,)).fetchone()[0]
-    detail = {"sent": "sender notified (DSN)", "skipped": f"sender not notified: {error}",
+    detail = {"sent": f"sender notified ({what})", "skipped": f"sender not notified: {error}",
               "failed": f"sender notification failed for good: {error}"}.get(state)
     if detail:
         add_event(conn, job_id, now, "notifier", None, detail)
+
+
+def envelope_sender(conn: sqlite3.Connection, message_id: int) -> str:
+    """The envelope sender of a message: where its notices go."""
+    return conn.execute("SELECT mail_from FROM messages WHERE id = ?", (message_id,)).fetchone()[0] or ""
 
 
 def requeue_interrupted_notifications(conn: sqlite3.Connection) -> None:

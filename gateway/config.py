@@ -778,6 +778,20 @@ class HoldSettings(Section):
     max_pages: int = Field(default=0, ge=0)  # more pages than this; 0 = off
 
 
+def _cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class ServiceSettings(Section):
+    """How `faxgw serve` runs: its worker processes (gateway/ops/workers.py)."""
+
+    # Worker processes, each with its own event loop: the intake and the forwarder run in every one, the
+    # background singletons (feed poller, IMAP reader, retention, notices, checkpoints) in one of them.
+    # Default: one per core. The sandbox runs in one process (its stand-in keeps its faxes in memory).
+    workers: int = Field(default_factory=_cores, ge=1, le=64)
+
+
 class LogSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -787,6 +801,7 @@ class Settings(Section):
 
     smtp: SmtpSettings = Field(default_factory=SmtpSettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -828,6 +843,11 @@ class Settings(Section):
     @property
     def sandbox_mode(self) -> bool:
         return self.sandbox.enabled
+
+    @property
+    def workers(self) -> int:
+        """The worker processes `faxgw serve` starts: [service] workers, one in sandbox mode."""
+        return 1 if self.sandbox_mode else self.service.workers
 
 
 # --- loading ---------------------------------------------------------------

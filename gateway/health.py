@@ -28,15 +28,25 @@ async def health_report(service: Service) -> dict[str, Any]:
     except StoreError as exc:
         store_part = {"writable": False, "error": str(exc)}
         failing.append(f"store: {exc}")
+    report: dict[str, Any] = {
+        "status": "ok", "failing": failing, "mode": "SANDBOX" if service.settings.sandbox_mode else "production",
+        "store": store_part, **local_report(service, failing),
+        "unknown_jobs": await asyncio.to_thread(_count, service, "unknown"),
+    }
+    if service.worker is not None:
+        report["workers"] = await asyncio.to_thread(_workers, service, report, failing)
+    report["status"] = "failing" if failing else "ok"
+    return report
+
+
+def local_report(service: Service, failing: list[str]) -> dict[str, Any]:
+    """The parts this process runs (with several workers, each writes these into its heartbeat)."""
     serving = [server.is_serving() for server in service.servers]
     if not all(serving):
         failing.append("listeners: an SMTP listener is down")
     report: dict[str, Any] = {
-        "status": "ok", "failing": failing, "mode": "SANDBOX" if service.settings.sandbox_mode else "production",
-        "store": store_part,
         "listeners": {"smtp": [f"{h}:{p}" for h, p in service.smtp_addresses], "up": all(serving)},
         "upstream": _upstream(service, failing),
-        "unknown_jobs": await asyncio.to_thread(_count, service, "unknown"),
         "runners": service.runners.report(),
     }
     failing.extend(service.runners.failing())
@@ -50,8 +60,37 @@ async def health_report(service: Service) -> dict[str, Any]:
         report["feed"] = {"last_poll": store.iso(feed.last_poll_at) if feed.last_poll_at else None,
                           "last_error": feed.last_error, "last_rows": feed.last_rows,
                           "next_allowed": store.iso(feed.next_allowed_at) if feed.next_allowed_at else None}
-    report["status"] = "failing" if failing else "ok"
     return report
+
+
+def _workers(service: Service, report: dict[str, Any], failing: list[str]) -> list[dict[str, Any]]:
+    """Every worker process from its heartbeat: a failing part of any one, or a silent one, fails the whole."""
+    assert service.worker is not None
+    conn = service.read_store()
+    try:
+        rows = store.worker_rows(conn)
+    finally:
+        conn.close()
+    now = service.clock()
+    out = []
+    for row in rows:
+        age = (now - store.parse_iso(row["seen_at"])).total_seconds()
+        health, mine = row["health"], row["name"] == service.name
+        problems = [] if mine else [f"worker {row['name']}: {item}" for item in health.get("failing", [])]
+        if not mine and age > store.STALE:
+            problems = [f"worker {row['name']}: no heartbeat for {age:.0f} s (hung, or stopped without its"
+                        " supervisor noticing)"]
+        failing.extend(problems)
+        for part in ("imap", "feed"):  # the singletons' parts, from the worker that runs them
+            if part in health and part not in report:
+                report[part] = health[part]
+        out.append({"name": row["name"], "pid": row["pid"], "started_at": row["started_at"], "seen_at": row["seen_at"],
+                    "this": mine, "singletons": bool(health.get("singletons")),
+                    "status": "failing" if problems else "ok"})
+    live = sum(1 for w in out if w["this"] or w["status"] == "ok")
+    if live < service.worker.workers:
+        failing.append(f"workers: {live} of {service.worker.workers} are running (the supervisor starts the others)")
+    return out
 
 
 def _upstream(service: Service, failing: list[str]) -> dict[str, Any]:

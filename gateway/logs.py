@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def setup(level: str = "info") -> None:
+def setup(level: str = "info", *, tag: str | None = None) -> None:
+    """Log lines to standard error; `tag` names the worker process that writes them (faxgw.service[w1])."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    name = f"%(name)s[{tag}]" if tag else "%(name)s"
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {name} %(message)s"))
     # On the handler, not a logger: it sees every record, asyncio's and aiohttp's included.
     handler.addFilter(RateLimit())
     root = logging.getLogger()

@@ -4,10 +4,16 @@ Names are prefixed `faxgw_`, counters end in `_total`, ages in `_seconds`;
 labels come from bounded sets only (policy check names, job states, channel
 names, outcomes), never numbers, senders or free text. One `Metrics` object
 is built by the service and handed to the stages that count.
+
+With several worker processes each counts in its own files in
+PROMETHEUS_MULTIPROC_DIR (the supervisor makes it, and removes a dead
+worker's gauges); /metrics from any worker sums the counters of all of
+them, dead ones included, so a total never goes down.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable, Iterator
 
@@ -37,7 +43,7 @@ class Metrics:
         self.unmatched = Counter("faxgw_unmatched_reports_total", "Status reports that matched no job",
                                  ["channel"], registry=self.registry)
         self.runner_up = Gauge("faxgw_runner_up", "1 while a background runner runs, by runner", ["runner"],
-                               registry=self.registry)
+                               registry=self.registry, multiprocess_mode="livemax")
         self.runner_errors = Counter("faxgw_runner_errors_total", "Rounds of a background runner that failed",
                                      ["runner"], registry=self.registry)
         self.feed_polls = Counter("faxgw_feed_polls_total", "XML feed polls, by outcome", ["outcome"],
@@ -52,8 +58,14 @@ class Metrics:
         self.oauth_requests = Counter("faxgw_oauth_token_requests_total",
                                       "Requests to the OAuth2 token endpoint, by outcome (ok, unavailable, refused)",
                                       ["outcome"], registry=self.registry)
+        self.shown = self.registry  # what /metrics renders
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            self.shown = CollectorRegistry(auto_describe=True)
+            multiprocess.MultiProcessCollector(self.shown)
         if read_store is not None:
-            self.registry.register(StoreCollector(read_store))
+            self.shown.register(StoreCollector(read_store))
 
     def report(self, channel: str, outcome: str) -> None:
         self.reports.labels(channel).inc()
@@ -61,7 +73,7 @@ class Metrics:
             self.unmatched.labels(channel).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.shown)
 
 
 class StoreCollector(Collector):

@@ -5,13 +5,20 @@ turn jobs left in `sending` by a crash into `unknown`, and only then start
 the runners (forwarder, notifier, IMAP reader, feed poller) and open the
 listeners. Stopping runs the other way: listeners first, then the runners
 (sends in flight may finish), then the store writer.
+
+As one of several worker processes (gateway/ops/workers.py) it is given its
+listening sockets and the store ready by the supervisor, shares the store's
+writes with the other workers, claims jobs in its own name, beats its heart
+into the store, and starts the singletons only once it holds their lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sqlite3
 import ssl
 from collections.abc import Callable
@@ -21,7 +28,7 @@ from typing import Any
 from gateway import store
 from gateway.ops import maintenance
 from gateway.config import SANDBOX_FEED_ACCOUNT, Settings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreError
 from gateway.outbound.forward import Forwarder
 from gateway.http.guard import DescriptorBudget, raise_descriptor_limit
 from gateway.outbound.intake import Intake
@@ -29,12 +36,13 @@ from gateway.outbound.smtpserver import Role, smtp_factory
 from gateway.logs import log_event
 from gateway.metrics import Metrics
 from gateway.health import health_report
-from gateway.runner import Supervisor
+from gateway.runner import Runner, Supervisor
 from gateway.outbound.notices import Notifier
 from gateway.outbound.oauth import TokenKeeper, TokenSource
 from gateway.outbound.passwords import PasswordChecker
 from gateway.outbound.policy import Policy
 from gateway.ops.reload import TLS_KINDS, load_reloadable, renew, server_context
+from gateway.ops.workers import Worker
 from gateway.rules import RulesInForce
 from gateway.sandbox.notifycall import NotifyCaller
 from gateway.sandbox.statusmail import StatusMailer, imap_delivery, smtp_delivery
@@ -51,16 +59,19 @@ SHUTDOWN_GRACE = 10.0  # seconds in-flight forwards may take to finish on stop
 class Service:
     """The running gateway: listeners, runners, store writer and (in sandbox mode) the sandbox."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = store.utcnow) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], datetime] = store.utcnow,
+                 worker: Worker | None = None) -> None:
         self.settings = settings
         self.clock = clock
+        self.worker = worker  # one of several worker processes: the supervisor has bound and prepared
+        self.name = worker.name if worker else f"{socket.gethostname()}:{os.getpid()}"  # the jobs' claimed_by
         self.rules = RulesInForce.load(settings)  # every stage reads the rules in force through it
         path = settings.store.path
         self.read_store = lambda: store.connect(path, readonly=True)
         self.metrics = Metrics(self.read_store)
         self.status_mail = StatusMail(settings, self.rules, metrics=self.metrics)
         self.lock = store.StoreLock(path)
-        self.writer = store.Writer(path, max_size=settings.store.max_size)
+        self.writer = store.Writer(path, max_size=settings.store.max_size, shared=worker is not None)
         self.servers: list[asyncio.Server] = []
         self.intake: Intake | None = None  # the fax handler all SMTP listeners share, once listening
         self.status_addresses: list[tuple[str, int]] = []  # listeners taking status mail, as bound
@@ -79,31 +90,35 @@ class Service:
     # --- start and stop -----------------------------------------------------------
 
     async def start(self) -> None:
-        self.lock.acquire()
+        if self.worker is None:
+            self.lock.acquire()  # a worker's supervisor holds it, and passed it on to the worker
         # Before any listener: HTTP may hold half the descriptors, the rest stay for intake and the store.
         self.nofile, problem = raise_descriptor_limit()
         log_event(log, "fd-limit", level=logging.WARNING if problem else logging.INFO, nofile=self.nofile,
                   http_connections=DescriptorBudget.of(self.nofile).limit, problem=problem)
         try:
-            self._prepare_store()
+            if self.worker is None:
+                self.prepare_store()
             self.writer.start()
             self._prepare_reload()
             await self.runners.start()
             endpoint = await self._upstream_endpoint()
             self.notifier = Notifier(self.settings, self.writer, endpoint, clock=self.clock)
             self.forwarder = Forwarder(
-                settings=self.settings.upstream, endpoint=endpoint, writer=self.writer,
+                settings=self._upstream_share(), endpoint=endpoint, writer=self.writer,
                 rules=self.rules, hostname=self.settings.smtp.hostname, clock=self.clock,
                 notify_states=self.status_mail.policy.notify_states, on_notice=self.notifier.wake,
+                owner=self.name,
             )
             self.forwarder.metrics = self.metrics
-            self.runners.add(self.notifier)
             self.runners.add(self.forwarder)
-            self._start_retention()
             await self._listen()
             await self._start_web()
-            self._start_imap()
-            await self._start_feed()
+            if self.worker is None:
+                await self._start_singletons()
+            else:
+                self.runners.add(Heartbeat(self))
+                self.runners.add(SingletonsWatch(self))
             self._start_sandbox_reporting()
         except BaseException:
             await self.stop()
@@ -115,7 +130,7 @@ class Service:
                   store=str(self.settings.store.path), mode=mode, config=self.settings.source)
 
     async def stop(self) -> None:
-        if self.imap is not None:
+        if self.imap is not None and "imap" in self.runners.runners:
             await self.runners.end("imap", grace=10)  # the reader's thread notices within a second
         for server in self.servers:
             server.close()
@@ -151,6 +166,8 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        if self.worker is not None:
+            self.worker.watch_parent(loop, stop.set)
         await self.start()
         try:
             await stop.wait()
@@ -160,7 +177,26 @@ class Service:
 
     # --- parts ------------------------------------------------------------------------
 
-    def _prepare_store(self) -> None:
+    def _upstream_share(self) -> Any:
+        """The upstream settings of this process's forwarder: the workers share out its concurrency."""
+        up = self.settings.upstream
+        if self.worker is None:
+            return up
+        return up.model_copy(update={"concurrency": max(1, up.concurrency // self.worker.workers)})
+
+    async def _start_singletons(self) -> None:
+        """What runs once per store: sender notices, retention, the IMAP reader, the feed poller, checkpoints."""
+        self.writer.checkpoints()
+        self.runners.add(self.notifier)
+        self._start_retention()
+        self._start_imap()
+        await self._start_feed()
+        if self.worker is not None:
+            log_event(log, "singletons", worker=self.worker.tag, pid=os.getpid(),
+                      runners=" ".join(n for n in ("notifier", "retention", "imap", "feed") if n in self.runners.runners))
+            self.runners.runners["heartbeat"].wake()  # the others' /healthz learns it now, not in a few seconds
+
+    def prepare_store(self) -> None:
         conn = store.connect(self.settings.store.path)
         try:
             self._backup_before_migrate(conn)
@@ -216,19 +252,24 @@ class Service:
         for (host, port), implicit, role in listeners:
             factory = smtp_factory(intake, settings_smtp=smtp, tls_context=tls_context, implicit_tls=implicit,
                                    plaintext_auth=(host, port) in smtp.plaintext_auth, role=role)
-            server = await _bind(
-                lambda: loop.create_server(factory, host=host, port=port, reuse_address=True,
-                                           ssl=tls_context if implicit else None),
-                f"{host}:{port}", "[smtp] listen_tls" if implicit else "[smtp] listen" if role.fax else "[status] listen",
-            )
-            self.servers.append(server)
+            context = tls_context if implicit else None
+            if self.worker is not None:  # the supervisor's sockets, shared with the other workers
+                servers = [await loop.create_server(factory, sock=sock, ssl=context)
+                           for sock in self.worker.take(host, port)]
+            else:
+                servers = [await _bind(
+                    lambda: loop.create_server(factory, host=host, port=port, reuse_address=True, ssl=context),
+                    f"{host}:{port}",
+                    "[smtp] listen_tls" if implicit else "[smtp] listen" if role.fax else "[status] listen",
+                )]
+            self.servers += servers
             if role.status:
-                self.status_addresses.append(server.sockets[0].getsockname()[:2])
+                self.status_addresses += [server.sockets[0].getsockname()[:2] for server in servers]
 
     async def _start_web(self) -> None:
         self.web = Web(self.settings, writer=self.writer, policy=self.status_mail.policy, metrics=self.metrics,
                        read_store=self.read_store, health=self.health,
-                       rules=self.rules, nofile=self.nofile)
+                       rules=self.rules, nofile=self.nofile, inherited=self.worker.take if self.worker else None)
         await self.web.start()
 
     def _start_imap(self) -> None:
@@ -355,6 +396,49 @@ class Service:
     def smtp_addresses(self) -> list[tuple[str, int]]:
         """The addresses the intake really listens on (port 0 in the settings resolved)."""
         return [server.sockets[0].getsockname()[:2] for server in self.servers]
+
+
+class Heartbeat(Runner):
+    """A worker's row in the store every few seconds: that it lives, and its health for the others' /healthz."""
+
+    name = "heartbeat"
+    expected = (StoreError,)
+
+    def __init__(self, service: Service) -> None:
+        super().__init__(clock=service.clock)
+        self.service = service
+        self.started_at = store.iso(service.clock())
+
+    async def step(self) -> float:
+        from gateway.health import local_report
+
+        failing: list[str] = []
+        health = {**local_report(self.service, failing), "failing": failing,
+                  "singletons": self.service.worker is not None and self.service.worker.singletons_fd is not None}
+        await self.service.writer.run(store.beat, self.service.name, os.getpid(), self.started_at,
+                                      store.iso(self.clock()), health)
+        return store.HEARTBEAT
+
+
+class SingletonsWatch(Runner):
+    """A worker's wait for the singletons' lock: taken at start by one worker, by another when its holder dies."""
+
+    name = "singletons"
+    interval = 1.0  # how soon a worker takes over from one that died
+
+    def __init__(self, service: Service) -> None:
+        super().__init__(clock=service.clock)
+        self.service = service
+
+    async def step(self) -> float | None:
+        worker = self.service.worker
+        assert worker is not None
+        if worker.singletons_fd is not None:
+            return None  # held until the process ends: nothing more to do
+        if not worker.try_singletons(self.service.settings.store.path):
+            return self.interval
+        await self.service._start_singletons()
+        return None
 
 
 async def _bind(start: Callable, where: str, key: str) -> asyncio.Server:

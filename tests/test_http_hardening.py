@@ -26,7 +26,7 @@ import aiosmtplib
 import pytest
 from conftest import codes_in, fax_message, free_port
 from test_cli import faxgw, one_line_error
-from test_crash import wait_listening
+from peers.gatewayproc import wait_listening
 
 from gateway import logs
 

@@ -12,7 +12,7 @@ import sys
 import aiosmtplib
 import pytest
 from conftest import codes_in, fax_message, free_port
-from test_crash import wait_listening
+from peers.gatewayproc import wait_listening
 
 from gateway.outbound.passwords import hash_password
 

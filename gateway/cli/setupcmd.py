@@ -31,18 +31,25 @@ def serve(obj: Context) -> None:
     With no config this is the sandbox: the gateway listens on 127.0.0.1:2525
     and forwards to the built-in GreenFax stand-in; nothing is faxed.
 
+    With [service] workers above one (the default: one per core) it
+    supervises that many worker processes on the same listeners and store.
+
     \b
     Examples:
       faxgw serve
       faxgw --config /etc/faxgw/faxgw.toml serve
     """
+    from gateway.ops.workers import Worker, run_pool
     from gateway.service import Service
 
     settings = obj.settings
-    logs.setup(settings.log.level)
+    worker = Worker.from_env()  # started by a supervisor (below) as one of its workers
+    logs.setup(settings.log.level, tag=worker.tag if worker else None)
+    if worker is None and settings.workers > 1:
+        sys.exit(run_pool(settings, obj.config_path, Service(settings).prepare_store))
     import asyncio
 
-    asyncio.run(Service(settings).run_until_signalled())
+    asyncio.run(Service(settings, worker=worker).run_until_signalled())
 
 
 @click.command()

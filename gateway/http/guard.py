@@ -80,7 +80,7 @@ class ConnectionMetrics:
 
     def __init__(self, registry: prometheus_client.CollectorRegistry) -> None:
         self.open = prometheus_client.Gauge("faxgw_http_connections", "Open HTTP connections, by listener",
-                                            ["listener"], registry=registry)
+                                            ["listener"], registry=registry, multiprocess_mode="livesum")
         self.refused = prometheus_client.Counter(
             "faxgw_http_connections_refused_total",
             "HTTP connections closed at once over a cap, by listener and cap (listener, client, descriptors)",

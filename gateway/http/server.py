@@ -24,6 +24,7 @@ import functools
 import hmac
 import logging
 import re
+import socket
 import sqlite3
 import ssl
 from collections.abc import Awaitable, Callable
@@ -70,8 +71,10 @@ class AccessLogger(AbstractAccessLogger):
 class Web:
     def __init__(self, settings: Settings, *, writer: Writer, policy: CorrelationPolicy, metrics: Metrics,
                  read_store: Callable[[], sqlite3.Connection], health: Callable[[], Awaitable[dict[str, Any]]],
-                 rules: RulesInForce, nofile: int) -> None:
+                 rules: RulesInForce, nofile: int,
+                 inherited: Callable[[str, int], list[socket.socket]] | None = None) -> None:
         self.settings = settings
+        self.inherited = inherited  # a worker process's listening sockets, by address (gateway/ops/workers.py)
         self.writer = writer
         self.policy = policy
         self.metrics = metrics
@@ -128,11 +131,17 @@ class Web:
                                         keepalive_timeout=http.idle_timeout, access_log_class=AccessLogger,
                                         access_log=log, max_line_size=MAX_REQUEST_LINE,
                                         max_field_size=MAX_HEADER_LINE)
+            # A TLS handshake is part of the head: it gets no longer than the head itself.
+            handshake = (http.header_timeout or None) if context else None
+            if self.inherited is not None:
+                for sock in self.inherited(host, port):
+                    server = await loop.create_server(handler, sock=sock, ssl=context, ssl_handshake_timeout=handshake)
+                    self.servers.append(server)
+                    self.addresses[name].append(server.sockets[0].getsockname()[:2])
+                continue
             try:
-                server = await loop.create_server(
-                    handler, host, port, ssl=context, reuse_address=True, backlog=128,
-                    # A TLS handshake is part of the head: it gets no longer than the head itself.
-                    ssl_handshake_timeout=(http.header_timeout or None) if context else None)
+                server = await loop.create_server(handler, host, port, ssl=context, reuse_address=True, backlog=128,
+                                                  ssl_handshake_timeout=handshake)
             except OSError as exc:
                 raise ConfigError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror or exc}; set [{name}] listen"
                                   " to a free address (with no [http] listen in the config, 127.0.0.1:8025 is"

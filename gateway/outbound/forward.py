@@ -19,6 +19,7 @@ inside it (winmail.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import secrets
@@ -77,8 +78,10 @@ class Forwarder(Runner):
 
     def __init__(self, *, settings: UpstreamSettings, endpoint: Endpoint, writer: Writer,
                  rules: RulesInForce, hostname: str, clock: Callable[[], datetime],
-                 notify_states: frozenset[str] = frozenset(), on_notice: Callable[[], None] = lambda: None) -> None:
+                 notify_states: frozenset[str] = frozenset(), on_notice: Callable[[], None] = lambda: None,
+                 owner: str | None = None) -> None:
         super().__init__(clock=clock)
+        self.owner = owner  # the process the claimed jobs are recorded against (it may die mid-send)
         self.settings = settings
         self.notify_states = notify_states
         self.on_notice = on_notice
@@ -218,7 +221,7 @@ class Forwarder(Runner):
         try:
             now = self.clock()
             horizon = iso(now + timedelta(seconds=self.settings.retry_max + CLOCK_SLACK))
-            jobs = await self.writer.run(claim_due, iso(now), 1, horizon)
+            jobs = await self.writer.run(functools.partial(claim_due, owner=self.owner), iso(now), 1, horizon)
         except StoreError as exc:
             log.error("cannot claim a job: %s", exc)
             return None

@@ -132,6 +132,13 @@ from gateway.store.housekeeping import (
     transaction,
 )
 
+from gateway.store.workers import (
+    HEARTBEAT,
+    STALE,
+    beat,
+    forget_worker,
+    worker_rows,
+)
 from gateway.store.costs import (
     cost_report,
 )
@@ -152,6 +159,11 @@ from gateway.store.webaccess import (
 )
 
 __all__ = [
+    "HEARTBEAT",
+    "STALE",
+    "beat",
+    "forget_worker",
+    "worker_rows",
     "job_message",
     "cost_report",
     "link_candidates",

@@ -102,6 +102,11 @@ class StoreLock:
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
 
+    @property
+    def fd(self) -> int | None:
+        """The held lock's descriptor: a worker process given it keeps the store locked while it lives."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -76,8 +76,9 @@ def count_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | Non
     return count
 
 
-def claim_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | None = None) -> list[ClaimedJob]:
-    """Mark up to `limit` due jobs `sending` and return them with their message.
+def claim_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | None = None, *,
+              owner: str | None = None) -> list[ClaimedJob]:
+    """Mark up to `limit` due jobs `sending` by `owner` (the worker process) and return them with their message.
 
     A next attempt later than `horizon` (farther ahead than any backoff can
     put it) can only come from a clock that jumped backwards: such a job is
@@ -101,7 +102,7 @@ def claim_due(conn: sqlite3.Connection, now: str, limit: int, horizon: str | Non
     for row in rows:
         attempt = row["attempts"] + 1
         transition(conn, row["id"], JobState.SENDING, now=now, source="forwarder", detail=f"attempt {attempt}",
-                   expect=WAITING_TO_SEND, attempts=attempt)
+                   expect=WAITING_TO_SEND, attempts=attempt, claimed_by=owner)
         claimed.append(ClaimedJob(
             id=row["id"], code=row["code"], secret=row["secret"], number=row["number"], attempts=attempt,
             created_at=row["created_at"], raw=row["raw"], mail_from=row["mail_from"] or "",
@@ -141,13 +142,20 @@ def enqueue_notification(conn: sqlite3.Connection, job_id: int, now: str) -> Non
     )
 
 
-def recover_sending(conn: sqlite3.Connection, now: str) -> list[str]:
-    """Jobs left in `sending` by a crash become `unknown`: the upstream may have them."""
-    rows = conn.execute("SELECT id, code FROM jobs WHERE state = 'sending'").fetchall()
+def recover_sending(conn: sqlite3.Connection, now: str, *, owner: str | None = None,
+                    source: str = "startup",
+                    detail: str = "the gateway stopped while sending this job; not resent automatically") -> list[str]:
+    """Jobs left in `sending` by a crash become `unknown`: the upstream may have them.
+
+    With `owner`, only the jobs that worker process claimed (it died; the others still send theirs).
+    """
+    if owner is None:
+        rows = conn.execute("SELECT id, code FROM jobs WHERE state = 'sending'").fetchall()
+    else:
+        rows = conn.execute("SELECT id, code FROM jobs WHERE state = 'sending' AND claimed_by = ?", (owner,)).fetchall()
     for row in rows:
-        transition(conn, row["id"], JobState.UNKNOWN, now=now, source="startup", expect={JobState.SENDING},
-                   detail="the gateway stopped while sending this job; not resent automatically",
-                   next_attempt_at=None, last_result="interrupted while sending")
+        transition(conn, row["id"], JobState.UNKNOWN, now=now, source=source, expect={JobState.SENDING},
+                   detail=detail, next_attempt_at=None, last_result="interrupted while sending")
     return [row["code"] for row in rows]
 
 

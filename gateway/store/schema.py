@@ -132,9 +132,18 @@ def _migration_9(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX jobs_billing ON jobs (billing_code, created_at) WHERE billing_code IS NOT NULL")
 
 
+def _migration_10(db: sqlite_utils.Database) -> None:
+    """Several worker processes on one store: which one sends each `sending` job (a worker that dies leaves
+    exactly its own jobs `unknown`), and each worker's heartbeat with its health for /healthz of any worker."""
+    db["jobs"].add_column("claimed_by", str)
+    db["workers"].create({"name": str, "pid": int, "started_at": str, "seen_at": str, "health": str},
+                         pk="name", not_null={"pid", "started_at", "seen_at"})
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3,
                                                               _migration_4, _migration_5, _migration_6,
-                                                              _migration_7, _migration_8, _migration_9]
+                                                              _migration_7, _migration_8, _migration_9,
+                                                              _migration_10]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -9,11 +9,20 @@ WAL_RESET_PAGES, the writer itself restarts the WAL between two batches
 (cheap then: only the frames since are left to copy), so the file does not
 grow while mail keeps coming. Durability is unchanged: each commit is still
 fsynced to the WAL first (synchronous=FULL).
+
+With several worker processes on one store (`shared=True`), each has its
+own writer, and they take turns through a blocking flock on
+`<store>.write-turn` around each batch: the next writer is woken the moment
+the lock is free, where SQLite's own busy handler would sleep in steps of
+up to 100 ms. Only one of the workers checkpoints (`checkpoints()`, called
+when it takes over the singletons); the others leave the WAL to it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -45,25 +54,38 @@ class Writer:
     exception rolls back that call alone (a savepoint), not its neighbours.
     """
 
-    def __init__(self, path: Path, *, max_size: int | None = None) -> None:
+    def __init__(self, path: Path, *, max_size: int | None = None, shared: bool = False) -> None:
         self.path = path
         self.max_size = max_size
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="store-writer", daemon=True)
         self._conn: sqlite3.Connection | None = None
         self._checkpointer = Checkpointer(path)
+        self._turn: int | None = None  # with other writers on the store: the descriptor of the turn lock
+        self.shared = shared
 
     def start(self) -> None:
         self._conn = connect(self.path, max_size=self.max_size)
         self._conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
-        self._checkpointer.start()
+        if self.shared:
+            self._turn = os.open(self.path.with_name(self.path.name + ".write-turn"), os.O_RDWR | os.O_CREAT, 0o600)
+        else:
+            self._checkpointer.start()
         self._thread.start()
+
+    def checkpoints(self) -> None:
+        """This writer's process checkpoints the store from now on (a shared writer starts without)."""
+        if not self._checkpointer.started:
+            self._checkpointer.start()
 
     def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
         self._checkpointer.close()
+        if self._turn is not None:
+            os.close(self._turn)
+            self._turn = None
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         import asyncio  # here, not at the top: the CLI imports the store and starts 40 ms faster without it
@@ -90,8 +112,16 @@ class Writer:
                     self._queue.put(None)
                     break
                 batch.append(item)
-            self._commit(conn, batch)
-            self._checkpointer.after_commit(conn)
+            if self._turn is None:
+                self._commit(conn, batch)
+            else:
+                fcntl.flock(self._turn, fcntl.LOCK_EX)
+                try:
+                    self._commit(conn, batch)
+                finally:
+                    fcntl.flock(self._turn, fcntl.LOCK_UN)
+            if self._checkpointer.started:
+                self._checkpointer.after_commit(conn)
         conn.close()
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
@@ -133,6 +163,10 @@ class Checkpointer:
         self._due = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="store-checkpoint", daemon=True)
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
 
     def start(self) -> None:
         self._thread.start()

@@ -473,21 +473,19 @@ async def unknown_job_that_greenfax_has(tmp_path: Path, sandbox: SandboxServer, 
     recorded the fax and before it answers the data. The same store is then
     served again in-process: the job left `sending` is `unknown`.
     """
-    from test_crash import start_gateway, wait_listening
-    from test_crash import write_config as crash_config
+    from peers.gatewayproc import ServeProcess, write_config
 
-    smtp_port = free_port()
-    process = start_gateway(crash_config(tmp_path, smtp_port, sandbox.port))
+    served = ServeProcess(write_config(tmp_path, sandbox.port, workers=1)).start()
+    process = served.proc
     sandbox.handler.on_fax.append(lambda fax: os.kill(process.pid, signal.SIGKILL))
     try:
-        await wait_listening(smtp_port, process)
-        (code,) = codes_in((await send(smtp_port, fax_message())).message)
+        await served.wait_listening()
+        (code,) = codes_in((await send(served.smtp_port, fax_message())).message)
         (fax,) = await sandbox.wait_for(1)
         await asyncio.to_thread(process.wait, 15)
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            served.kill_all()
     sandbox.handler.on_fax.clear()
     restarted = await gateway()
     assert restarted.job(code)["state"] == "unknown"

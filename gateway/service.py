@@ -19,7 +19,6 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import ssl
 from collections.abc import Callable
 from datetime import datetime
@@ -169,6 +168,8 @@ class Service:
         if self.worker is not None:
             self.worker.watch_parent(loop, stop.set)
         await self.start()
+        if self.worker is not None:
+            self.worker.started()
         try:
             await stop.wait()
             log_event(log, "stopping")
@@ -197,19 +198,7 @@ class Service:
             self.runners.runners["heartbeat"].wake()  # the others' /healthz learns it now, not in a few seconds
 
     def prepare_store(self) -> None:
-        conn = store.connect(self.settings.store.path)
-        try:
-            self._backup_before_migrate(conn)
-            store.migrate(conn)
-            self._hold_restored_jobs(conn)
-            with store.immediate(conn):
-                interrupted = store.recover_sending(conn, store.iso(self.clock()))
-                store.set_meta(conn, "mode", "sandbox" if self.settings.sandbox_mode else "production")
-        finally:
-            conn.close()
-        if interrupted:
-            log_event(log, "interrupted-jobs", level=logging.WARNING, codes=" ".join(interrupted),
-                      state="unknown", action="check with GreenFax, then `faxgw retry CODE` or `faxgw cancel CODE`")
+        prepare_store(self.settings, self.clock)
 
     async def _upstream_endpoint(self) -> Endpoint:
         up = self.settings.upstream
@@ -340,23 +329,7 @@ class Service:
         self.tls_contexts["smtp"].append(context)  # SIGHUP loads a renewed certificate into it
         return context
 
-    # --- upgrades, backups, retention, reload (gateway/ops/maintenance.py, gateway/ops/reload.py) -----------
-
-    def _backup_before_migrate(self, conn: sqlite3.Connection) -> None:
-        path = self.settings.store.path
-        copy = maintenance.backup_before_migrate(conn, path, clock=self.clock)
-        if copy is not None:
-            log_event(log, "store-backup", reason=f"before migrating to schema v{store.SCHEMA_VERSION}",
-                      path=str(copy))
-
-    def _hold_restored_jobs(self, conn: sqlite3.Connection) -> None:
-        restored = maintenance.hold_if_restored(conn, clock=self.clock)
-        if restored is not None:
-            taken_at, held = restored
-            log_event(log, "restored-backup", level=logging.WARNING, taken_at=taken_at,
-                      held=" ".join(code for code, _state in held) or "none",
-                      action="these may have been sent after the backup: check with GreenFax, then"
-                             " `faxgw release CODE` or `faxgw cancel CODE`")
+    # --- retention, reload (gateway/ops/maintenance.py, gateway/ops/reload.py) ----------------------------
 
     def _start_retention(self) -> None:
         if self.settings.retention.enabled:
@@ -396,6 +369,33 @@ class Service:
     def smtp_addresses(self) -> list[tuple[str, int]]:
         """The addresses the intake really listens on (port 0 in the settings resolved)."""
         return [server.sockets[0].getsockname()[:2] for server in self.servers]
+
+
+def prepare_store(settings: Settings, clock: Callable[[], datetime] = store.utcnow) -> None:
+    """Before anything listens (one process, or the supervisor of the workers): back up before a migration,
+    migrate, hold the jobs of a restored backup, and turn jobs left `sending` by a crash into `unknown`."""
+    conn = store.connect(settings.store.path)
+    try:
+        copy = maintenance.backup_before_migrate(conn, settings.store.path, clock=clock)
+        if copy is not None:
+            log_event(log, "store-backup", reason=f"before migrating to schema v{store.SCHEMA_VERSION}",
+                      path=str(copy))
+        store.migrate(conn)
+        restored = maintenance.hold_if_restored(conn, clock=clock)
+        if restored is not None:
+            taken_at, held = restored
+            log_event(log, "restored-backup", level=logging.WARNING, taken_at=taken_at,
+                      held=" ".join(code for code, _state in held) or "none",
+                      action="these may have been sent after the backup: check with GreenFax, then"
+                             " `faxgw release CODE` or `faxgw cancel CODE`")
+        with store.immediate(conn):
+            interrupted = store.recover_sending(conn, store.iso(clock()))
+            store.set_meta(conn, "mode", "sandbox" if settings.sandbox_mode else "production")
+    finally:
+        conn.close()
+    if interrupted:
+        log_event(log, "interrupted-jobs", level=logging.WARNING, codes=" ".join(interrupted),
+                  state="unknown", action="check with GreenFax, then `faxgw retry CODE` or `faxgw cancel CODE`")
 
 
 class Heartbeat(Runner):

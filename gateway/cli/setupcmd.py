@@ -39,17 +39,28 @@ def serve(obj: Context) -> None:
       faxgw serve
       faxgw --config /etc/faxgw/faxgw.toml serve
     """
-    from gateway.ops.workers import Worker, run_pool
-    from gateway.service import Service
-
-    settings = obj.settings
-    worker = Worker.from_env()  # started by a supervisor (below) as one of its workers
-    logs.setup(settings.log.level, tag=worker.tag if worker else None)
-    if worker is None and settings.workers > 1:
-        sys.exit(run_pool(settings, obj.config_path, Service(settings).prepare_store))
     import asyncio
 
-    asyncio.run(Service(settings, worker=worker).run_until_signalled())
+    from gateway.ops import workers
+
+    settings = obj.settings
+    logs.setup(settings.log.level)
+    if settings.workers == 1:
+        from gateway.service import Service
+
+        asyncio.run(Service(settings).run_until_signalled())
+        return
+    directory = workers.metrics_dir()  # before the gateway's modules import prometheus_client
+    from gateway.service import Service, prepare_store
+
+    Service(settings)  # as each worker will: a broken rule file or template stops here, before the store exists
+    def worker_main(worker: workers.Worker) -> int:
+        logs.setup(settings.log.level, tag=worker.tag)
+        asyncio.run(Service(settings, worker=worker).run_until_signalled())
+        return 0
+
+    sys.exit(workers.run_pool(settings, prepare=lambda: prepare_store(settings), worker_main=worker_main,
+                              metrics_dir=directory))
 
 
 @click.command()

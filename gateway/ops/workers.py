@@ -3,9 +3,8 @@
 The supervisor (`WorkerPool`) does what one process did before it listens:
 it takes the store's exclusive lock, migrates the store, turns jobs left
 `sending` by a crash into `unknown`, and binds every listening socket (SMTP,
-status, HTTP, Notify). Then it starts the workers: `faxgw serve` again, each
-a whole gateway on its own event loop (gateway.service with a `Worker`),
-given those sockets, the lock's descriptor and the read end of a pipe.
+status, HTTP, Notify). Then it forks the workers, each a whole gateway on
+its own event loop (gateway.service with a `Worker`) on those sockets.
 Every worker accepts on every socket, so the kernel hands each connection to
 a worker that is free; every worker runs an intake and a forwarder (the
 upstream's concurrency is shared out among them); the singletons (feed
@@ -13,30 +12,38 @@ poller, IMAP reader, retention, sender notices, checkpoints) run in the one
 worker that holds `<store>.singletons` (a flock: the kernel gives it up the
 moment its holder dies, and another worker takes it within a second).
 
-The supervisor holds no store connection while the workers run and no
-thread. When a worker dies, it marks that worker's `sending` jobs `unknown`
-at once (each job records the worker that claimed it), removes its
-heartbeat row and its metrics, and starts a new one (after a backoff if it
-keeps dying). SIGTERM and SIGINT are passed to every worker, which stop as a
+Forked, not started afresh: the supervisor has imported the whole gateway
+and frozen its objects (gc.freeze) before it forks, so the workers share
+those pages with it and with each other, and a second worker costs its own
+working memory only, not another interpreter's worth of modules. For that
+the supervisor holds no thread, no event loop and no store connection when
+it forks: it waits for signals with sigtimedwait.
+
+When a worker dies, the supervisor marks that worker's `sending` jobs
+`unknown` at once (each job records the worker that claimed it), removes its
+heartbeat row and its metrics, and forks a new one (after a backoff if they
+keep dying). SIGTERM and SIGINT are passed to every worker, which stop as a
 single gateway does (sends in flight finish); SIGHUP is passed on. A worker
 whose supervisor is gone (kill -9) sees its pipe close and stops too; while
-any worker lives it holds the store's lock, so a second `faxgw serve` still
-refuses to start.
+any worker lives it holds the store's lock (an inherited descriptor), so a
+second `faxgw serve` still refuses to start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
+import gc
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
-import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,12 +51,11 @@ from pathlib import Path
 
 from gateway import store
 from gateway.config import Settings
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, GatewayError
 from gateway.logs import log_event
 
 log = logging.getLogger("faxgw.workers")
 
-ENV = "FAXGW_WORKER"  # the supervisor's description of a worker, for the worker (JSON)
 BACKLOG = 128
 STOP_GRACE = 25.0  # seconds the workers have to stop (their sends' grace and more) before they are killed
 RESTART_INITIAL = 0.5  # seconds before a dead worker is started again, doubling while workers keep dying...
@@ -118,6 +124,7 @@ class Worker:
     workers: int
     sockets: dict[str, list[socket.socket]]  # "host:port" as in the settings -> the bound sockets
     parent_fd: int  # read end of a pipe whose other end only the supervisor holds
+    ready_fd: int | None = None  # write end of the pipe that tells the supervisor "started" or why not
     name: str = field(default="")
     singletons_fd: int | None = None  # the singleton lock's descriptor, once this worker holds it
 
@@ -125,14 +132,15 @@ class Worker:
         # The heartbeat row's and the claims' name: unique on this host for the process's life.
         self.name = self.name or f"{socket.gethostname()}:{os.getpid()}"
 
-    @classmethod
-    def from_env(cls) -> Worker | None:
-        text = os.environ.pop(ENV, None)
-        if not text:
-            return None
-        spec = json.loads(text)
-        sockets = {where: [socket.socket(fileno=fd) for fd in fds] for where, fds in spec["sockets"].items()}
-        return cls(index=spec["index"], workers=spec["workers"], sockets=sockets, parent_fd=spec["parent"])
+    def started(self, error: str | None = None) -> None:
+        """Tell the supervisor that this worker listens, or why it could not start (once)."""
+        if self.ready_fd is None:
+            return
+        fd, self.ready_fd = self.ready_fd, None
+        try:
+            os.write(fd, b"ok" if error is None else b"error:" + error.encode(errors="replace")[:4000])
+        finally:
+            os.close(fd)
 
     @property
     def tag(self) -> str:
@@ -177,105 +185,152 @@ class Worker:
 
 # --- the supervisor ------------------------------------------------------------------------------
 
+SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
 
 @dataclass
 class Child:
     index: int
-    process: asyncio.subprocess.Process
-    pipe: int  # the write end of its pipe
+    pid: int
+    pipe: int  # the write end of its pipe: closed when the supervisor dies, which the worker notices
     started: float
 
     @property
     def name(self) -> str:
-        return f"{socket.gethostname()}:{self.process.pid}"
+        return f"{socket.gethostname()}:{self.pid}"
+
+
+WorkerMain = Callable[[Worker], int]  # runs a worker in the forked child; its exit status
+START_TIMEOUT = 120.0  # seconds a worker may take to start listening
 
 
 class WorkerPool:
-    """`faxgw serve` with several workers: prepares the store, binds, starts, watches and stops them."""
+    """`faxgw serve` with several workers: prepares the store, binds, forks, watches and stops them."""
 
-    def __init__(self, settings: Settings, argv: list[str], *, prepare: Callable[[], None],
-                 clock: Callable[[], datetime] = store.utcnow) -> None:
+    def __init__(self, settings: Settings, *, prepare: Callable[[], None], worker_main: WorkerMain,
+                 metrics_dir: str | None = None, clock: Callable[[], datetime] = store.utcnow) -> None:
         self.settings = settings
-        self.argv = argv  # how to run `faxgw serve` again with this config
         self.prepare = prepare  # the store's start-up work (migrate, recover): gateway.service.prepare_store
+        self.worker_main = worker_main
+        self.metrics_dir = metrics_dir  # PROMETHEUS_MULTIPROC_DIR, set before prometheus_client was imported
         self.clock = clock
         self.lock = store.StoreLock(settings.store.path)
         self.sockets: dict[str, list[socket.socket]] = {}
-        self.children: dict[int, Child] = {}
+        self.children: dict[int, Child] = {}  # by pid
+        self.due: dict[int, float] = {}  # worker index -> monotonic time to fork it again
         self.stopping = False
+        self.stop_deadline = 0.0
         self.restarts = 0
-        self.metrics_dir: str | None = None
-        self._stopped = asyncio.Event()
 
-    async def run(self) -> int:
+    def run(self) -> int:
         self.lock.acquire()
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that a blocked SIGCHLD stays pending
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             self.prepare()
             for listener in listeners(self.settings):
                 self.sockets[listener.where] = bind(listener)
-            self.metrics_dir = tempfile.mkdtemp(prefix="faxgw-metrics-")
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stop)
-            loop.add_signal_handler(signal.SIGHUP, self._pass, signal.SIGHUP)
+            gc.freeze()  # what is here now stays shared with the workers: the collector never writes to it
             for index in range(self.settings.workers):
-                await self._start(index)
+                # One after the other: a start-up error (a rule file, a certificate) is reported once, as
+                # the one process would report it, and nothing was started.
+                problem = self._fork(index)
+                if problem is not None:
+                    raise ConfigError(problem)
             log_event(log, "workers-started", workers=self.settings.workers, supervisor=os.getpid(),
-                      pids=" ".join(str(c.process.pid) for c in self.children.values()),
-                      listen=" ".join(self.sockets))
-            await self._watch()
+                      pids=" ".join(str(pid) for pid in self.children), listen=" ".join(self.sockets))
+            self._watch()
         finally:
-            await self._kill_all()
+            self._stop_all()
             for sockets in self.sockets.values():
                 for sock in sockets:
                     sock.close()
             if self.metrics_dir:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
             self.lock.release()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         log_event(log, "stopped", workers=self.settings.workers)
         return 0
 
-    async def _start(self, index: int) -> None:
+    def _fork(self, index: int) -> str | None:
+        """Fork worker `index` and wait until it listens; what stopped it if it could not start."""
+        assert threading.active_count() == 1, "the supervisor forks only without threads"
         read, write = os.pipe()
-        fds = {where: [sock.fileno() for sock in sockets] for where, sockets in self.sockets.items()}
-        spec = {"index": index, "workers": self.settings.workers, "sockets": fds, "parent": read}
-        assert self.lock.fd is not None
-        env = {**os.environ, ENV: json.dumps(spec), "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir or ""}
-        passed = [read, self.lock.fd, *(fd for group in fds.values() for fd in group)]
+        ready_read, ready_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            worker = Worker(index=index, workers=self.settings.workers, parent_fd=read, ready_fd=ready_write,
+                            sockets={where: list(group) for where, group in self.sockets.items()})
+            try:
+                os.close(write)
+                os.close(ready_read)
+                for child in self.children.values():  # the other workers' pipes are not this one's to hold
+                    os.close(child.pipe)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                code = self.worker_main(worker)
+            except GatewayError as exc:  # a start-up error: the supervisor says it, once
+                worker.started(str(exc))
+            except BaseException:  # noqa: BLE001 - a worker never returns into the supervisor's code
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(read)
+        os.close(ready_write)
+        child = Child(index, pid, write, time.monotonic())
+        self.children[pid] = child
         try:
-            process = await asyncio.create_subprocess_exec(*self.argv, env=env, pass_fds=passed,
-                                                           stdin=asyncio.subprocess.DEVNULL)
+            answer = _read_all(ready_read, START_TIMEOUT)
         finally:
-            os.close(read)
-        self.children[index] = Child(index, process, write, time.monotonic())
+            os.close(ready_read)
+        if answer == b"ok":
+            return None
+        # It did not start, so it sent nothing: gone without a word of its own (the caller says why).
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(child.pipe)
+        del self.children[pid]
+        if answer.startswith(b"error:"):
+            return answer[len(b"error:"):].decode(errors="replace")
+        return f"worker {index} did not start (it exited, or did not listen within {START_TIMEOUT:g} s); see the log"
 
-    async def _watch(self) -> None:
-        """Until stopped: wait for any worker to exit, clean up after it, start another."""
-        waits: dict[asyncio.Task[int], int] = {}
-        stopped = asyncio.ensure_future(self._stopped.wait())
-        try:
-            while True:
-                for index, child in self.children.items():
-                    if index not in waits.values():
-                        waits[asyncio.ensure_future(child.process.wait())] = index
-                done, _ = await asyncio.wait({*waits, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if stopped in done:
-                    return
-                for task in done:
-                    index = waits.pop(task)
-                    child = self.children.pop(index)
-                    await self._bury(child, task.result())
-                    if self.stopping:
-                        continue
-                    delay = self._restart_delay(child)
-                    log_event(log, "worker-restart", level=logging.WARNING, worker=index, in_seconds=f"{delay:g}")
-                    await asyncio.sleep(delay)
-                    if not self.stopping:
-                        await self._start(index)
-        finally:
-            stopped.cancel()
-            for task in waits:
-                task.cancel()
+    def _watch(self) -> None:
+        """Until stopped: take signals, bury the workers that exit, fork the ones due again."""
+        while not self.stopping:
+            timeout = max(0.05, min((at - time.monotonic() for at in self.due.values()), default=1.0))
+            info = signal.sigtimedwait(SIGNALS, timeout)
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                log_event(log, "stopping", workers=len(self.children))
+                self.stopping = True
+                return
+            if info is not None and info.si_signo == signal.SIGHUP:
+                self._pass(signal.SIGHUP)
+            for child, status in self._reap():
+                self._bury(child, status)
+                delay = self._restart_delay(child)
+                log_event(log, "worker-restart", level=logging.WARNING, worker=child.index, in_seconds=f"{delay:g}")
+                self.due[child.index] = time.monotonic() + delay
+            for index, at in list(self.due.items()):
+                if at <= time.monotonic():
+                    del self.due[index]
+                    problem = self._fork(index)
+                    if problem is not None:
+                        log_event(log, "worker-start-failed", level=logging.ERROR, worker=index, problem=problem)
+
+    def _reap(self) -> list[tuple[Child, int]]:
+        gone = []
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.children.pop(pid, None)
+            if child is not None:
+                gone.append((child, os.waitstatus_to_exitcode(status)))
+        return gone
 
     def _restart_delay(self, child: Child) -> float:
         if time.monotonic() - child.started >= STEADY:
@@ -283,24 +338,27 @@ class WorkerPool:
         self.restarts += 1
         return min(RESTART_MAX, RESTART_INITIAL * 2 ** (self.restarts - 1))
 
-    async def _bury(self, child: Child, returncode: int) -> None:
+    def _bury(self, child: Child, returncode: int) -> None:
         """A worker has exited: its claimed jobs become `unknown` now, its heartbeat and metrics go."""
         os.close(child.pipe)
-        name = child.name
-        interrupted = await asyncio.to_thread(self._recover, name)
+        interrupted = self._recover(child.name)
         if self.metrics_dir:
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(child.process.pid, self.metrics_dir)
+            multiprocess.mark_process_dead(child.pid, self.metrics_dir)
         how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
         level = logging.INFO if self.stopping and returncode == 0 else logging.ERROR
-        log_event(log, "worker-exited", level=level, worker=child.index, pid=child.process.pid, how=how,
+        log_event(log, "worker-exited", level=level, worker=child.index, pid=child.pid, how=how,
                   unknown=" ".join(interrupted) or None,
                   action="check these with GreenFax, then `faxgw retry CODE` or `faxgw cancel CODE`"
                   if interrupted else None)
 
     def _recover(self, name: str) -> list[str]:
-        conn = store.connect(self.settings.store.path)
+        try:
+            conn = store.connect(self.settings.store.path)
+        except Exception as exc:  # noqa: BLE001 - the next start turns them unknown all the same
+            log.error("cannot open the store to mark the jobs of worker %s unknown: %s", name, exc)
+            return []
         try:
             with store.immediate(conn):
                 codes = store.recover_sending(
@@ -308,47 +366,62 @@ class WorkerPool:
                     detail="the worker process sending this job died; not resent automatically")
                 store.forget_worker(conn, name)
             return codes
+        except Exception as exc:  # noqa: BLE001
+            log.error("cannot mark the jobs of worker %s unknown: %s (the next start does)", name, exc)
+            return []
         finally:
             conn.close()
 
-    def _stop(self) -> None:
-        if not self.stopping:
-            log_event(log, "stopping", workers=len(self.children))
-        self.stopping = True
-        self._pass(signal.SIGTERM)
-        self._stopped.set()
-
     def _pass(self, sig: int) -> None:
-        for child in self.children.values():
-            if child.process.returncode is None:
-                child.process.send_signal(sig)
-
-    async def _kill_all(self) -> None:
-        """Wait for the workers to stop (killed after STOP_GRACE), then clean up after each."""
-        self.stopping = True
-        self._pass(signal.SIGTERM)
-        for child in list(self.children.values()):
+        for pid in self.children:
             try:
-                async with asyncio.timeout(STOP_GRACE):
-                    code = await child.process.wait()
-            except TimeoutError:
-                log_event(log, "worker-killed", level=logging.ERROR, worker=child.index, pid=child.process.pid,
-                          reason=f"did not stop within {STOP_GRACE:g} s")
-                child.process.kill()
-                code = await child.process.wait()
-            await self._bury(child, code)
-        self.children.clear()
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _stop_all(self) -> None:
+        """SIGTERM to every worker, wait for them (killed after STOP_GRACE), clean up after each."""
+        self.stopping = True
+        self.due.clear()
+        self._pass(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        while self.children:
+            for child, status in self._reap():
+                self._bury(child, status)
+            if not self.children:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for child in self.children.values():
+                    log_event(log, "worker-killed", level=logging.ERROR, worker=child.index, pid=child.pid,
+                              reason=f"did not stop within {STOP_GRACE:g} s")
+                self._pass(signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                continue
+            signal.sigtimedwait({signal.SIGCHLD}, min(left, 0.5))
 
 
-def serve_argv(config_path: str | None) -> list[str]:
-    """The command that runs a worker: this same `faxgw serve`, with the same config."""
-    argv = [sys.executable, "-m", "gateway"]
-    if config_path:
-        argv += ["--config", str(Path(config_path).resolve())]
-    return [*argv, "serve"]
+def _read_all(fd: int, timeout: float) -> bytes:
+    """What a worker writes into its ready pipe before it closes it (b"" if it died first)."""
+    deadline, data = time.monotonic() + timeout, b""
+    while True:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            return data
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data
+        data += chunk
 
 
-def run_pool(settings: Settings, config_path: str | None, prepare: Callable[[], None]) -> int:
-    pool = WorkerPool(settings, serve_argv(config_path), prepare=prepare)
-    return asyncio.run(pool.run())
+def run_pool(settings: Settings, *, prepare: Callable[[], None], worker_main: WorkerMain,
+             metrics_dir: str | None) -> int:
+    return WorkerPool(settings, prepare=prepare, worker_main=worker_main, metrics_dir=metrics_dir).run()
 
+
+def metrics_dir() -> str:
+    """A fresh directory for the workers' metrics, named in PROMETHEUS_MULTIPROC_DIR before prometheus_client is
+    imported (it chooses its storage at import)."""
+    path = tempfile.mkdtemp(prefix="faxgw-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path

@@ -27,8 +27,8 @@ from .client import ClientSession, Outcome, percentile
 from .gatewayproc import GatewayRelay
 from .postfixrelay import PostfixRelay
 from .profiling import Profiler, summarize_profile
-from .sampling import MemorySampler, cpu_seconds, machine_busy_seconds, process_tree, thread_seconds, \
-    tree_cpu_seconds
+from .sampling import MemorySampler, cpu_seconds, machine_busy_seconds, process_seconds, process_tree, \
+    thread_seconds, tree_cpu_seconds
 from .sinks import SINKS, Arrivals, wait_arrivals
 from .workload import Message
 
@@ -93,6 +93,7 @@ class CellResult:
     cpu_pct: dict[str, float] = field(default_factory=dict)
     relay_cpu_ms_per_msg: float | None = None
     relay_thread_cpu_pct: dict[str, float] = field(default_factory=dict)
+    relay_process_cpu_pct: dict[str, float] = field(default_factory=dict)  # supervisor, worker1..., smtpd...
     checks: dict[str, Any] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
 
@@ -106,12 +107,14 @@ class CpuReading:
     sink: float
     client: float
     threads: dict[str, float]
+    processes: dict[str, float]
     busy: float
 
     @classmethod
     def now(cls, relay: Any, sink: Any, me: psutil.Process) -> CpuReading:
         return cls(tree_cpu_seconds(relay.pids()), tree_cpu_seconds(sink.pids()), cpu_seconds([me]),
-                   thread_seconds(process_tree(relay.pids())), machine_busy_seconds())
+                   thread_seconds(process_tree(relay.pids())), process_seconds(relay.pids()),
+                   machine_busy_seconds())
 
 
 async def _warm_up(clients: list[ClientSession], pool: list[Message], sink: Any) -> Arrivals:
@@ -186,6 +189,9 @@ def _record_cpu(result: CellResult, before: CpuReading, after: CpuReading, span:
     result.relay_thread_cpu_pct = {
         name: round(100 * (seconds - before.threads.get(name, 0.0)) / span, 1)
         for name, seconds in after.threads.items() if seconds - before.threads.get(name, 0.0) > 0.005}
+    result.relay_process_cpu_pct = {
+        name: round(100 * (seconds - before.processes.get(name, 0.0)) / span, 1)
+        for name, seconds in after.processes.items() if seconds - before.processes.get(name, 0.0) > 0.005}
     ours = sum(b - a for a, b in pairs.values())
     result.cpu_pct["other"] = round(max(0.0, 100 * ((after.busy - before.busy) - ours) / span), 1)
     if relay_ran and result.arrived:

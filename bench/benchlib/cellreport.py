@@ -67,6 +67,17 @@ def table(cells: list[CellResult]) -> str:
     return "\n".join(aligned(rows, right={2, 3, 4, 5, 6, 7, 8, 9, 10, 11}))
 
 
+def process_lines(cells: list[CellResult]) -> list[str]:
+    """The relay's CPU% per process in each cell: the gateway's supervisor and workers, Postfix's daemons."""
+    out = []
+    for c in cells:
+        if c.relay_process_cpu_pct:
+            parts = sorted(c.relay_process_cpu_pct.items(), key=lambda item: -item[1])
+            out.append(f"  {c.relay + (f'#{c.round}' if c.round > 1 else ''):<10} {c.size:>5} x {c.sessions:>2}  "
+                       + "  ".join(f"{name} {fmt(pct, 0)}" for name, pct in parts))
+    return out
+
+
 def headroom(cells: list[CellResult], relay: str, baseline: str = "direct") -> list[str]:
     """How much faster the client straight into the sink is than the relay (should be several times)."""
     out = []
@@ -132,6 +143,10 @@ def print_summary(cells: list[CellResult], relays: list[str], compared: list[dic
     """After the last cell: the table, the headroom over each relay, the ratios and the legend."""
     print()
     print(table(cells))
+    lines = process_lines(cells)
+    if lines:
+        print("\nthe relay's CPU% per process (100% = one core):")
+        print("\n".join(lines))
     for relay in relays:
         if relay != "direct" and "direct" in relays:
             lines = headroom(cells, relay)

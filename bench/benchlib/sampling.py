@@ -78,6 +78,37 @@ def thread_seconds(procs: list[psutil.Process]) -> dict[str, float]:
     return out
 
 
+def process_seconds(pids: list[int]) -> dict[str, float]:
+    """CPU seconds per process of the trees of `pids`, by role.
+
+    A child with its root's name is one of its workers ("supervisor",
+    "worker1", "worker2"... for the gateway, numbered in the order they were
+    started); other processes add up by name (Postfix's smtpd, cleanup,
+    smtp...), and "reaped" is what the children that have already exited
+    spent.
+    """
+    out: dict[str, float] = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(pid)
+            name = root.name()
+            children = sorted(root.children(recursive=True), key=lambda proc: proc.create_time())
+            workers = 0
+            for proc in [root, *children]:
+                with contextlib.suppress(psutil.Error):
+                    times = proc.cpu_times()
+                    if proc is root:
+                        label = "supervisor" if any(c.name() == name for c in children) else name
+                    elif proc.name() == name:
+                        workers += 1
+                        label = f"worker{workers}"
+                    else:
+                        label = proc.name()
+                    out[label] = out.get(label, 0.0) + times.user + times.system
+                    out["reaped"] = out.get("reaped", 0.0) + times.children_user + times.children_system
+    return out
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds all processes of the machine spent (all cores), to see load we did not cause."""
     times = psutil.cpu_times()

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite uses as peers (Postfix as a
 # legacy SMTP client, swaks, Dovecot IMAP, msmtp, Sendmail's m4 macros, Chromium and its WebDriver
-# for the web console's browser tests), non-interactively and idempotently.
+# for the web console's browser tests, PostgreSQL for the PostgreSQL store), non-interactively and
+# idempotently.
 #
 # - Re-runs are fast: apt is skipped when every package is already installed.
 # - Package installation must not start system services: a policy-rc.d that
 #   exits 101 is in place for the duration of the install. One already there
 #   that exits 101 (Docker images) is left as is; otherwise ours is removed
 #   afterwards and any previous file restored.
-# - Afterwards the system postfix/dovecot services are stopped if running;
-#   tests start their own private instances.
+# - Afterwards the system postfix/dovecot/postgresql services are stopped if
+#   running; tests start their own private instances.
 set -euo pipefail
 
-PACKAGES=(postfix swaks dovecot-imapd msmtp m4 sendmail-cf systemd chromium chromium-driver)
+PACKAGES=(postfix swaks dovecot-imapd msmtp m4 sendmail-cf systemd chromium chromium-driver postgresql)
 
 if [[ ${EUID:-$(id -u)} -ne 0 ]]; then
     if command -v sudo >/dev/null 2>&1; then
@@ -33,7 +34,7 @@ done
 
 stop_system_services() {
     local svc
-    for svc in postfix dovecot; do
+    for svc in postfix dovecot postgresql; do
         if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
             systemctl stop "$svc" >/dev/null 2>&1 || true
         elif command -v service >/dev/null 2>&1; then
@@ -52,6 +53,14 @@ stop_system_services() {
             *) /usr/sbin/doveadm stop >/dev/null 2>&1 || kill "$pid" 2>/dev/null || true ;;
         esac
     done
+    # The package's default cluster (15/main on port 5432) if it is still online.
+    local version cluster _port status _rest
+    if command -v pg_lsclusters >/dev/null 2>&1; then
+        while read -r version cluster _port status _rest; do
+            [[ $status == online* ]] || continue
+            pg_ctlcluster "$version" "$cluster" stop >/dev/null 2>&1 || true
+        done < <(pg_lsclusters --no-header 2>/dev/null)
+    fi
 }
 
 if [[ ${#missing[@]} -eq 0 ]]; then

@@ -26,6 +26,7 @@ from typing import Any
 
 from gateway import store
 from gateway.ops import maintenance
+from gateway.ops.accept import OneAtATime
 from gateway.config import SANDBOX_FEED_ACCOUNT, Settings
 from gateway.errors import ConfigError, StoreError
 from gateway.outbound.forward import Forwarder
@@ -71,7 +72,7 @@ class Service:
         self.status_mail = StatusMail(settings, self.rules, metrics=self.metrics)
         self.lock = store.StoreLock(path)
         self.writer = store.Writer(path, max_size=settings.store.max_size, shared=worker is not None)
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[asyncio.Server | OneAtATime] = []
         self.intake: Intake | None = None  # the fax handler all SMTP listeners share, once listening
         self.status_addresses: list[tuple[str, int]] = []  # listeners taking status mail, as bound
         self.forwarder: Forwarder | None = None
@@ -243,7 +244,7 @@ class Service:
                                    plaintext_auth=(host, port) in smtp.plaintext_auth, role=role)
             context = tls_context if implicit else None
             if self.worker is not None:  # the supervisor's sockets, shared with the other workers
-                servers = [await loop.create_server(factory, sock=sock, ssl=context)
+                servers = [OneAtATime(loop, sock, factory, context, self.worker.sessions, self.worker.index).start()
                            for sock in self.worker.take(host, port)]
             else:
                 servers = [await _bind(

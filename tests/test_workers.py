@@ -12,13 +12,16 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import time
 import urllib.request
 from collections import Counter
 
 import aiosmtplib
+import psutil
 import pytest
-from conftest import SandboxServer, codes_in, fax_message, pdf_bytes
+import trustme
+from conftest import SandboxServer, codes_in, fax_message, free_port, pdf_bytes
 from peers.gatewayproc import ServeProcess, write_config
 
 from gateway import store
@@ -138,6 +141,81 @@ async def test_two_workers_share_the_listeners_and_send_each_fax_once(tmp_path, 
     report = await healthy(gateway, 2)
     assert sum(w["singletons"] for w in report["workers"]) == 1
     assert report["status"] == "ok" and report["failing"] == []
+
+
+def smtp_connections(pids: list[int], port: int) -> dict[int, int]:
+    """The established connections each process holds on the SMTP port (from the kernel's own tables)."""
+    return {pid: sum(1 for c in psutil.Process(pid).net_connections("tcp")
+                     if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port) for pid in pids}
+
+
+async def greeted(port: int) -> aiosmtplib.SMTP:
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=20)
+    await smtp.connect()
+    return smtp
+
+
+async def test_connections_are_shared_out_among_the_workers_even_when_opened_at_once(tmp_path, upstream, serve):
+    # asyncio's own server would let the first worker to wake accept the whole burst (7 or 8 of 8);
+    # clients that keep their connection would then leave the other core idle.
+    gateway = serve(write_config(tmp_path, upstream.port, workers=2))
+    await gateway.wait_listening()
+    await healthy(gateway, 2)
+    pids = gateway.worker_pids()
+    burst = await asyncio.gather(*(greeted(gateway.smtp_port) for _ in range(8)))
+    held = smtp_connections(pids, gateway.smtp_port)
+    assert sum(held.values()) == 8 and min(held.values()) >= 3, held
+    one_by_one = [await greeted(gateway.smtp_port) for _ in range(8)]
+    held = smtp_connections(pids, gateway.smtp_port)
+    assert sum(held.values()) == 16 and min(held.values()) >= 7, held
+    for smtp in burst + one_by_one:
+        await smtp.quit()
+
+    # A dead worker's share is not waited for: the survivor takes every connection at once.
+    victim, survivor = pids
+    os.kill(victim, signal.SIGKILL)
+    await gateway.wait_log(rf"event=worker-exited .*pid={victim} ")
+    alone = [await greeted(gateway.smtp_port) for _ in range(6)]
+    assert smtp_connections([survivor], gateway.smtp_port)[survivor] == 6
+    for smtp in alone:
+        await smtp.quit()
+    assert await send(gateway.smtp_port, "12125552199")
+
+
+async def test_implicit_tls_on_shared_sockets_and_failed_handshakes_leave_no_count_behind(tmp_path, upstream, serve):
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(b"".join(pem.bytes() for pem in server.cert_chain_pems))
+    server.private_key_pem.write_to_path(str(key))
+    tls_port = free_port()
+    gateway = serve(write_config(tmp_path, upstream.port, workers=2, smtp=f"""
+listen_tls = ["127.0.0.1:{tls_port}"]
+tls_cert = "{cert}"
+tls_key = "{key}"
+"""))
+    await gateway.wait_listening()
+    await healthy(gateway, 2)
+    for _ in range(6):  # plain text to the TLS port: each handshake fails and the connection is closed
+        reader, writer = await asyncio.open_connection("127.0.0.1", tls_port)
+        writer.write(b"EHLO plain.example\r\n")
+        assert await reader.read() == b""
+        writer.close()
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    sessions = []
+    for _ in range(6):
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=tls_port, use_tls=True, tls_context=client, timeout=20)
+        await smtp.connect()
+        sessions.append(smtp)
+    held = smtp_connections(gateway.worker_pids(), tls_port)
+    assert sum(held.values()) == 6 and min(held.values()) >= 2, held
+    message = fax_message(to="12125552198@greenfax.com", pdf=pdf_bytes(marker="tls"))
+    _errors, reply = await sessions[0].sendmail("erp@legacy.example", ["12125552198@greenfax.com"], message)
+    (code,) = codes_in(reply)
+    await wait_state(gateway, code, "submitted")
+    for smtp in sessions:
+        await smtp.quit()
 
 
 async def test_a_worker_killed_mid_send_leaves_its_job_unknown_at_once_and_is_replaced(tmp_path, upstream, serve):

@@ -5,8 +5,8 @@ it takes the store's exclusive lock, migrates the store, turns jobs left
 `sending` by a crash into `unknown`, and binds every listening socket (SMTP,
 status, HTTP, Notify). Then it forks the workers, each a whole gateway on
 its own event loop (gateway.service with a `Worker`) on those sockets.
-Every worker accepts on every socket, so the kernel hands each connection to
-a worker that is free; every worker runs an intake and a forwarder (the
+Every worker accepts on every socket, taking turns on the SMTP ones so that
+each has its share of the connections (gateway/ops/accept.py); every worker runs an intake and a forwarder (the
 upstream's concurrency is shared out among them); the singletons (feed
 poller, IMAP reader, retention, sender notices, checkpoints) run in the one
 worker that holds `<store>.singletons` (a flock: the kernel gives it up the
@@ -53,6 +53,7 @@ from gateway import store
 from gateway.config import Settings
 from gateway.errors import ConfigError, GatewayError
 from gateway.logs import log_event
+from gateway.ops.accept import Sessions
 
 log = logging.getLogger("faxgw.workers")
 
@@ -124,6 +125,7 @@ class Worker:
     workers: int
     sockets: dict[str, list[socket.socket]]  # "host:port" as in the settings -> the bound sockets
     parent_fd: int  # read end of a pipe whose other end only the supervisor holds
+    sessions: Sessions  # every worker's open SMTP connections, shared (gateway/ops/accept.py)
     ready_fd: int | None = None  # write end of the pipe that tells the supervisor "started" or why not
     name: str = field(default="")
     singletons_fd: int | None = None  # the singleton lock's descriptor, once this worker holds it
@@ -216,6 +218,7 @@ class WorkerPool:
         self.clock = clock
         self.lock = store.StoreLock(settings.store.path)
         self.sockets: dict[str, list[socket.socket]] = {}
+        self.sessions = Sessions(settings.workers)
         self.children: dict[int, Child] = {}  # by pid
         self.due: dict[int, float] = {}  # worker index -> monotonic time to fork it again
         self.stopping = False
@@ -261,6 +264,7 @@ class WorkerPool:
         if pid == 0:  # the worker
             code = 1
             worker = Worker(index=index, workers=self.settings.workers, parent_fd=read, ready_fd=ready_write,
+                            sessions=self.sessions,
                             sockets={where: list(group) for where, group in self.sockets.items()})
             try:
                 os.close(write)
@@ -269,6 +273,7 @@ class WorkerPool:
                     os.close(child.pipe)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+                self.sessions.present(index)  # before it listens: from now on it counts its connections
                 code = self.worker_main(worker)
             except GatewayError as exc:  # a start-up error: the supervisor says it, once
                 worker.started(str(exc))
@@ -290,6 +295,7 @@ class WorkerPool:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(child.pipe)
+        self.sessions.absent(index)
         del self.children[pid]
         if answer.startswith(b"error:"):
             return answer[len(b"error:"):].decode(errors="replace")
@@ -341,6 +347,7 @@ class WorkerPool:
     def _bury(self, child: Child, returncode: int) -> None:
         """A worker has exited: its claimed jobs become `unknown` now, its heartbeat and metrics go."""
         os.close(child.pipe)
+        self.sessions.absent(child.index)
         interrupted = self._recover(child.name)
         if self.metrics_dir:
             from prometheus_client import multiprocess

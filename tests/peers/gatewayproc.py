@@ -19,8 +19,9 @@ from pathlib import Path
 from conftest import ACCOUNT_SENDER, RETURN_PATH, free_port
 
 
-def write_config(directory: Path, upstream_port: int, *, workers: int, extra: str = "") -> Path:
-    """A production config on free ports: SMTP, HTTP, store in `directory`, fast retries."""
+def write_config(directory: Path, upstream_port: int, *, workers: int, extra: str = "", smtp: str = "") -> Path:
+    """A production config on free ports: SMTP, HTTP, store in `directory`, fast retries; `smtp`: more
+    lines of its [smtp] table, `extra`: more tables."""
     path = directory / "faxgw.toml"
     path.write_text(f"""
 [service]
@@ -32,7 +33,7 @@ listen = ["127.0.0.1:{free_port()}"]
 [smtp]
 listen = ["127.0.0.1:{free_port()}"]
 hostname = "gw.test"
-
+{smtp}
 [store]
 path = "store/faxgw.sqlite3"
 

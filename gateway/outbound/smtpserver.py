@@ -364,10 +364,11 @@ class IntakeSMTP(NullSenderSMTP):
         # that CRLF, but not the "." line).
         if dropped or (limit and end > limit):
             return b"", refuse(replies.DATA_TOO_BIG, "size", limit=limit)
-        data = bytes(buffer[2 : end + 2])  # keep the CRLF that ends the last line
-        # Dot-unstuffing (RFC 5321 4.5.2): a leading dot on any line is removed.
-        if data.startswith(b"."):
-            data = data[1:]
+        # One copy of the message, the CRLF that ends its last line kept (a slice of the
+        # bytearray would be a second one); replace() gives it back itself when no line was stuffed.
+        start = 3 if buffer.startswith(b"\r\n.") else 2  # dot-unstuffing (RFC 5321 4.5.2) of the first line
+        with memoryview(buffer) as view:
+            data = bytes(view[start : end + 2])
         return data.replace(b"\r\n.", b"\r\n"), None
 
     def _data_limit(self) -> int:

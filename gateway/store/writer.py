@@ -14,7 +14,8 @@ With several worker processes on one store (`shared=True`), each has its
 own writer, and they take turns through a blocking flock on
 `<store>.write-turn` around each batch: the next writer is woken the moment
 the lock is free, where SQLite's own busy handler would sleep in steps of
-up to 100 ms. Only one of the workers checkpoints (`checkpoints()`, called
+up to 100 ms. A writer takes its batch only once it has the turn, so the
+calls queued while another committed share one commit. Only one of the workers checkpoints (`checkpoints()`, called
 when it takes over the singletons); the others leave the WAL to it.
 """
 
@@ -102,27 +103,33 @@ class Writer:
             first = self._queue.get()
             if first is None:
                 break
-            batch = [first]
-            while len(batch) < BATCH_LIMIT:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
             if self._turn is None:
-                self._commit(conn, batch)
+                self._commit(conn, self._batch(first))
             else:
+                # The turn first, then the batch: what was queued while another writer
+                # committed shares this commit instead of waiting for one more.
                 fcntl.flock(self._turn, fcntl.LOCK_EX)
                 try:
-                    self._commit(conn, batch)
+                    self._commit(conn, self._batch(first))
                 finally:
                     fcntl.flock(self._turn, fcntl.LOCK_UN)
             if self._checkpointer.started:
                 self._checkpointer.after_commit(conn)
         conn.close()
+
+    def _batch(self, first: Any) -> list[Any]:
+        """`first` and what is queued behind it now, up to BATCH_LIMIT calls (a stop stays queued)."""
+        batch = [first]
+        while len(batch) < BATCH_LIMIT:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)
+                break
+            batch.append(item)
+        return batch
 
     def _commit(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
         outcomes: list[tuple[bool, Any]] = []

@@ -3,7 +3,10 @@
 A dispatcher counts the due jobs and hands each idle worker a ticket; a
 worker with a ticket first makes its upstream connection ready (connect,
 STARTTLS, AUTH) and only then claims one job (marking it `sending` in the
-store) and sends it at once. So a job is `sending` only while it is really
+store) and sends it at once; a worker whose job the upstream took goes
+straight on to claim the next (none due: it waits for a ticket again), so
+under load a job costs one commit on this side, its claim sharing it with
+the previous job's outcome. So a job is `sending` only while it is really
 being written: a crash leaves as few jobs `unknown` (never resent) as
 possible. Each worker keeps its connection open between jobs. One bad job
 never stops the runner: an unexpected error defers that job and is logged
@@ -185,7 +188,10 @@ class Forwarder(Runner):
                     continue
                 self._busy += 1
                 try:
-                    await self._take_and_send(connection)
+                    while await self._take_and_send(connection) and not self.stopping:
+                        # Sent: straight on to the next due job, without a round through the dispatcher;
+                        # the outcome's task queues its write first, so both share one commit.
+                        await asyncio.sleep(0)
                 except Exception:  # the runner goes on
                     log.exception("a forwarder worker failed unexpectedly")
                 finally:
@@ -194,12 +200,12 @@ class Forwarder(Runner):
         finally:
             connection.abort()
 
-    async def _take_and_send(self, connection: UpstreamConnection) -> None:
-        """With a ticket: get the connection ready, then claim one job and send it."""
+    async def _take_and_send(self, connection: UpstreamConnection) -> bool:
+        """With a ticket: get the connection ready, then claim one job and send it; True if the upstream took it."""
         self._claiming += 1
         try:
             if self.stopping:
-                return
+                return False
             failure: UpstreamError | None = None
             try:
                 await connection.ready()
@@ -209,13 +215,13 @@ class Forwarder(Runner):
         finally:
             self._claiming -= 1
         if job is None:
-            return
+            return False
         if failure is not None:
             # The connection could not be opened: certainly not sent. The job
             # still counts an attempt, so that it expires like any other.
             self._finish_later(job, *self._classify(job, failure), 0.0)
-            return
-        await self._attempt(job, connection)
+            return False
+        return await self._attempt(job, connection)
 
     async def _claim(self) -> ClaimedJob | None:
         try:
@@ -227,7 +233,7 @@ class Forwarder(Runner):
             return None
         return jobs[0] if jobs else None
 
-    async def _attempt(self, job: ClaimedJob, connection: UpstreamConnection) -> None:
+    async def _attempt(self, job: ClaimedJob, connection: UpstreamConnection) -> bool:
         started = time.monotonic()
         to_address = f"{job.number.lstrip('+')}@{self.settings.domain}"
         try:
@@ -256,6 +262,7 @@ class Forwarder(Runner):
             self.last_success = self.clock()
         self._finish_later(job, state, _redacted(detail, job), _redacted(reply, job),
                            round((time.monotonic() - started) * 1000, 1))
+        return state is JobState.SUBMITTED
 
     def _finish_later(self, job: ClaimedJob, state: JobState, detail: str, reply: str | None, ms: float) -> None:
         """Record the outcome in a task of its own: the worker takes its next job meanwhile.

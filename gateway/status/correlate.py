@@ -162,12 +162,17 @@ def match_by_hand(conn: sqlite3.Connection, report_id: int, code: str, now: str,
     return Outcome(kind, code, detail)
 
 
+def already_received(seen: sqlite3.Row) -> Outcome:
+    """A report received before that matched a job, or was judged already: it changes nothing."""
+    return Outcome("duplicate", seen["code"], f"report already received (#{seen['id']})")
+
+
 def _seen_again(conn: sqlite3.Connection, report: StatusReport, seen: sqlite3.Row, now: str,
                 policy: CorrelationPolicy, scope: MatchScope) -> Outcome:
     """A report received before. Only an earlier copy that matched nothing is tried again: the same
     mail may first come untrusted (SMTP, failing DKIM) and then trusted (IMAP)."""
     if seen["outcome"] != "unmatched":
-        return Outcome("duplicate", seen["code"], f"report already received (#{seen['id']})")
+        return already_received(seen)
     job, why, _nothing = _match(conn, report, policy, now, scope)
     if job is None:
         return Outcome("duplicate", None, f"report already received (#{seen['id']}), still unmatched")
@@ -201,8 +206,7 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
         detail = f"report for a job never submitted ({state.value}): {summary(report)} (flagged for review)"
         store.note_on_job(conn, job["id"], now, source, detail, flag=True)
         return "flagged", detail
-    impossible = report.result is Result.DELIVERED and report.pages == 0
-    text = summary(report) + ("; delivered with 0 pages is impossible (flagged)" if impossible else "")
+    text, impossible = result_summary(report)
     conflict = bool(job["reference_id"] and report.reference_id and job["reference_id"] != report.reference_id)
     if conflict:
         # Matched by another key (the job code), yet GreenFax's id differs: kept, and said, never overwritten.
@@ -213,6 +217,12 @@ def _apply_to(conn: sqlite3.Connection, report: StatusReport, job: sqlite3.Row, 
     if policy.tells_sender(conn, report.result, job["message_id"]):
         enqueue_notification(conn, job["id"], now)
     return "applied", text
+
+
+def result_summary(report: StatusReport) -> tuple[str, bool]:
+    """What a waiting job's history says of the result it takes, and whether the result is impossible."""
+    impossible = report.result is Result.DELIVERED and report.pages == 0
+    return summary(report) + ("; delivered with 0 pages is impossible (flagged)" if impossible else ""), impossible
 
 
 def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPolicy, now: str,
@@ -238,11 +248,7 @@ def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPo
         return None, f"no job has this reference id, and {scope.not_by_number}", True
     if not report.fax_number:
         return None, "no job code, reference id or fax number", False
-    anchor = report.reported_at or parse_iso(now)
-    until = iso(anchor + scope.created_before_report) if scope.created_before_report is not None else None
-    waiting = store.waiting_by_number(conn, report.fax_number, iso(anchor - policy.window), until)
-    # A job whose own keys the report contradicts is another fax to the same number.
-    candidates = [job for job in waiting if _contradiction(job, report) is None]
+    waiting, candidates = number_candidates(conn, report, policy, now, scope)
     if len(candidates) == 1:
         return candidates[0], "by fax number and time window", False
     if waiting and not candidates:
@@ -251,6 +257,16 @@ def _match(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPo
     if not candidates:
         return None, f"no job to {report.fax_number} waiting for a result", True
     return None, f"ambiguous: several jobs to {report.fax_number} wait for a result", False
+
+
+def number_candidates(conn: sqlite3.Connection, report: StatusReport, policy: CorrelationPolicy, now: str,
+                      scope: MatchScope) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+    """The jobs to the report's number waiting in its time window, and those of them it may be about."""
+    anchor = report.reported_at or parse_iso(now)
+    until = iso(anchor + scope.created_before_report) if scope.created_before_report is not None else None
+    waiting = store.waiting_by_number(conn, report.fax_number, iso(anchor - policy.window), until)
+    # A job whose own keys the report contradicts is another fax to the same number.
+    return waiting, [job for job in waiting if _contradiction(job, report) is None]
 
 
 def _contradiction(job: sqlite3.Row, report: StatusReport) -> str | None:

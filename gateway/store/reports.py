@@ -44,18 +44,26 @@ def waiting_by_number(conn: sqlite3.Connection, number: str, since: str,
     ).fetchall()
 
 
+INSERT_REPORT = (
+    "INSERT INTO reports (received_at, channel, trusted, outcome, job_id, result, result_text, reason,"
+    " number, pages, duration, cost, reference_id, job_code, reported_at, reported_at_raw, rule, note,"
+    " dedup_key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
 def insert_report(conn: sqlite3.Connection, report: StatusReport, now: str, outcome: str,
                   job_id: int | None, note: str | None) -> int:
-    return conn.execute(
-        "INSERT INTO reports (received_at, channel, trusted, outcome, job_id, result, result_text, reason,"
-        " number, pages, duration, cost, reference_id, job_code, reported_at, reported_at_raw, rule, note,"
-        " dedup_key, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (now, report.channel.value, int(report.trust), outcome, job_id,
-         report.result.value if report.result else None, report.result_text, report.reason, report.fax_number,
-         report.pages, report.duration, report.cost, report.reference_id, report.job_code,
-         _stored_time(report.reported_at) if report.reported_at else None, report.reported_at_raw, report.rule,
-         note, report.dedup_key, report.raw),
-    ).lastrowid
+    return conn.execute(INSERT_REPORT, report_values(report, now, outcome, job_id, note)).lastrowid
+
+
+def report_values(report: StatusReport, now: str, outcome: str, job_id: int | None,
+                  note: str | None) -> tuple[Any, ...]:
+    """INSERT_REPORT's parameters for one report."""
+    return (now, report.channel.value, int(report.trust), outcome, job_id,
+            report.result.value if report.result else None, report.result_text, report.reason, report.fax_number,
+            report.pages, report.duration, report.cost, report.reference_id, report.job_code,
+            _stored_time(report.reported_at) if report.reported_at else None, report.reported_at_raw, report.rule,
+            note, report.dedup_key, report.raw)
 
 
 def apply_result(conn: sqlite3.Connection, job_id: int, report: StatusReport, now: str, *, summary: str,

@@ -53,11 +53,11 @@ class Expr:
         object.__setattr__(self, "params", params)
 
 
+INSERT_EVENT = "INSERT INTO events (job_id, at, source, state, detail) VALUES (?, ?, ?, ?, ?)"
+
+
 def add_event(conn: sqlite3.Connection, job_id: int, now: str, source: str, state: str | None, detail: str) -> None:
-    conn.execute(
-        "INSERT INTO events (job_id, at, source, state, detail) VALUES (?, ?, ?, ?, ?)",
-        (job_id, now, source, state, detail),
-    )
+    conn.execute(INSERT_EVENT, (job_id, now, source, state, detail))
 
 
 def transition(conn: sqlite3.Connection, job_id: int, to: JobState, *, now: str, source: str, detail: str,

@@ -17,6 +17,7 @@ import dataclasses
 import email.policy
 import random
 import re
+import shutil
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 from email.message import EmailMessage
@@ -296,7 +297,7 @@ async def test_status_mails_are_stored_one_by_one_when_their_batch_fails(tmp_pat
     assert sorted(stored(path, "SELECT job_code FROM reports")) == sorted((c,) for c in codes)
 
 
-def test_a_feed_row_that_fails_is_set_aside_alone(tmp_path, monkeypatch):
+def test_a_feed_row_that_fails_is_set_aside_alone(tmp_path):
     path = tmp_path / "s.sqlite3"
     codes = submitted_jobs(path, 4)
     refs = [str(9000000 + n) for n in range(1, 5)]
@@ -305,20 +306,71 @@ def test_a_feed_row_that_fails_is_set_aside_alone(tmp_path, monkeypatch):
     rows = parse_feed(body.encode(), ZoneInfo("America/New_York"))
     settings = settings_for(tmp_path, 9, feed={"url": "http://127.0.0.1:9/feed", "min_interval": 1})
     poller = FeedPoller(settings, None, CorrelationPolicy())  # type: ignore[arg-type]
-    apply_row = poller.apply_row
-
-    def apply_or_fail(conn, row, now):
-        if row.report.reference_id == refs[2]:
-            raise RuntimeError("this row cannot be applied")
-        return apply_row(conn, row, now)
-
-    monkeypatch.setattr(poller, "apply_row", apply_or_fail)
     conn = store.connect(path)
+    # The store refuses one row's report, whichever way the chunk writes it.
+    conn.execute(f"CREATE TEMP TRIGGER refuse BEFORE INSERT ON reports WHEN NEW.reference_id = '{refs[2]}'"
+                 " BEGIN SELECT RAISE(ABORT, 'this row cannot be applied'); END")
     with conn:
         conn.execute("BEGIN")
         counts, listed = poller.apply_chunk(conn, rows)
     assert counts == {"applied": 3, "error": 1} and listed == {c for i, c in enumerate(codes) if i != 2}
     assert sorted(stored(path, "SELECT reference_id FROM reports")) == sorted((r,) for i, r in enumerate(refs) if i != 2)
+
+
+def mixed_feed_store(path: Path) -> None:
+    """Jobs a feed chunk meets: matched by reference id and by number, unknown, final, two to one number."""
+    submitted_jobs(path, 8)
+    conn = store.connect(path)
+    with conn:
+        conn.execute("UPDATE jobs SET reference_id = NULL WHERE id IN (3, 4, 7, 8)")
+        conn.execute("UPDATE jobs SET state = 'unknown' WHERE id = 4")
+        conn.execute("UPDATE jobs SET state = 'delivered' WHERE id = 5")
+        conn.execute("UPDATE jobs SET number = (SELECT number FROM jobs WHERE id = 7) WHERE id = 8")
+    conn.close()
+
+
+def mixed_feed_rows(path: Path, zone: ZoneInfo) -> list:
+    numbers = dict(stored(path, "SELECT id, substr(number, 2) FROM jobs"))
+    stamp = datetime.now(zone).strftime("%Y-%m-%d %H:%M:%S")
+    rows = [  # (jobid, job whose number the row has, sender, status, pages)
+        ("9000001", None, ACCOUNT_SENDER, "Success", 2), ("9000001", None, ACCOUNT_SENDER, "Success", 2),
+        ("9000002", None, ACCOUNT_SENDER, "Pending", None), ("9000002", None, ACCOUNT_SENDER, "Busy", 0),
+        ("7777", 3, ACCOUNT_SENDER, "Success", 0), ("7777", 3, ACCOUNT_SENDER, "Busy", 0),
+        ("", 4, ACCOUNT_SENDER, "Pending", None), ("9000005", None, ACCOUNT_SENDER, "Failed", 1),
+        ("", 6, "someone@else.example", "Success", 1), ("", 7, ACCOUNT_SENDER, "Success", 1),
+        ("9000009", None, ACCOUNT_SENDER, "Success", 1), ("9000006", None, ACCOUNT_SENDER, "Whatever", 1),
+    ]
+    body = "<outbound>" + "".join(
+        f"<fax><jobid>{ref}</jobid><faxnumber>{numbers[job] if job else ''}</faxnumber><sender>{sender}</sender>"
+        f"<status>{status}</status><pages>{pages if pages is not None else ''}</pages><timestamp>{stamp}</timestamp>"
+        "</fax>" for ref, job, sender, status, pages in rows) + "</outbound>"
+    return parse_feed(body.encode(), zone)
+
+
+def test_a_feed_chunk_applied_together_stores_what_row_by_row_application_stores(tmp_path):
+    zone = ZoneInfo("America/New_York")
+    settings = settings_for(tmp_path, 9, feed={"url": "http://127.0.0.1:9/feed", "min_interval": 1})
+    now = store.utcnow()
+    poller = FeedPoller(settings, None, CorrelationPolicy(), clock=lambda: now)  # type: ignore[arg-type]
+    mixed_feed_store(tmp_path / "jobs.sqlite3")
+    rows = mixed_feed_rows(tmp_path / "jobs.sqlite3", zone)
+    results = {}
+    for way in ("together", "apart"):
+        path = tmp_path / f"{way}.sqlite3"
+        shutil.copy(tmp_path / "jobs.sqlite3", path)
+        conn = store.connect(path)
+        polls = []
+        for _poll in range(2):  # the second time every row was received before
+            with conn:
+                conn.execute("BEGIN")
+                polls.append(poller.apply_chunk(conn, rows) if way == "together"
+                             else poller._apply_apart(conn, rows, store.iso(now)))
+        conn.close()
+        results[way] = polls, {table: stored(path, f"SELECT * FROM {table} ORDER BY id")
+                               for table in ("jobs", "events", "reports", "notifications")}
+    assert results["together"] == results["apart"]
+    counts = results["together"][0][0][0]
+    assert set(counts) >= {"applied", "duplicate", "contradicting", "foreign", "unmatched"}
 
 
 # --- the listing's index ----------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from gateway.status.correlate import (
     apply_pending,
     apply_report,
 )
+from gateway.status.feedchunk import apply_together
 from gateway.status.feedstate import FeedState, PollResult, Window, human_time, when
 from gateway.status.feedxml import (
     FeedRow,
@@ -284,15 +285,17 @@ class FeedPoller(Runner):
     def apply_chunk(self, conn: Any, rows: list[FeedRow]) -> tuple[Counter[str], set[str]]:
         """A chunk of rows, each applied through the correlation path; a row that fails is set aside alone.
 
-        The rows are first applied together under one savepoint (a savepoint
-        per row costs SQLite a copy of every page each row changes). Should
+        The rows are first applied together (gateway/status/feedchunk.py:
+        their lookups and plain results a statement per chunk) under one
+        savepoint (a savepoint per row costs SQLite a copy of every page
+        each row changes). Should
         one fail, the chunk is undone and applied again row by row, each in a
         savepoint of its own, so that only the failing row is set aside.
         """
         now = iso(self.clock())
         try:
             with store.savepoint(conn, "feed_chunk"):
-                outcomes = [self.apply_row(conn, row, now) for row in rows]
+                outcomes = apply_together(conn, rows, now, self.policy, self._scope, self.apply_row)
         except Exception:
             if not conn.in_transaction:
                 raise  # SQLite undid the whole transaction (a full disk): the writer fails the call

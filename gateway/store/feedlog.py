@@ -24,8 +24,8 @@ from typing import Any
 
 from gateway.store.base import get_meta, set_meta
 from gateway.models import JobState
-from gateway.store.states import add_event, transition
-from gateway.store.reports import REPORT_COLUMNS
+from gateway.store.states import INSERT_EVENT, add_event, transition
+from gateway.store.reports import INSERT_REPORT, REPORT_COLUMNS, WAITING
 
 LAST_REQUEST = "feed:last_request_at"
 NEXT_START = "feed:next_start"
@@ -61,6 +61,47 @@ def load_status(conn: sqlite3.Connection) -> dict[str, Any]:
 
 def save_status(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
     set_meta(conn, STATUS, json.dumps(status, sort_keys=True))
+
+
+# --- a chunk of rows at once (gateway/status/feedchunk.py) ----------------------------------------
+
+def reports_seen(conn: sqlite3.Connection, keys: list[str]) -> dict[str, sqlite3.Row]:
+    """reports.report_seen() for several dedup keys in one query: the ones received before, by key."""
+    marks = ", ".join("?" * len(keys))
+    return {row["dedup_key"]: row for row in conn.execute(
+        "SELECT r.dedup_key, r.id, r.outcome, j.code FROM reports r LEFT JOIN jobs j ON j.id = r.job_id"
+        f" WHERE r.dedup_key IN ({marks})", keys)}
+
+
+def jobs_by_reference(conn: sqlite3.Connection, references: list[str]) -> dict[str, list[sqlite3.Row]]:
+    """The jobs with each of these GreenFax reference ids, in one query (reports.job_by() matches only one)."""
+    marks = ", ".join("?" * len(references))
+    jobs: dict[str, list[sqlite3.Row]] = {}
+    for row in conn.execute("SELECT id, code, secret, state, number, message_id, reference_id FROM jobs"
+                            f" WHERE reference_id IN ({marks})", references):
+        jobs.setdefault(row["reference_id"], []).append(row)
+    return jobs
+
+
+def apply_results(conn: sqlite3.Connection, results: list[tuple[tuple[Any, ...], tuple[Any, ...],
+                                                               tuple[Any, ...]]]) -> None:
+    """What reports.apply_result() and insert_report() write for each of several waiting jobs and their
+    reports, one statement a table: (the job's columns, its event, the report's values) each.
+
+    The job's columns: (state, updated_at, reason, last_result, pages, duration, cost, reference_id,
+    reported_at, flagged, job id). Raises if a job was no longer waiting, so the caller's savepoint
+    undoes them all.
+    """
+    marks = ", ".join("?" * len(WAITING))
+    moved = conn.executemany(
+        "UPDATE jobs SET state = ?, updated_at = ?, reason = ?, last_result = ?, next_attempt_at = NULL,"
+        " pages = COALESCE(?, pages), duration = COALESCE(?, duration), cost = COALESCE(?, cost),"
+        " reference_id = COALESCE(reference_id, ?), reported_at = ?, flagged = MAX(COALESCE(flagged, 0), ?)"
+        f" WHERE id = ? AND state IN ({marks})", [(*job, *WAITING) for job, _event, _report in results]).rowcount
+    if moved != len(results):
+        raise sqlite3.IntegrityError(f"{len(results) - moved} of {len(results)} jobs were no longer waiting")
+    conn.executemany(INSERT_EVENT, [event for _job, event, _report in results])
+    conn.executemany(INSERT_REPORT, [report for _job, _event, report in results])
 
 
 def reconcile_candidates(conn: sqlite3.Connection, *, overdue_before: str, ignore_marker: str | None = None,
